@@ -1,0 +1,1 @@
+"""Small helpers shared by the single-file scripts (distributed setup, checkpoints, logging, envs, models)."""

@@ -1,0 +1,80 @@
+"""torch.distributed in a few lines: the same script runs under `torchrun` or plain `python` (world size 1)."""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_dist() -> Dist:
+    """Join the process group when launched by torchrun (NCCL on GPU, gloo on CPU); otherwise a 1-process world."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return Dist(rank, local_rank, world_size, device)
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def print0(*args, **kwargs) -> None:
+    if not is_dist() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def all_reduce_mean(metrics: dict[str, float]) -> dict[str, float]:
+    """Average each scalar over ranks (every rank must pass the same keys in the same order)."""
+    if not is_dist() or not metrics:
+        return dict(metrics)
+    keys = list(metrics)
+    backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=backend_device)
+    dist.all_reduce(values)
+    values /= dist.get_world_size()
+    return dict(zip(keys, values.tolist()))
+
+
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (a no-op in a 1-process world)."""
+    if is_dist():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def broadcast_parameters(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank `src`'s parameters and buffers to every rank, so all ranks start from identical weights."""
+    if not is_dist():
+        return
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(tensor.data, src)
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if is_dist():
+        dist.destroy_process_group()
