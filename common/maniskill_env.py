@@ -1,0 +1,249 @@
+"""ManiSkill3 for VLA policies: a batch of envs that returns camera images, instructions and per-step rewards.
+
+GPU machine: one process simulates all envs (`physx_cuda`, GPU rendering).
+CPU machine: ManiSkill's CPU backend holds one env per process, so the batch is one subprocess per env
+(gymnasium AsyncVectorEnv), rendered by Mesa's lavapipe Vulkan driver (see scripts/setup.sh).
+Both paths share this interface:
+
+    env = ManiSkillVLAEnv("PickCube-v1", num_envs=4, seed=0)
+    obs = env.reset(seeds=[0, 1, 2, 3])          # {"rgb": uint8 (N, H, W, 3), "tcp_pose": (N, 7)}
+    obs, reward, terminated, truncated, info = env.step(actions)   # actions (N, 7) in [-1, 1]
+
+Finished envs are reset inside `step` (the returned obs is the first one of the new episode) and
+`info["final_obs"]` holds the last observation of the finished episode, for bootstrapping truncations.
+"""
+
+import os
+from typing import Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+# Instructions for the tasks that need no downloaded assets. Tasks with a `get_language_instruction()` method
+# (the Bridge / "InScene" digital twins) use their own; anything else needs `--instruction`.
+INSTRUCTIONS = {
+    "PushCube-v1": "push the cube to the goal region",
+    "PickCube-v1": "pick up the cube and move it to the goal position",
+    "StackCube-v1": "stack the red cube on top of the green cube",
+    "PullCube-v1": "pull the cube to the goal region",
+    "PokeCube-v1": "use the peg to poke the cube to the goal region",
+    "PlaceSphere-v1": "place the sphere into the bin",
+    "LiftPegUpright-v1": "lift the peg and stand it upright",
+    "PegInsertionSide-v1": "insert the peg into the hole on the side of the box",
+    "RollBall-v1": "push the ball so that it rolls into the goal region",
+    "PushT-v1": "push the T-shaped block onto the target",
+}
+REWARD_MODES = ("auto", "shaped", "sparse", "dense")
+GRASP_KEYS = ("is_src_obj_grasped", "is_grasped")  # Bridge tasks, ManiSkill tasks
+CONSECUTIVE_GRASP_STEPS = 5  # "held for 1 s" at the Bridge tasks' 5 Hz control, when the env does not report it
+
+
+def registered_env_ids() -> list[str]:
+    import mani_skill.envs  # noqa: F401  (registers the tasks)
+    from mani_skill.utils.registration import REGISTERED_ENVS
+
+    return sorted(REGISTERED_ENVS)
+
+
+def check_env_id(env_id: str) -> None:
+    """Fail fast (before any simulator starts) on an unknown task or one without an instruction."""
+    registered = registered_env_ids()
+    if env_id not in registered:
+        raise ValueError(
+            f"--env-id {env_id!r} is not a ManiSkill3 task. Tasks with built-in instructions (no asset download): "
+            f"{', '.join(INSTRUCTIONS)}. All registered ids: {', '.join(registered)}."
+        )
+
+
+def check_render_device() -> None:
+    """SAPIEN needs a Vulkan device to render camera images; say how to get one if there is none."""
+    import sapien
+
+    try:
+        sapien.render.RenderSystem()
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"ManiSkill cannot render ({e}). With an NVIDIA GPU, install the driver's Vulkan ICD (libnvidia-gl). "
+            "Without a GPU, install Mesa's software Vulkan driver >= 24.3: run `bash scripts/setup.sh` "
+            "(apt-get install -t bookworm-backports mesa-vulkan-drivers libvulkan1 on Debian 12)."
+        ) from e
+
+
+class _VLAObservation(gym.ObservationWrapper):
+    """Keep only what a VLA needs: the first camera's RGB image and the end-effector pose."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        space = env.unwrapped.single_observation_space
+        camera = next(iter(space["sensor_data"].values()))
+        self.observation_space = gym.spaces.Dict({"rgb": camera["rgb"], "tcp_pose": space["extra"]["tcp_pose"]})
+
+    def observation(self, obs):
+        camera = next(iter(obs["sensor_data"].values()))
+        return {"rgb": camera["rgb"], "tcp_pose": obs["extra"]["tcp_pose"]}
+
+
+def _make_single_cpu_env(env_id: str, make_kwargs: dict):
+    def thunk():
+        import mani_skill.envs  # noqa: F401  (runs in the worker process)
+        from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
+
+        env = gym.make(env_id, num_envs=1, sim_backend="physx_cpu", **make_kwargs)
+        instruction = getattr(env.unwrapped, "get_language_instruction", None)
+        env = _VLAObservation(CPUGymWrapper(env))  # numpy in and out, batch dim of 1 removed
+        env.language_instruction = instruction()[0] if instruction else None
+        return env
+
+    return thunk
+
+
+class ManiSkillVLAEnv:
+    def __init__(
+        self,
+        env_id: str,
+        num_envs: int,
+        seed: int,
+        image_size: Optional[int] = 224,
+        reward_mode: str = "auto",
+        instruction: Optional[str] = None,
+        max_episode_steps: Optional[int] = None,
+        control_mode: str = "pd_ee_delta_pose",
+        sim_backend: str = "auto",
+    ):
+        if reward_mode not in REWARD_MODES:
+            raise ValueError(f"--reward-mode {reward_mode!r}: choose one of {REWARD_MODES}")
+        check_env_id(env_id)
+        check_render_device()
+        import mani_skill.envs  # noqa: F401
+
+        self.env_id, self.num_envs, self.seed = env_id, num_envs, seed
+        self.gpu = sim_backend == "gpu" or (sim_backend == "auto" and torch.cuda.is_available())
+        make_kwargs = dict(
+            obs_mode="rgb",
+            control_mode=control_mode,
+            reward_mode="normalized_dense" if reward_mode == "dense" else "sparse",
+            render_mode="rgb_array",
+        )
+        if image_size:
+            make_kwargs["sensor_configs"] = dict(width=image_size, height=image_size)
+        if max_episode_steps:
+            make_kwargs["max_episode_steps"] = max_episode_steps
+
+        if self.gpu:
+            from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
+
+            base = gym.make(env_id, num_envs=num_envs, sim_backend="physx_cuda", **make_kwargs)
+            get_instruction = getattr(base.unwrapped, "get_language_instruction", None)
+            self.env = ManiSkillVectorEnv(_VLAObservation(base), auto_reset=False, ignore_terminations=False)
+            env_instructions = get_instruction() if get_instruction else [None] * num_envs
+        else:
+            self.env = gym.vector.AsyncVectorEnv(
+                [_make_single_cpu_env(env_id, make_kwargs) for _ in range(num_envs)],
+                autoreset_mode=gym.vector.AutoresetMode.DISABLED,
+                context="forkserver",
+            )
+            env_instructions = self.env.get_attr("language_instruction")
+        self.max_episode_steps = max_episode_steps or gym.spec(env_id).max_episode_steps
+        self.action_low = torch.as_tensor(self.env.single_action_space.low, dtype=torch.float32)
+        self.action_high = torch.as_tensor(self.env.single_action_space.high, dtype=torch.float32)
+
+        default = instruction or INSTRUCTIONS.get(env_id)
+        self.instructions = [instruction or text or default for text in env_instructions]
+        if any(text is None for text in self.instructions):
+            raise ValueError(f"--env-id {env_id} has no built-in instruction: pass --instruction 'what to do'.")
+
+        self.reward_mode = reward_mode
+        self._prev_potential = torch.zeros(num_envs)
+        self._grasp_count = torch.zeros(num_envs, dtype=torch.long)
+
+    # -- conversions between the two backends ------------------------------------------------------------------
+    @staticmethod
+    def _to_cpu(obs) -> dict[str, torch.Tensor]:
+        return {k: torch.as_tensor(v).cpu() for k, v in obs.items()}
+
+    def _step_info(self, info) -> dict[str, torch.Tensor]:
+        """Per-env boolean signals of the step (success, grasp) as CPU tensors of shape (N,)."""
+        out = {}
+        for key in ("success", "consecutive_grasp") + GRASP_KEYS:
+            if key in info:
+                out[key] = torch.as_tensor(np.asarray(info[key]) if not torch.is_tensor(info[key]) else info[key]).cpu().bool()
+        return out
+
+    # -- reward ----------------------------------------------------------------------------------------------------
+    def _reward(self, env_reward: torch.Tensor, info: dict[str, torch.Tensor]) -> torch.Tensor:
+        """SPEC 3.1: potential s_t = 0.1 grasped + 0.1 consecutive_grasp + 1.0 (success and grasped); r_t = s_t - s_{t-1}."""
+        grasp_key = next((k for k in GRASP_KEYS if k in info), None)
+        mode = self.reward_mode
+        if mode == "auto":
+            mode = "shaped" if grasp_key else "sparse"
+        if mode == "dense":
+            return env_reward.float()
+        success = info["success"].float()
+        if mode == "sparse":
+            return success
+        if grasp_key is None:
+            raise ValueError(f"--reward-mode shaped: {self.env_id} reports no grasp signal; use sparse or dense.")
+        grasped = info[grasp_key]
+        self._grasp_count = torch.where(grasped, self._grasp_count + 1, torch.zeros_like(self._grasp_count))
+        consecutive = info.get("consecutive_grasp", self._grasp_count >= CONSECUTIVE_GRASP_STEPS)
+        potential = 0.1 * grasped.float() + 0.1 * consecutive.float() + 1.0 * (info["success"] & grasped).float()
+        reward = potential - self._prev_potential
+        self._prev_potential = potential
+        return reward
+
+    # -- API --------------------------------------------------------------------------------------------------------
+    def reset(self, seeds: list[int]) -> dict[str, torch.Tensor]:
+        """Reset every env; envs given the same seed start from the same initial state (GRPO groups)."""
+        assert len(seeds) == self.num_envs, f"need one seed per env ({self.num_envs}), got {len(seeds)}"
+        obs, _ = self.env.reset(seed=list(seeds))
+        if self.gpu:
+            obs = self._share_initial_states(seeds, obs)
+        self._prev_potential.zero_()
+        self._grasp_count.zero_()
+        return self._to_cpu(obs)
+
+    def _share_initial_states(self, seeds: list[int], obs):
+        """The GPU sim draws one batch of random initial states; copy the first env of each seed to its twins."""
+        first = {s: i for i, s in reversed(list(enumerate(seeds)))}
+        source = [first[s] for s in seeds]
+        if source == list(range(self.num_envs)):
+            return obs
+        base = self.env.base_env
+        state = base.get_state_dict()
+        index = torch.as_tensor(source, device=base.device)
+        base.set_state_dict(_index_tree(state, index))
+        return base.get_obs()
+
+    def step(self, actions: torch.Tensor):
+        """actions (N, 7) -> obs, reward (N,), terminated (N,), truncated (N,), info with "success" and "final_obs"."""
+        actions = torch.as_tensor(actions, dtype=torch.float32).clamp(self.action_low, self.action_high)
+        obs, env_reward, terminated, truncated, raw_info = self.env.step(actions.to(self.env.device) if self.gpu else actions.numpy())
+        info = self._step_info(raw_info)
+        reward = self._reward(torch.as_tensor(env_reward).cpu(), info)
+        terminated, truncated = torch.as_tensor(terminated).cpu().bool(), torch.as_tensor(truncated).cpu().bool()
+        obs = self._to_cpu(obs)
+        done = terminated | truncated
+        out_info = {"success": info["success"], "final_obs": obs}
+        if done.any():
+            obs = self._reset_done(done, obs)
+            self._prev_potential[done] = 0.0
+            self._grasp_count[done] = 0
+        return obs, reward, terminated, truncated, out_info
+
+    def _reset_done(self, done: torch.Tensor, obs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.gpu:
+            new_obs, _ = self.env.reset(options=dict(env_idx=torch.nonzero(done).flatten().to(self.env.device)))
+        else:
+            new_obs, _ = self.env.reset(options={"reset_mask": done.numpy()})
+        new_obs = self._to_cpu(new_obs)
+        return {k: torch.where(done.view(-1, *[1] * (v.dim() - 1)), new_obs[k], v) for k, v in obs.items()}
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def _index_tree(tree, index):
+    if isinstance(tree, dict):
+        return {k: _index_tree(v, index) for k, v in tree.items()}
+    return tree[index]
