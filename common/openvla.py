@@ -1,0 +1,440 @@
+"""OpenVLA (Prismatic VLM + action tokens), our own implementation of the openvla/openvla-7b checkpoint layout.
+
+    pixel_values (B, 6, 224, 224) -> DINOv2 + SigLIP (timm), second-to-last block, prefix tokens dropped
+                                  -> channel concat (B, 256, 1024 + 1152) -> MLP projector (B, 256, D)
+    sequence = [<s>, 256 projected patches, rest of the prompt] -> Llama-2 (transformers) -> logits (B, S, 32064)
+
+On disk (a local directory or a hub id): config.json (`model_type` "openvla", `text_config` as a diff against
+LlamaConfig defaults, `norm_stats`), sharded safetensors + index (keys `vision_backbone.featurizer.*`,
+`vision_backbone.fused_featurizer.*` with LayerScale stored as `ls{1,2}.scale_factor`, `projector.fc{1,2,3}.*`,
+`language_model.*`), tokenizer files, preprocessor_config.json (`tvf_resize_params`, `tvf_normalize_params`).
+`make_tiny_openvla` writes the same layout with tiny sizes, for tests and the CPU quickstart.
+"""
+
+import json
+import os
+from typing import Optional
+
+import timm
+import torch
+import torch.nn as nn
+import torchvision.transforms.functional as TF
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+# vision_backbone_id -> (timm model ids, image size); the ids OpenVLA checkpoints use.
+VISION_BACKBONES = {
+    "dinosiglip-vit-so-224px": (["vit_large_patch14_reg4_dinov2.lvd142m", "vit_so400m_patch14_siglip_224"], 224),
+    "dinosiglip-vit-so-384px": (["vit_large_patch14_reg4_dinov2.lvd142m", "vit_so400m_patch14_siglip_384"], 384),
+    "siglip-vit-so400m": (["vit_so400m_patch14_siglip_224"], 224),
+    "dinov2-vit-l": (["vit_large_patch14_reg4_dinov2.lvd142m"], 224),
+}
+PROMPT = "In: What action should the robot take to {}?\nOut:"
+INDEX_FILE, WEIGHTS_FILE = "model.safetensors.index.json", "model.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------------
+class VisionBackbone(nn.Module):
+    """One or two (fused) timm ViTs; each returns its second-to-last block's patch tokens, prefix tokens removed."""
+
+    def __init__(self, timm_ids: list[str], image_size: int, overrides: list[dict]):
+        super().__init__()
+        make = lambda i: timm.create_model(timm_ids[i], pretrained=False, num_classes=0, img_size=image_size, **overrides[i])
+        self.featurizer = make(0)
+        self.fused_featurizer = make(1) if len(timm_ids) == 2 else None
+        self.embed_dim = sum(v.embed_dim for v in (self.featurizer, self.fused_featurizer) if v is not None)
+
+    @staticmethod
+    def _second_to_last(vit, images: torch.Tensor) -> torch.Tensor:
+        take = [len(vit.blocks) - 2]
+        return vit.forward_intermediates(images, indices=take, norm=False, intermediates_only=True, output_fmt="NLC")[0]
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3 or 6, H, W) -> (B, 256, embed_dim): with two featurizers, split the channels and concat the features."""
+        if self.fused_featurizer is None:
+            return self._second_to_last(self.featurizer, pixel_values)
+        images, fused_images = pixel_values.split(3, dim=1)
+        return torch.cat([self._second_to_last(self.featurizer, images), self._second_to_last(self.fused_featurizer, fused_images)], 2)
+
+
+class Projector(nn.Module):
+    """fc1 -> GELU -> fc2 (-> GELU -> fc3 for fused backbones), with biases."""
+
+    def __init__(self, fused: bool, vision_dim: int, llm_dim: int):
+        super().__init__()
+        self.fused = fused
+        hidden = 4 * vision_dim if fused else llm_dim
+        self.fc1, self.fc2 = nn.Linear(vision_dim, hidden), nn.Linear(hidden, llm_dim)
+        self.fc3 = nn.Linear(llm_dim, llm_dim) if fused else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc2(nn.functional.gelu(self.fc1(x)))
+        return self.fc3(nn.functional.gelu(x)) if self.fused else x
+
+
+class OpenVLA(nn.Module):
+    def __init__(self, config: dict, attn_implementation: str = "sdpa"):
+        super().__init__()
+        self.config = config
+        backbone = config["vision_backbone_id"]
+        if backbone not in VISION_BACKBONES:
+            raise ValueError(f"config.json vision_backbone_id {backbone!r} is not supported; known: {list(VISION_BACKBONES)}")
+        timm_ids, image_size = VISION_BACKBONES[backbone]
+        overrides = config.get("timm_model_overrides") or [{}] * len(timm_ids)  # only tiny test models set this
+        self.vision_backbone = VisionBackbone(timm_ids, image_size, overrides)
+        text_config = LlamaConfig(**config.get("text_config", {}))
+        text_config._attn_implementation = attn_implementation
+        fused = self.vision_backbone.fused_featurizer is not None
+        self.projector = Projector(fused, self.vision_backbone.embed_dim, text_config.hidden_size)
+        self.language_model = LlamaForCausalLM(text_config)
+        # The tokenizer's vocabulary (32000) without the LM's padding rows (32064 = 32000 rounded up to 64).
+        self.vocab_size = text_config.vocab_size - config.get("pad_to_multiple_of", 0)
+        self.n_action_bins = config.get("n_action_bins", 256)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.language_model.config.hidden_size
+
+    def patch_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 6, H, W) -> (B, 256, D)."""
+        return self.projector(self.vision_backbone(pixel_values))
+
+    def embed_multimodal(self, input_ids, attention_mask, pixel_values, text_embeds: Optional[torch.Tensor] = None):
+        """Insert the projected patches right after <s> in a LEFT-padded batch.
+
+        input_ids, attention_mask: (B, L), each row = [pads..., <s>, prompt...]. text_embeds (B, L, D) replaces the
+        token embeddings when given (OFT puts zeros at its action placeholders).
+        Returns inputs_embeds (B, L + P, D), attention_mask (B, L + P), position_ids (B, L + P)."""
+        patches = self.patch_embeddings(pixel_values).to(self.language_model.dtype)  # (B, P, D)
+        if text_embeds is None:
+            text_embeds = self.language_model.get_input_embeddings()(input_ids)  # (B, L, D)
+        B, L, D = text_embeds.shape
+        P = patches.shape[1]
+        j = torch.arange(L + P, device=input_ids.device)[None]  # (1, L + P) output positions
+        pads = (L - attention_mask.sum(1))[:, None]  # (B, 1); <s> sits at index `pads`
+        # Output position j reads: the padded text up to <s>, then patch j - pads - 1, then text j - P.
+        source = torch.where(j <= pads, j, torch.where(j <= pads + P, L + j - pads - 1, j - P))
+        embeds = torch.cat([text_embeds, patches], 1).gather(1, source[..., None].expand(B, L + P, D))
+        mask = (j >= pads).long()
+        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+        return embeds, mask, position_ids
+
+    def forward(self, input_ids, attention_mask, pixel_values, **lm_kwargs):
+        """Full logits (B, L + 256, V), as the reference implementation returns them."""
+        embeds, mask, position_ids = self.embed_multimodal(input_ids, attention_mask, pixel_values)
+        return self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, **lm_kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Actions: 256 bins on the last 256 tokens of the tokenizer vocabulary
+# ---------------------------------------------------------------------------------------------------------------
+class ActionTokenizer:
+    """token t -> bin d = vocab - 1 - t clipped to [0, 254] -> bin_centers[d] (255 midpoints of linspace(-1, 1, 256))."""
+
+    def __init__(self, vocab_size: int, n_bins: int = 256):
+        self.vocab_size, self.n_bins = vocab_size, n_bins
+        self.first_token = vocab_size - n_bins  # action tokens are [first_token, vocab_size)
+        self.bins = torch.linspace(-1.0, 1.0, n_bins)
+        self.bin_centers = (self.bins[:-1] + self.bins[1:]) / 2.0
+
+    def tokens_to_normalized(self, tokens: torch.Tensor) -> torch.Tensor:
+        bins = (self.vocab_size - 1 - tokens).clamp(0, self.bin_centers.numel() - 1)
+        return self.bin_centers.to(tokens.device)[bins]
+
+    def normalized_to_tokens(self, actions: torch.Tensor) -> torch.Tensor:
+        """Inverse map (as the reference tokenises demonstrations): bucketize into 1..256, token = vocab - bucket."""
+        buckets = torch.bucketize(actions.clamp(-1.0, 1.0), self.bins.to(actions.device), right=True).clamp(1, self.n_bins)
+        return self.vocab_size - buckets
+
+    @staticmethod
+    def unnormalize(normalized: torch.Tensor, stats: dict, eps: float = 0.0) -> torch.Tensor:
+        """a = 0.5 (n + 1)(q99 - q01 + eps) + q01 where mask, else n (the gripper). OFT checkpoints use eps 1e-8."""
+        q01 = torch.as_tensor(stats["q01"], dtype=normalized.dtype, device=normalized.device)
+        q99 = torch.as_tensor(stats["q99"], dtype=normalized.dtype, device=normalized.device)
+        mask = torch.as_tensor(stats.get("mask", [True] * q01.numel()), device=normalized.device)
+        return torch.where(mask, 0.5 * (normalized + 1) * (q99 - q01 + eps) + q01, normalized)
+
+
+def action_stats(config: dict, unnorm_key: Optional[str], flag: str = "--unnorm-key") -> dict:
+    """The checkpoint's `norm_stats[unnorm_key]["action"]` (q01, q99, mask), with a clear error on a bad key."""
+    norm_stats = config.get("norm_stats") or {}
+    if unnorm_key is None:
+        if len(norm_stats) != 1:
+            raise ValueError(f"{flag} is required: the checkpoint has norm_stats for {sorted(norm_stats)}")
+        unnorm_key = next(iter(norm_stats))
+    if unnorm_key not in norm_stats:
+        raise ValueError(f"{flag} {unnorm_key!r} is not in the checkpoint's norm_stats; choose one of {sorted(norm_stats)}")
+    return norm_stats[unnorm_key]["action"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Processor: images -> pixel_values (B, 6, 224, 224); instructions -> left-padded prompt ids ending in "▁"
+# ---------------------------------------------------------------------------------------------------------------
+class OpenVLAProcessor:
+    def __init__(self, tokenizer, preprocessor_config: dict):
+        self.tokenizer = tokenizer
+        if preprocessor_config.get("image_resize_strategy", "resize-naive") != "resize-naive":
+            raise ValueError(f"image_resize_strategy {preprocessor_config['image_resize_strategy']!r}: only 'resize-naive' is supported")
+        self.image_size = list(preprocessor_config["tvf_resize_params"][0]["size"])
+        # The bf16-rounded constants the reference normalises with, one (mean, std) per featurizer.
+        norm = preprocessor_config["tvf_normalize_params"]
+        self.mean = torch.tensor([c for p in norm for c in p["mean"]]).view(1, -1, 1, 1)
+        self.std = torch.tensor([c for p in norm for c in p["std"]]).view(1, -1, 1, 1)
+        self.n_copies = len(norm)
+        self.space_token = tokenizer.convert_tokens_to_ids("▁")  # 29871 for Llama-2: the answer starts after it
+
+    def preprocess_images(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, 3) -> float (B, 3 * n_featurizers, 224, 224): bicubic antialiased resize on uint8 (as PIL
+        does), then each featurizer's normalisation, channel-stacked."""
+        x = images.permute(0, 3, 1, 2)
+        if list(x.shape[-2:]) != self.image_size:
+            x = TF.resize(x, self.image_size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        x = (x.float() / 255.0).repeat(1, self.n_copies, 1, 1)
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+    def prompt_ids(self, instructions: list[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded (B, L) ids and mask of "<s>In: What action should the robot take to {instruction}?\\nOut:▁"."""
+        rows = []
+        for text in instructions:
+            ids = self.tokenizer(PROMPT.format(text.lower()), add_special_tokens=True)["input_ids"]
+            if ids[-1] != self.space_token:
+                ids.append(self.space_token)
+            rows.append(ids)
+        L = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.tensor([[pad] * (L - len(r)) + r for r in rows], device=device)
+        mask = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows], device=device)
+        return input_ids, mask
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading and saving the real layout
+# ---------------------------------------------------------------------------------------------------------------
+def resolve_model_path(path: str, flag: str = "--model-path") -> str:
+    """A local directory, or a hub id downloaded (or found in the cache) with huggingface_hub."""
+    if os.path.isdir(path):
+        local = path
+    elif os.path.exists(path):
+        raise ValueError(f"{flag} {path!r} is a file; pass the checkpoint directory (with config.json)")
+    else:
+        try:
+            from huggingface_hub import snapshot_download
+
+            local = snapshot_download(path)
+        except Exception as e:
+            raise FileNotFoundError(f"{flag} {path!r}: no such directory, and it could not be fetched from the hub ({e})") from e
+    if not os.path.isfile(os.path.join(local, "config.json")):
+        raise FileNotFoundError(f"{flag} {path!r} has no config.json: not a Hugging Face checkpoint directory")
+    return local
+
+
+def read_openvla_config(path: str, flag: str = "--model-path") -> dict:
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    if config.get("model_type") != "openvla" and "OpenVLAForActionPrediction" not in config.get("architectures", []):
+        raise ValueError(
+            f"{flag} {path!r} is not an OpenVLA checkpoint: config.json has model_type {config.get('model_type')!r} "
+            "(expected 'openvla', architectures ['OpenVLAForActionPrediction'])"
+        )
+    return config
+
+
+# Module names equal the checkpoint keys, except timm's LayerScale `gamma`, which the reference stores as
+# `scale_factor` (transformers renames parameters called gamma on load).
+def _to_checkpoint_key(name: str) -> str:
+    return name.replace(".ls1.gamma", ".ls1.scale_factor").replace(".ls2.gamma", ".ls2.scale_factor")
+
+
+def _from_checkpoint_key(key: str) -> str:
+    return key.replace(".ls1.scale_factor", ".ls1.gamma").replace(".ls2.scale_factor", ".ls2.gamma")
+
+
+def load_state_dict_files(path: str) -> dict[str, torch.Tensor]:
+    index = os.path.join(path, INDEX_FILE)
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(path, WEIGHTS_FILE)):
+        shards = [WEIGHTS_FILE]
+    else:
+        raise FileNotFoundError(f"{path!r} has neither {INDEX_FILE} nor {WEIGHTS_FILE}")
+    state = {}
+    for shard in shards:
+        state.update(load_file(os.path.join(path, shard)))
+    return state
+
+
+def load_openvla(path: str, device="cpu", dtype=torch.float32, attn_implementation: Optional[str] = None, flag: str = "--model-path"):
+    """Load config, weights, tokenizer and image preprocessing from an openvla-7b style directory or hub id."""
+    path = resolve_model_path(path, flag)
+    config = read_openvla_config(path, flag)
+    if attn_implementation is None:
+        attn_implementation = "sdpa"
+        if torch.device(device).type == "cuda":
+            try:
+                import flash_attn  # noqa: F401
+
+                attn_implementation = "flash_attention_2"
+            except ImportError:
+                pass
+    with torch.device("meta"):
+        model = OpenVLA(config, attn_implementation)
+    state = {_from_checkpoint_key(k): v for k, v in load_state_dict_files(path).items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.language_model.model.rotary_emb = type(model.language_model.model.rotary_emb)(model.language_model.config)
+    model = model.to(device=device, dtype=dtype)
+    with open(os.path.join(path, "preprocessor_config.json")) as f:
+        processor = OpenVLAProcessor(AutoTokenizer.from_pretrained(path), json.load(f))
+    return model, processor
+
+
+def save_openvla(model: OpenVLA, processor: OpenVLAProcessor, path: str, preprocessor_config: dict, max_shard_bytes: int = 5 << 30) -> None:
+    """Write config.json, sharded safetensors + index, tokenizer and preprocessor_config.json in the reference layout."""
+    os.makedirs(path, exist_ok=True)
+    state = {_to_checkpoint_key(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    shards, current, size = [], {}, 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = tensor
+        size += nbytes
+    shards.append(current)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    with open(os.path.join(path, INDEX_FILE), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(model.config, f, indent=2)
+    with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+        json.dump(preprocessor_config, f, indent=2)
+    processor.tokenizer.save_pretrained(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny checkpoints in the same layout (tests, CPU quickstart): random weights, offline sentencepiece tokenizer
+# ---------------------------------------------------------------------------------------------------------------
+def preprocessor_config(image_size: int = 224) -> dict:
+    """openvla-7b's preprocessor_config.json (DINOv2 then SigLIP constants, rounded to bf16 as the reference has them)."""
+    resize = {"antialias": True, "interpolation": 3, "max_size": None, "size": [image_size, image_size]}
+    return {
+        "auto_map": {"AutoImageProcessor": "processing_prismatic.PrismaticImageProcessor", "AutoProcessor": "processing_prismatic.PrismaticProcessor"},
+        "image_processor_type": "PrismaticImageProcessor",
+        "processor_class": "PrismaticProcessor",
+        "image_resize_strategy": "resize-naive",
+        "use_fused_vision_backbone": True,
+        "input_sizes": [[3, image_size, image_size]] * 2,
+        "interpolations": ["bicubic", "bicubic"],
+        "means": [[0.485, 0.456, 0.406], [0.5, 0.5, 0.5]],
+        "stds": [[0.229, 0.224, 0.225], [0.5, 0.5, 0.5]],
+        "tvf_crop_params": [{"output_size": [image_size, image_size]}] * 2,
+        "tvf_do_letterbox": False,
+        "tvf_letterbox_fill": None,
+        "tvf_normalize_params": [
+            {"inplace": False, "mean": [0.484375, 0.455078125, 0.40625], "std": [0.228515625, 0.2236328125, 0.224609375]},
+            {"inplace": False, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+        ],
+        "tvf_resize_params": [resize, resize],
+    }
+
+
+def build_tiny_tokenizer(out_dir: str, vocab_size: int = 1024):
+    """A Llama-format sentencepiece BPE tokenizer (byte fallback, <unk>/<s>/</s>, "<PAD>" added) trained offline on
+    robot instructions, so its last 256 pieces can serve as action tokens exactly as in openvla-7b."""
+    import random
+
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    rng = random.Random(0)
+    words = " ".join(PROMPT.format(t) for t in _TINY_CORPUS).split()
+    syllables = ["ka", "lo", "mi", "ne", "ru", "ta", "so", "pi", "de", "vu", "ba", "go", "ze", "fi", "wo", "xu", "ly", "qe"]
+    lines = [PROMPT.format(t) for t in _TINY_CORPUS] * 20
+    lines += [chr(0x4E00 + i) for i in range(300)]  # rare characters take the last ids, as in Llama-2's vocabulary
+    for _ in range(4000):
+        pseudo = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(6)]
+        lines.append(" ".join(rng.sample(words, 4) + pseudo))
+    os.makedirs(out_dir, exist_ok=True)
+    prefix = os.path.join(out_dir, "spm")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=prefix, vocab_size=vocab_size, model_type="bpe", byte_fallback=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0, add_dummy_prefix=True,
+        num_threads=1, minloglevel=2,
+    )
+    tokenizer = LlamaTokenizer(vocab_file=prefix + ".model", legacy=False, add_bos_token=True, add_eos_token=False)
+    tokenizer.add_special_tokens({"pad_token": "<PAD>"})
+    for suffix in (".model", ".vocab"):
+        os.remove(prefix + suffix)
+    return tokenizer
+
+
+_TINY_CORPUS = [
+    "push the cube to the goal region", "pick up the cube and move it to the goal position",
+    "stack the red cube on top of the green cube", "pull the cube to the goal region",
+    "put the carrot on the plate", "put the spoon on the towel", "put eggplant into yellow basket",
+    "open the top drawer and put the bowl inside", "turn on the stove", "put the black bowl on the plate",
+    "pick up the alphabet soup and place it in the basket", "lift the peg and stand it upright",
+    "insert the peg into the hole on the side of the box", "place the sphere into the bin",
+]
+
+
+def make_tiny_openvla(out_dir: str, seed: int = 0, hidden_size: int = 64, num_layers: int = 2, vision_dim: int = 32,
+                      norm_stats: Optional[dict] = None) -> str:
+    """Write a random tiny OpenVLA (fused DINOv2 + SigLIP ViTs, Llama) in the openvla-7b on-disk layout."""
+    tokenizer = build_tiny_tokenizer(out_dir)
+    tokenizer_vocab = tokenizer.vocab_size  # without the added <PAD>, like 32000 for openvla-7b
+    pad_to = 64
+    lm_vocab = (tokenizer_vocab + 1 + pad_to - 1) // pad_to * pad_to
+    vit = dict(embed_dim=vision_dim, depth=3, num_heads=2)
+    config = {
+        "architectures": ["OpenVLAForActionPrediction"],
+        "auto_map": {"AutoConfig": "configuration_prismatic.OpenVLAConfig", "AutoModelForVision2Seq": "modeling_prismatic.OpenVLAForActionPrediction"},
+        "model_type": "openvla",
+        "vision_backbone_id": "dinosiglip-vit-so-224px",
+        "llm_backbone_id": "llama2-7b-pure",
+        "arch_specifier": "no-align+fused-gelu-mlp",
+        "use_fused_vision_backbone": True,
+        "image_resize_strategy": "resize-naive",
+        "image_sizes": [224, 224],
+        "timm_model_ids": VISION_BACKBONES["dinosiglip-vit-so-224px"][0],
+        "timm_override_act_layers": [None, None],
+        "timm_model_overrides": [vit, vit],
+        "hf_llm_id": "meta-llama/Llama-2-7b-hf",
+        "llm_max_length": 2048,
+        "pad_token_id": tokenizer.pad_token_id,
+        "pad_to_multiple_of": pad_to,
+        "n_action_bins": 256,
+        "norm_stats": norm_stats or {"maniskill": {"action": {
+            "q01": [-1.0] * 6 + [0.0], "q99": [1.0] * 6 + [1.0], "mask": [True] * 6 + [False],
+            "mean": [0.0] * 7, "std": [1.0] * 7, "min": [-1.0] * 7, "max": [1.0] * 7}}},
+        "text_config": {
+            "model_type": "llama", "vocab_size": lm_vocab, "hidden_size": hidden_size, "intermediate_size": 2 * hidden_size,
+            "num_hidden_layers": num_layers, "num_attention_heads": 4, "num_key_value_heads": 4,
+            "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "pad_token_id": tokenizer.pad_token_id, "torch_dtype": "float32",
+        },
+        "torch_dtype": "float32",
+        "transformers_version": "4.40.1",
+    }
+    torch.manual_seed(seed)
+    model = OpenVLA(config)
+    for name, p in model.named_parameters():  # timm inits LayerScale to 1e-5; make the tiny vision path matter
+        if name.endswith(".gamma"):
+            nn.init.uniform_(p, 0.5, 1.0)
+    save_openvla(model, OpenVLAProcessor(tokenizer, preprocessor_config()), out_dir, preprocessor_config(), max_shard_bytes=1 << 20)
+    return out_dir
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a tiny random OpenVLA checkpoint in the openvla-7b layout.")
+    parser.add_argument("out_dir")
+    parser.add_argument("--seed", type=int, default=0)
+    make_tiny_openvla(parser.parse_args().out_dir, seed=parser.parse_args().seed)
