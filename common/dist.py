@@ -78,3 +78,16 @@ def barrier() -> None:
 def cleanup() -> None:
     if is_dist():
         dist.destroy_process_group()
+
+
+def check_in_sync(params: list[torch.Tensor]) -> None:
+    """Raise if the ranks' copies of `params` differ (a cheap fingerprint: one all-gather of a scalar per rank)."""
+    if not is_dist():
+        return
+    fingerprint = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)
+    if dist.get_backend() == "nccl":
+        fingerprint = fingerprint.cuda()
+    gathered = [torch.zeros_like(fingerprint) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, fingerprint)
+    if any(not torch.equal(g, gathered[0]) for g in gathered):
+        raise RuntimeError(f"ranks hold different weights after the update: fingerprints {[g.item() for g in gathered]}")

@@ -174,7 +174,7 @@ def action_stats(config: dict, unnorm_key: Optional[str], flag: str = "--unnorm-
 # ---------------------------------------------------------------------------------------------------------------
 class OpenVLAProcessor:
     def __init__(self, tokenizer, preprocessor_config: dict):
-        self.tokenizer = tokenizer
+        self.tokenizer, self.preprocessor_config = tokenizer, preprocessor_config
         if preprocessor_config.get("image_resize_strategy", "resize-naive") != "resize-naive":
             raise ValueError(f"image_resize_strategy {preprocessor_config['image_resize_strategy']!r}: only 'resize-naive' is supported")
         self.image_size = list(preprocessor_config["tvf_resize_params"][0]["size"])
@@ -290,7 +290,7 @@ def load_openvla(path: str, device="cpu", dtype=torch.float32, attn_implementati
     return model, processor
 
 
-def save_openvla(model: OpenVLA, processor: OpenVLAProcessor, path: str, preprocessor_config: dict, max_shard_bytes: int = 5 << 30) -> None:
+def save_openvla(model: OpenVLA, processor: OpenVLAProcessor, path: str, max_shard_bytes: int = 5 << 30) -> None:
     """Write config.json, sharded safetensors + index, tokenizer and preprocessor_config.json in the reference layout."""
     os.makedirs(path, exist_ok=True)
     state = {_to_checkpoint_key(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -314,7 +314,7 @@ def save_openvla(model: OpenVLA, processor: OpenVLAProcessor, path: str, preproc
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(model.config, f, indent=2)
     with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
-        json.dump(preprocessor_config, f, indent=2)
+        json.dump(processor.preprocessor_config, f, indent=2)
     processor.tokenizer.save_pretrained(path)
 
 
@@ -427,7 +427,7 @@ def make_tiny_openvla(out_dir: str, seed: int = 0, hidden_size: int = 64, num_la
     for name, p in model.named_parameters():  # timm inits LayerScale to 1e-5; make the tiny vision path matter
         if name.endswith(".gamma"):
             nn.init.uniform_(p, 0.5, 1.0)
-    save_openvla(model, OpenVLAProcessor(tokenizer, preprocessor_config()), out_dir, preprocessor_config(), max_shard_bytes=1 << 20)
+    save_openvla(model, OpenVLAProcessor(tokenizer, preprocessor_config()), out_dir, max_shard_bytes=1 << 20)
     return out_dir
 
 

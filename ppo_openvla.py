@@ -1,0 +1,546 @@
+"""PPO fine-tuning of OpenVLA in ManiSkill3, in one file.
+
+What it does: rolls out OpenVLA in parallel ManiSkill3 envs, sampling each of the 7 action tokens from the 256
+action bins only (the KV cache is filled once per step, then 7 one-token decodes), scores the rollouts with a value
+head on the last prompt token's hidden state, computes GAE with truncation bootstrapping, and updates LoRA adapters
+(or all weights) and the value head with the clipped PPO objective and a clipped Huber value loss.
+
+Anchors: RLinf's `maniskill_ppo_openvla` example and RL4VLA (PPO, action-level log-probs, grasp-shaped reward,
+lr 1e-4 / value head 3e-3, LoRA rank 32, 80-step episodes, temperature 1.0). Departures:
+- Every iteration starts fresh episodes from seeds derived from (seed, rank, iteration), so a resumed run replays
+  exactly what an uninterrupted one would.
+- A truncated episode is bootstrapped with the value of its final observation folded into the reward
+  (r + gamma V(s_final)), then treated as done; the anchors do the same through their env wrappers.
+- The value head sees the hidden state whose output predicts the first action token (RLinf's choice).
+
+Run:
+    python ppo_openvla.py --model-path openvla/openvla-7b --unnorm-key bridge_orig --env-id PickCube-v1
+    torchrun --nproc-per-node 8 ppo_openvla.py --model-path openvla/openvla-7b --unnorm-key bridge_orig \
+        --env-id PutCarrotOnPlateInScene-v1 --num-envs 16
+    python ppo_openvla.py --eval-only --checkpoint runs/NAME/checkpoints
+CPU quickstart (tiny random model, real simulator): see README.md.
+"""
+
+import contextlib
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+from transformers import DynamicCache
+
+from common.checkpoint import load_trainer_state, resolve_checkpoint, restore_rng, save_checkpoint, save_trainer_state, trainer_state
+from common.dist import all_reduce_mean, all_reduce_sum_, check_in_sync, cleanup, init_dist, print0
+from common.logger import Logger
+from common.maniskill_env import REWARD_MODES, ManiSkillVLAEnv, check_env_id, check_render_device
+from common.openvla import ActionTokenizer, action_stats, load_openvla, read_openvla_config, resolve_model_path, save_openvla
+
+ACTION_DIM = 7
+
+
+@dataclass
+class Args:
+    # --- experiment ---
+    exp_name: str = "ppo_openvla"
+    """name of the run; logs and checkpoints go to {run_dir}/{exp_name}__s{seed}"""
+    run_dir: str = "runs"
+    """parent directory of all runs"""
+    seed: int = 1
+    """seeds python, numpy, torch (offset by rank) and the env reset seeds"""
+    # --- model ---
+    model_path: str = "openvla/openvla-7b"
+    """OpenVLA checkpoint: a local directory in the openvla-7b layout or a hub id"""
+    unnorm_key: Optional[str] = None
+    """key of the checkpoint's norm_stats used to un-normalise actions (required if it has more than one)"""
+    lora_rank: int = 32
+    """LoRA rank on every linear layer but the LM head; 0 = full fine-tuning"""
+    lora_alpha: int = 16
+    """LoRA scaling numerator (the adapter is scaled by alpha / rank)"""
+    gradient_checkpointing: bool = False
+    """recompute LLM activations in the backward pass (saves memory, costs ~30% time)"""
+    bf16: bool = True
+    """on GPU: bfloat16 weights for the frozen base under LoRA, and bf16 autocast (ignored on CPU)"""
+    # --- environment ---
+    env_id: str = "PickCube-v1"
+    """ManiSkill3 task id"""
+    instruction: Optional[str] = None
+    """override the task's language instruction"""
+    num_envs: int = 16
+    """parallel envs per rank (each rank owns its envs and rollouts)"""
+    max_episode_steps: int = 80
+    """episode length limit"""
+    reward_mode: str = "auto"
+    """auto (grasp-shaped where the task reports grasps, else sparse) | shaped | sparse | dense"""
+    image_size: int = 224
+    """camera resolution (square); images are resized to the model's 224 if different"""
+    # --- PPO ---
+    total_iterations: int = 500
+    """number of rollout + update iterations"""
+    num_steps: int = 80
+    """env steps per env per rollout"""
+    learning_rate: float = 1e-4
+    """learning rate of the policy (LoRA adapters or all weights)"""
+    value_learning_rate: float = 3e-3
+    """learning rate of the value head"""
+    gamma: float = 0.99
+    """discount factor"""
+    gae_lambda: float = 0.95
+    """GAE lambda"""
+    update_epochs: int = 1
+    """passes over each rollout"""
+    num_minibatches: int = 4
+    """optimizer steps per epoch (per-rank rollout split into this many minibatches)"""
+    micro_batch_size: int = 8
+    """samples per forward/backward; a minibatch accumulates gradients over micro-batches"""
+    clip_coef: float = 0.2
+    """PPO ratio clip"""
+    value_clip: float = 0.2
+    """value prediction clip around the rollout values"""
+    huber_delta: float = 10.0
+    """Huber loss delta of the value loss"""
+    vf_coef: float = 1.0
+    """value loss coefficient"""
+    ent_coef: float = 0.0
+    """entropy bonus coefficient (entropy is logged regardless)"""
+    norm_adv: bool = True
+    """normalise advantages over the whole batch (all ranks)"""
+    max_grad_norm: float = 10.0
+    """gradient clipping norm"""
+    temperature: float = 1.0
+    """sampling temperature of training rollouts (the training log-prob uses the same one)"""
+    # --- eval, logging, checkpoints ---
+    eval_interval: int = 10
+    """evaluate every this many iterations (0 = never); also after the last one"""
+    eval_temperature: float = 0.0
+    """0 = greedy decoding at eval"""
+    capture_video: bool = False
+    """save an mp4 of env 0 of each evaluation"""
+    save_interval: int = 10
+    """checkpoint every this many iterations (and after the last one)"""
+    keep_checkpoints: int = 3
+    """how many recent checkpoints to keep"""
+    resume: Optional[str] = None
+    """checkpoint step directory, or a checkpoints directory with a `latest` file, to continue from"""
+    eval_only: bool = False
+    """only evaluate --checkpoint (or the base model if none) and exit"""
+    checkpoint: Optional[str] = None
+    """checkpoint to evaluate with --eval-only"""
+
+    # derived from the flags above in validate()
+    batch_size: tyro.conf.Suppress[int] = 0
+    """samples per rank per iteration (num_envs x num_steps)"""
+    minibatch_size: tyro.conf.Suppress[int] = 0
+    """samples per rank per optimizer step"""
+
+
+def validate(args: Args) -> dict:
+    """Every check that can fail on user input, before envs or weights are loaded. Returns the model config."""
+    if args.reward_mode not in REWARD_MODES:
+        raise ValueError(f"--reward-mode {args.reward_mode!r}: choose one of {REWARD_MODES}")
+    if args.lora_rank < 0:
+        raise ValueError(f"--lora-rank must be >= 0 (0 = full fine-tuning), got {args.lora_rank}")
+    args.batch_size = args.num_envs * args.num_steps
+    if args.batch_size % args.num_minibatches:
+        raise ValueError(f"--num-envs x --num-steps ({args.batch_size}) is not divisible by --num-minibatches ({args.num_minibatches})")
+    args.minibatch_size = args.batch_size // args.num_minibatches
+    if args.minibatch_size % args.micro_batch_size:
+        raise ValueError(f"minibatch size {args.minibatch_size} (= num_envs x num_steps / num_minibatches) is not divisible by --micro-batch-size ({args.micro_batch_size})")
+    if args.eval_only and args.resume:
+        raise ValueError("--eval-only evaluates --checkpoint; do not combine it with --resume")
+    if args.checkpoint and not args.eval_only:
+        raise ValueError("--checkpoint is for --eval-only; use --resume to continue training")
+    if args.resume:
+        args.resume = resolve_checkpoint(args.resume, "--resume")
+    if args.checkpoint:
+        args.checkpoint = resolve_checkpoint(args.checkpoint, "--checkpoint")
+        saved = load_trainer_state(args.checkpoint)["args"]  # evaluate the model the checkpoint was trained from
+        for key in ("model_path", "unnorm_key", "lora_rank", "lora_alpha"):
+            setattr(args, key, saved[key])
+    check_env_id(args.env_id)
+    check_render_device()
+    args.model_path = resolve_model_path(args.model_path)
+    config = read_openvla_config(args.model_path)
+    action_stats(config, args.unnorm_key)
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Policy: OpenVLA + value head
+# ---------------------------------------------------------------------------------------------------------------
+class Agent(nn.Module):
+    def __init__(self, vla, action_tokenizer: ActionTokenizer):
+        super().__init__()
+        self.vla = vla
+        self.first_action_token = action_tokenizer.first_token
+        self.n_bins = action_tokenizer.n_bins
+        hidden = vla.hidden_size
+        self.value_head = nn.Sequential(nn.Linear(hidden, 512), nn.GELU(), nn.Linear(512, 128), nn.GELU(), nn.Linear(128, 1))
+
+    def action_logits(self, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
+        """(..., D) -> (..., 256) float logits of the action tokens only, divided by the temperature: masking every
+        other token to -inf and renormalising is the same distribution. Rollout and training both go through here."""
+        weight = self.vla.language_model.lm_head.weight[self.first_action_token : self.first_action_token + self.n_bins]
+        return F.linear(hidden, weight).float() / max(temperature, 1e-6)
+
+    def value(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.value_head(hidden.to(self.value_head[0].weight.dtype)).squeeze(-1).float()
+
+    @torch.no_grad()
+    def act(self, pixel_values, input_ids, attention_mask, temperature: float):
+        """Sample 7 action tokens with the KV cache. Returns tokens (B, 7), log-prob (B,) summed over the 7, value (B,).
+        temperature 0 = greedy."""
+        lm = self.vla.language_model
+        embeds, mask, position_ids = self.vla.embed_multimodal(input_ids, attention_mask, pixel_values)
+        cache = DynamicCache()
+        hidden = lm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+        value = self.value(hidden)
+        tokens, logprob = [], torch.zeros(len(hidden), device=hidden.device)
+        for i in range(ACTION_DIM):
+            logits = self.action_logits(hidden, temperature)  # (B, 256)
+            if temperature > 0:
+                index = torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
+            else:
+                index = logits.argmax(-1)
+            logprob += logits.log_softmax(-1).gather(-1, index[:, None]).squeeze(-1)
+            token = index + self.first_action_token
+            tokens.append(token)
+            if i < ACTION_DIM - 1:
+                mask = torch.cat([mask, mask.new_ones(len(mask), 1)], 1)
+                position_ids = position_ids[:, -1:] + 1
+                hidden = lm.model(input_ids=token[:, None], attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+        return torch.stack(tokens, 1), logprob, value
+
+    @torch.no_grad()
+    def predict_value(self, pixel_values, input_ids, attention_mask):
+        embeds, mask, position_ids = self.vla.embed_multimodal(input_ids, attention_mask, pixel_values)
+        hidden = self.vla.language_model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids).last_hidden_state[:, -1]
+        return self.value(hidden)
+
+    def forward(self, pixel_values, input_ids, attention_mask, action_tokens, temperature: float):
+        """Training pass, teacher-forced on the sampled tokens. Returns log-prob (B,), per-token entropy (B,), value (B,)."""
+        ids = torch.cat([input_ids, action_tokens[:, :-1]], 1)
+        mask = torch.cat([attention_mask, attention_mask.new_ones(len(ids), ACTION_DIM - 1)], 1)
+        embeds, mask, position_ids = self.vla.embed_multimodal(ids, mask, pixel_values)
+        hidden = self.vla.language_model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids).last_hidden_state
+        hidden = hidden[:, -ACTION_DIM:]  # (B, 7, D): the positions that predict the 7 action tokens
+        logp = self.action_logits(hidden, temperature).log_softmax(-1)  # (B, 7, 256)
+        logprob = logp.gather(-1, (action_tokens - self.first_action_token)[..., None]).squeeze(-1).sum(-1)
+        entropy = -(logp.exp() * logp).sum(-1).mean(-1)
+        return logprob, entropy, self.value(hidden[:, 0])
+
+
+def add_lora(vla, rank: int, alpha: int) -> LoraConfig:
+    """LoRA on every nn.Linear of the VLA (vision, projector, LLM) except the LM head, like OpenVLA's fine-tuning."""
+    targets = [name for name, m in vla.named_modules() if isinstance(m, nn.Linear) and not name.endswith("lm_head")]
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, init_lora_weights="gaussian")
+    inject_adapter_in_model(config, vla)
+    for name, p in vla.named_parameters():
+        p.requires_grad = "lora_" in name
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ALGO LOGIC: advantages and losses
+# ---------------------------------------------------------------------------------------------------------------
+def compute_gae(rewards, values, dones, next_value, gamma: float, lam: float):
+    """rewards, values, dones: (T, N); dones[t] = the step t ended the episode; next_value (N,) = V(s_T).
+    delta_t = r_t + gamma V_{t+1} (1 - d_t) - V_t;  A_t = delta_t + gamma lam (1 - d_t) A_{t+1};  returns = A + V."""
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(next_value)
+    for t in reversed(range(len(rewards))):
+        nonterminal = 1.0 - dones[t]
+        next_v = next_value if t == len(rewards) - 1 else values[t + 1]
+        delta = rewards[t] + gamma * next_v * nonterminal - values[t]
+        last = delta + gamma * lam * nonterminal * last
+        advantages[t] = last
+    return advantages, advantages + values
+
+
+def ppo_losses(new_logprob, old_logprob, advantages, new_value, old_value, returns, clip_coef, value_clip, huber_delta):
+    """Clipped policy loss on the action-level ratio, clipped Huber value loss; all inputs (B,)."""
+    logratio = new_logprob - old_logprob
+    ratio = logratio.exp()
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * ratio.clamp(1 - clip_coef, 1 + clip_coef)
+    pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+    value_clipped = old_value + (new_value - old_value).clamp(-value_clip, value_clip)
+    v_loss1 = F.huber_loss(new_value, returns, delta=huber_delta, reduction="none")
+    v_loss2 = F.huber_loss(value_clipped, returns, delta=huber_delta, reduction="none")
+    v_loss = torch.max(v_loss1, v_loss2).mean()
+    with torch.no_grad():
+        approx_kl = ((ratio - 1) - logratio).mean()  # k3 estimator
+        clipfrac = ((ratio - 1).abs() > clip_coef).float().mean()
+    return pg_loss, v_loss, approx_kl, clipfrac
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints: LoRA adapter (or full weights in the openvla layout) + value head + trainer state
+# ---------------------------------------------------------------------------------------------------------------
+def save_agent(agent: Agent, processor, lora_config: Optional[LoraConfig], directory: str) -> None:
+    if lora_config is not None:
+        save_file(get_peft_model_state_dict(agent.vla), os.path.join(directory, "adapter_model.safetensors"))
+        lora_config.save_pretrained(directory)
+    else:
+        save_openvla(agent.vla, processor, os.path.join(directory, "model"))
+    save_file(agent.value_head.state_dict(), os.path.join(directory, "value_head.safetensors"))
+
+
+def load_agent_weights(agent: Agent, directory: str, lora: bool) -> None:
+    if lora:
+        set_peft_model_state_dict(agent.vla, load_file(os.path.join(directory, "adapter_model.safetensors")))
+    agent.value_head.load_state_dict(load_file(os.path.join(directory, "value_head.safetensors")))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation: held-out seeds, low-temperature or greedy decoding, one episode per env
+# ---------------------------------------------------------------------------------------------------------------
+def evaluate(args, agent, env, processor, prompt, to_env_action, rank: int, device, autocast):
+    seeds = [10**9 + rank * args.num_envs + i for i in range(args.num_envs)]  # never used for training
+    obs = env.reset(seeds)
+    finished = torch.zeros(env.num_envs, dtype=torch.bool)
+    success = torch.zeros(env.num_envs, dtype=torch.bool)
+    length = torch.zeros(env.num_envs)
+    frames = [obs["rgb"][0].numpy()]
+    for _ in range(env.max_episode_steps):
+        with autocast:
+            tokens, _, _ = agent.act(processor.preprocess_images(obs["rgb"].to(device)), *prompt, args.eval_temperature)
+        obs, _, terminated, truncated, info = env.step(to_env_action(tokens))
+        length += (~finished).float()
+        success |= info["success"] & ~finished
+        done_now = (terminated | truncated) & ~finished
+        if not finished[0]:
+            frames.append(info["final_obs"]["rgb"][0].numpy())
+        finished |= done_now
+        if finished.all():
+            break
+    return {"eval/success_rate": success.float().mean().item(), "eval/episode_length": length.mean().item()}, np.stack(frames)
+
+
+def main(args: Args) -> None:
+    # ------------------------------------------------------------------ setup: validation, distributed, seeds
+    dist_info = init_dist()
+    rank, world, device = dist_info.rank, dist_info.world_size, dist_info.device
+    config = validate(args)
+    run_name = f"{args.exp_name}__s{args.seed}"
+    run_path = os.path.join(args.run_dir, run_name)
+    print0(f"run {run_path}: {world} rank(s) x {args.num_envs} envs, {args.batch_size * world} samples per iteration")
+
+    torch.manual_seed(args.seed)  # identical LoRA and value-head init on every rank (DDP also broadcasts rank 0's)
+    np.random.seed(args.seed + rank)
+    on_gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if (on_gpu and args.bf16 and args.lora_rank > 0) else torch.float32
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (on_gpu and args.bf16) else contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ envs
+    env = ManiSkillVLAEnv(args.env_id, args.num_envs, seed=args.seed + rank, image_size=args.image_size,
+                          reward_mode=args.reward_mode, instruction=args.instruction, max_episode_steps=args.max_episode_steps)
+
+    # ------------------------------------------------------------------ model
+    model_dir = args.model_path
+    if args.resume and args.lora_rank == 0:
+        model_dir = os.path.join(args.resume, "model")
+    if args.checkpoint and args.lora_rank == 0:
+        model_dir = os.path.join(args.checkpoint, "model")
+    vla, processor = load_openvla(model_dir, device=device, dtype=dtype)
+    if args.gradient_checkpointing:
+        vla.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora_config = add_lora(vla, args.lora_rank, args.lora_alpha) if args.lora_rank > 0 else None
+    action_tokenizer = ActionTokenizer(vla.vocab_size, vla.n_action_bins)
+    stats = action_stats(config, args.unnorm_key)
+    agent = Agent(vla, action_tokenizer).to(device)
+    torch.manual_seed(args.seed + rank)  # from here on ranks sample differently
+
+    def to_env_action(tokens: torch.Tensor) -> torch.Tensor:
+        normalized = action_tokenizer.tokens_to_normalized(tokens).float()
+        return ActionTokenizer.unnormalize(normalized, stats).cpu()  # (N, 7)
+
+    prompt = processor.prompt_ids(env.instructions, device=device)  # left-padded (N, L) ids and mask, fixed per env
+    trainable = [p for p in agent.parameters() if p.requires_grad]
+    policy_params = [p for p in agent.vla.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": policy_params, "lr": args.learning_rate}, {"params": list(agent.value_head.parameters()), "lr": args.value_learning_rate}],
+        eps=1e-5, weight_decay=0.0,
+    )
+    print0(f"trainable parameters: {sum(p.numel() for p in trainable):,} of {sum(p.numel() for p in agent.parameters()):,}")
+
+    start_iteration = 1
+    if args.resume or args.checkpoint:
+        source = args.resume or args.checkpoint
+        load_agent_weights(agent, source, lora=lora_config is not None)
+        if args.resume:
+            state = load_trainer_state(source)
+            optimizer.load_state_dict(state["optimizer"])
+            restore_rng(state)
+            torch.manual_seed(args.seed + rank + state["step"])
+            start_iteration = state["step"] + 1
+            print0(f"resumed from {source} at iteration {state['step']}")
+    ddp_agent = DDP(agent) if world > 1 else agent  # DDP broadcasts rank 0's weights at construction
+
+    logger = Logger(run_path, args, enabled=dist_info.is_main)
+    if args.eval_only:
+        metrics, frames = evaluate(args, agent, env, processor, prompt, to_env_action, rank, device, autocast)
+        metrics = all_reduce_mean(metrics)
+        print0(json.dumps(metrics))
+        if args.capture_video and dist_info.is_main:
+            logger.video("eval/video", frames, 0)
+        logger.close()
+        env.close()
+        cleanup()
+        return
+
+    # Rollout storage, preallocated on CPU (images are stored as uint8 and preprocessed again at update time).
+    T, N = args.num_steps, args.num_envs
+    images = torch.zeros((T, N, args.image_size, args.image_size, 3), dtype=torch.uint8)  # (T, N, H, W, 3)
+    action_tokens = torch.zeros((T, N, ACTION_DIM), dtype=torch.long)  # (T, N, 7)
+    logprobs = torch.zeros((T, N))
+    rewards = torch.zeros((T, N))
+    dones = torch.zeros((T, N))
+    values = torch.zeros((T, N))
+    episode_return, episode_length = torch.zeros(N), torch.zeros(N)
+
+    for iteration in range(start_iteration, args.total_iterations + 1):
+        # ---------------------------------------------------------- 1. rollout
+        rollout_start, policy_time = time.time(), 0.0
+        train_seeds = np.random.default_rng([args.seed, rank, iteration]).integers(0, 10**9, N).tolist()
+        obs = env.reset(train_seeds)
+        episode_return.zero_()
+        episode_length.zero_()
+        finished_returns, finished_lengths, finished_success = [], [], []
+        agent.eval()
+        for t in range(T):
+            images[t] = obs["rgb"]
+            t0 = time.time()
+            with autocast:
+                tokens, logprob, value = agent.act(processor.preprocess_images(obs["rgb"].to(device)), *prompt, args.temperature)
+            policy_time += time.time() - t0
+            action_tokens[t], logprobs[t], values[t] = tokens.cpu(), logprob.cpu(), value.cpu()
+            obs, reward, terminated, truncated, info = env.step(to_env_action(tokens))
+
+            # ------------------------------------------------------ 2. reward (+ bootstrap of truncated episodes)
+            bootstrap = truncated & ~terminated
+            if bootstrap.any():
+                final = info["final_obs"]["rgb"][bootstrap].to(device)
+                with autocast:
+                    final_value = agent.predict_value(processor.preprocess_images(final), prompt[0][bootstrap.to(device)], prompt[1][bootstrap.to(device)])
+                reward = reward.clone()
+                reward[bootstrap] += args.gamma * final_value.cpu()
+            done = terminated | truncated
+            rewards[t], dones[t] = reward, done.float()
+            episode_return += reward
+            episode_length += 1
+            for i in torch.nonzero(done).flatten().tolist():
+                finished_returns.append(episode_return[i].item())
+                finished_lengths.append(episode_length[i].item())
+                finished_success.append(float(info["success"][i]))
+            episode_return[done], episode_length[done] = 0.0, 0.0
+        with autocast:
+            next_value = agent.predict_value(processor.preprocess_images(obs["rgb"].to(device)), *prompt).cpu()
+        rollout_time = time.time() - rollout_start
+
+        # ---------------------------------------------------------- 3. advantage
+        advantages, returns = compute_gae(rewards, values, dones, next_value, args.gamma, args.gae_lambda)
+        b_images, b_tokens = images.reshape(T * N, *images.shape[2:]), action_tokens.reshape(T * N, ACTION_DIM)
+        b_logprobs, b_values = logprobs.reshape(-1), values.reshape(-1)
+        b_advantages, b_returns = advantages.reshape(-1), returns.reshape(-1)
+        b_env = torch.arange(N).repeat(T)  # which env (prompt) each sample came from
+        if args.norm_adv:  # mean and std over every rank's samples
+            moments = all_reduce_sum_(torch.tensor([b_advantages.sum(), (b_advantages**2).sum(), b_advantages.numel()], dtype=torch.float64, device=device if on_gpu else "cpu")).cpu()
+            mean = moments[0] / moments[2]
+            std = (moments[1] / moments[2] - mean**2).clamp(min=0).sqrt()
+            b_advantages = ((b_advantages - mean) / (std + 1e-8)).float()
+
+        # ---------------------------------------------------------- 4. update
+        update_start = time.time()
+        agent.train()
+        stats_sum: dict[str, float] = {}
+        n_updates = 0
+        for epoch in range(args.update_epochs):
+            order = torch.randperm(args.batch_size)
+            for start in range(0, args.batch_size, args.minibatch_size):
+                minibatch = order[start : start + args.minibatch_size]
+                optimizer.zero_grad(set_to_none=True)
+                micro_batches = minibatch.split(args.micro_batch_size)
+                for k, mb in enumerate(micro_batches):
+                    sync = contextlib.nullcontext() if (world == 1 or k == len(micro_batches) - 1) else ddp_agent.no_sync()
+                    env_ids = b_env[mb].to(device)
+                    with sync, autocast:
+                        # ALGO LOGIC: clipped PPO losses on this micro-batch
+                        new_logprob, entropy, new_value = ddp_agent(
+                            processor.preprocess_images(b_images[mb].to(device)), prompt[0][env_ids], prompt[1][env_ids], b_tokens[mb].to(device), args.temperature
+                        )
+                        pg_loss, v_loss, approx_kl, clipfrac = ppo_losses(
+                            new_logprob, b_logprobs[mb].to(device), b_advantages[mb].to(device), new_value,
+                            b_values[mb].to(device), b_returns[mb].to(device), args.clip_coef, args.value_clip, args.huber_delta,
+                        )
+                        loss = pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy.mean()
+                        (loss * len(mb) / len(minibatch)).backward()
+                    for key, value in (("actor/loss", pg_loss), ("actor/value_loss", v_loss), ("actor/entropy", entropy.mean()),
+                                       ("actor/approx_kl", approx_kl), ("actor/clipfrac", clipfrac)):
+                        stats_sum[key] = stats_sum.get(key, 0.0) + value.item() * len(mb) / len(minibatch)
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+                stats_sum["actor/grad_norm"] = stats_sum.get("actor/grad_norm", 0.0) + grad_norm.item()
+                optimizer.step()
+                n_updates += 1
+        update_time = time.time() - update_start
+
+        # ---------------------------------------------------------- 5. log, eval, checkpoint
+        explained_var = 1 - (b_returns - b_values).var() / b_returns.var().clamp(min=1e-8)
+        metrics = {k: v / n_updates for k, v in stats_sum.items()}
+        metrics |= {
+            "actor/lr": args.learning_rate,
+            "critic/explained_variance": explained_var.item(),
+            "critic/value_mean": b_values.mean().item(),
+            "rollout/reward_mean": rewards.mean().item(),
+            "rollout/return_mean": float(np.mean(finished_returns)) if finished_returns else 0.0,
+            "rollout/success_rate": float(np.mean(finished_success)) if finished_success else 0.0,
+            "rollout/episode_length": float(np.mean(finished_lengths)) if finished_lengths else float(T),
+            "rollout/episodes": float(len(finished_success)),
+            "rollout/advantage_mean": advantages.mean().item(),
+            "time/rollout_s": rollout_time,
+            "time/update_s": update_time,
+            "time/env_steps_per_s": T * N / rollout_time,
+            "time/actions_per_s": T * N / policy_time,
+            "time/update_samples_per_s": args.update_epochs * args.batch_size / update_time,
+        }
+        metrics = all_reduce_mean(metrics)
+        for key in ("time/env_steps_per_s", "time/actions_per_s", "time/update_samples_per_s"):
+            metrics[key] *= world  # throughput of all ranks together
+        if args.eval_interval and (iteration % args.eval_interval == 0 or iteration == args.total_iterations):
+            eval_metrics, frames = evaluate(args, agent, env, processor, prompt, to_env_action, rank, device, autocast)
+            metrics |= all_reduce_mean(eval_metrics)
+            if args.capture_video and dist_info.is_main:
+                logger.video("eval/video", frames, iteration)
+        logger.log(metrics, iteration)
+        print0(
+            f"iter {iteration}: success {metrics['rollout/success_rate']:.3f} reward {metrics['rollout/reward_mean']:.4f} "
+            f"pg {metrics['actor/loss']:.4f} v {metrics['actor/value_loss']:.4f} kl {metrics['actor/approx_kl']:.5f} "
+            f"env steps/s {metrics['time/env_steps_per_s']:.1f}" + (f" eval {metrics['eval/success_rate']:.3f}" if "eval/success_rate" in metrics else "")
+        )
+        if iteration % args.save_interval == 0 or iteration == args.total_iterations:
+            check_in_sync(trainable)  # DDP keeps ranks identical; verify before writing rank 0's copy
+        if dist_info.is_main and (iteration % args.save_interval == 0 or iteration == args.total_iterations):
+
+            def write(directory: str) -> None:
+                save_agent(agent, processor, lora_config, directory)
+                save_trainer_state(directory, trainer_state(args, iteration, optimizer))
+
+            path = save_checkpoint(os.path.join(run_path, "checkpoints"), iteration, write, keep_last=args.keep_checkpoints)
+            print0(f"saved {path}")
+
+    logger.close()
+    env.close()
+    cleanup()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
