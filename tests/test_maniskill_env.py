@@ -1,0 +1,50 @@
+"""The ManiSkill3 wrapper on the real simulator (CPU physics, software rendering)."""
+
+import pytest
+import torch
+
+from common.maniskill_env import ManiSkillVLAEnv, check_env_id
+
+
+@pytest.fixture(scope="module")
+def env():
+    env = ManiSkillVLAEnv("PickCube-v1", num_envs=2, seed=0, image_size=64, max_episode_steps=3)
+    yield env
+    env.close()
+
+
+def test_reset_is_seeded_per_env(env):
+    obs = env.reset([7, 7])
+    assert obs["rgb"].shape == (2, 64, 64, 3) and obs["rgb"].dtype == torch.uint8
+    assert obs["tcp_pose"].shape == (2, 7)
+    assert torch.equal(obs["rgb"][0], obs["rgb"][1])  # same seed, same initial state (GRPO groups rely on it)
+    again = env.reset([7, 8])
+    assert torch.equal(again["rgb"][0], obs["rgb"][0]) and not torch.equal(again["rgb"][0], again["rgb"][1])
+    assert env.instructions == ["pick up the cube and move it to the goal position"] * 2
+
+
+def test_truncation_auto_resets_and_keeps_final_obs(env):
+    env.reset([1, 2])
+    for t in range(3):
+        obs, reward, terminated, truncated, info = env.step(torch.zeros(2, 7))
+        assert reward.shape == (2,) and info["success"].shape == (2,)
+    assert truncated.all() and not terminated.any()  # max_episode_steps=3
+    assert not torch.equal(info["final_obs"]["rgb"], obs["rgb"])  # obs is already the next episode's first frame
+
+
+def test_shaped_reward_is_a_potential_difference(env):
+    env.reset([1, 2])
+    grasp = lambda g, s: {"is_grasped": torch.tensor(g), "success": torch.tensor(s)}
+    env.reward_mode = "shaped"
+    r1 = env._reward(torch.zeros(2), grasp([True, False], [False, False]))
+    r2 = env._reward(torch.zeros(2), grasp([True, True], [True, False]))
+    r3 = env._reward(torch.zeros(2), grasp([False, False], [False, False]))
+    env.reward_mode = "auto"
+    torch.testing.assert_close(r1, torch.tensor([0.1, 0.0]))
+    torch.testing.assert_close(r2, torch.tensor([1.0, 0.1]))  # success while grasped: +1
+    torch.testing.assert_close(r1 + r2 + r3, torch.zeros(2))  # dropping everything returns the potential
+
+
+def test_unknown_env_id_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="PushCube-v1"):
+        check_env_id("PushKube-v1")
