@@ -239,9 +239,17 @@ class Agent(nn.Module):
         return logprob, entropy, self.value(hidden[:, 0])
 
 
+def unused_by_forward(name: str, vla) -> bool:
+    return any(name.startswith("vision_backbone." + prefix) for prefix in vla.vision_backbone.unused_prefixes())
+
+
 def add_lora(vla, rank: int, alpha: int) -> LoraConfig:
-    """LoRA on every nn.Linear of the VLA (vision, projector, LLM) except the LM head, like OpenVLA's fine-tuning."""
-    targets = [name for name, m in vla.named_modules() if isinstance(m, nn.Linear) and not name.endswith("lm_head")]
+    """LoRA on every nn.Linear of the VLA (vision, projector, LLM) except the LM head, like OpenVLA's fine-tuning,
+    and except vision layers past the second-to-last block, which the forward never reaches."""
+    targets = [
+        name for name, m in vla.named_modules()
+        if isinstance(m, nn.Linear) and not name.endswith("lm_head") and not unused_by_forward(name + ".", vla)
+    ]
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, init_lora_weights="gaussian")
     inject_adapter_in_model(config, vla)
     for name, p in vla.named_parameters():
@@ -354,7 +362,12 @@ def main(args: Args) -> None:
     vla, processor = load_openvla(model_dir, device=device, dtype=dtype)
     if args.gradient_checkpointing:
         vla.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lora_config = add_lora(vla, args.lora_rank, args.lora_alpha) if args.lora_rank > 0 else None
+    if args.lora_rank > 0:
+        lora_config = add_lora(vla, args.lora_rank, args.lora_alpha)
+    else:
+        lora_config = None
+        for name, p in vla.named_parameters():
+            p.requires_grad = not unused_by_forward(name, vla)
     action_tokenizer = ActionTokenizer(vla.vocab_size, vla.n_action_bins)
     stats = action_stats(config, args.unnorm_key)
     agent = Agent(vla, action_tokenizer).to(device)

@@ -49,7 +49,16 @@ class VisionBackbone(nn.Module):
     @staticmethod
     def _second_to_last(vit, images: torch.Tensor) -> torch.Tensor:
         take = [len(vit.blocks) - 2]
-        return vit.forward_intermediates(images, indices=take, norm=False, intermediates_only=True, output_fmt="NLC")[0]
+        return vit.forward_intermediates(images, indices=take, norm=False, stop_early=True, intermediates_only=True, output_fmt="NLC")[0]
+
+    def unused_prefixes(self) -> list[str]:
+        """Submodules the forward never reaches (last block, final norm, pooling head): kept so checkpoints round-trip,
+        but they get no gradient, so training must freeze them (DDP requires every trainable parameter to be used)."""
+        names = []
+        for name, vit in (("featurizer", self.featurizer), ("fused_featurizer", self.fused_featurizer)):
+            if vit is not None:
+                names += [f"{name}.blocks.{len(vit.blocks) - 1}.", f"{name}.norm.", f"{name}.fc_norm.", f"{name}.attn_pool.", f"{name}.head."]
+        return names
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3 or 6, H, W) -> (B, 256, embed_dim): with two featurizers, split the channels and concat the features."""

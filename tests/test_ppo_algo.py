@@ -89,3 +89,24 @@ def test_lora_trains_only_adapters(tiny_openvla):
     assert trainable and all("lora_" in n for n in trainable)
     assert any("fused_featurizer" in n for n in trainable) and any("language_model.model.layers" in n for n in trainable)
     assert not any("lm_head" in n for n in trainable)
+
+
+@pytest.mark.parametrize("lora_rank", [4, 0])
+def test_every_trainable_parameter_gets_a_gradient(tiny_openvla, lora_rank):
+    """DDP (find_unused_parameters=False) fails on trainable parameters the forward never reaches."""
+    from ppo_openvla import unused_by_forward
+
+    vla, processor = load_openvla(tiny_openvla)
+    if lora_rank:
+        add_lora(vla, rank=lora_rank, alpha=8)
+    else:
+        for name, p in vla.named_parameters():
+            p.requires_grad = not unused_by_forward(name, vla)
+    agent = Agent(vla, ActionTokenizer(vla.vocab_size))
+    ids, mask = processor.prompt_ids(["push the cube"])
+    pixels = processor.preprocess_images(torch.randint(0, 256, (1, 224, 224, 3), dtype=torch.uint8))
+    tokens = torch.full((1, 7), agent.first_action_token + 3)
+    logprob, _, value = agent(pixels, ids, mask, tokens, 1.0)
+    (logprob.sum() + value.sum()).backward()
+    missing = [n for n, p in agent.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing[:5]
