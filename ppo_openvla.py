@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import random
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -254,6 +255,8 @@ def add_lora(vla, rank: int, alpha: int) -> LoraConfig:
     inject_adapter_in_model(config, vla)
     for name, p in vla.named_parameters():
         p.requires_grad = "lora_" in name
+        if p.requires_grad:
+            p.data = p.data.float()  # adapters train in fp32 even when the frozen base is bf16
     return config
 
 
@@ -343,8 +346,9 @@ def main(args: Args) -> None:
     run_path = os.path.join(args.run_dir, run_name)
     print0(f"run {run_path}: {world} rank(s) x {args.num_envs} envs, {args.batch_size * world} samples per iteration")
 
-    torch.manual_seed(args.seed)  # identical LoRA and value-head init on every rank (DDP also broadcasts rank 0's)
+    random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed)  # identical LoRA and value-head init on every rank (DDP also broadcasts rank 0's)
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if (on_gpu and args.bf16 and args.lora_rank > 0) else torch.float32
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (on_gpu and args.bf16) else contextlib.nullcontext()
@@ -371,7 +375,6 @@ def main(args: Args) -> None:
     action_tokenizer = ActionTokenizer(vla.vocab_size, vla.n_action_bins)
     stats = action_stats(config, args.unnorm_key)
     agent = Agent(vla, action_tokenizer).to(device)
-    torch.manual_seed(args.seed + rank)  # from here on ranks sample differently
 
     def to_env_action(tokens: torch.Tensor) -> torch.Tensor:
         normalized = action_tokenizer.tokens_to_normalized(tokens).float()
@@ -394,7 +397,6 @@ def main(args: Args) -> None:
             state = load_trainer_state(source)
             optimizer.load_state_dict(state["optimizer"])
             restore_rng(state)
-            torch.manual_seed(args.seed + rank + state["step"])
             start_iteration = state["step"] + 1
             print0(f"resumed from {source} at iteration {state['step']}")
     ddp_agent = DDP(agent) if world > 1 else agent  # DDP broadcasts rank 0's weights at construction
@@ -424,7 +426,9 @@ def main(args: Args) -> None:
     for iteration in range(start_iteration, args.total_iterations + 1):
         # ---------------------------------------------------------- 1. rollout
         rollout_start, policy_time = time.time(), 0.0
-        train_seeds = np.random.default_rng([args.seed, rank, iteration]).integers(0, 10**9, N).tolist()
+        iteration_rng = np.random.default_rng([args.seed, rank, iteration])  # a resumed run replays the same draws
+        train_seeds = iteration_rng.integers(0, 10**9, N).tolist()
+        torch.manual_seed(int(iteration_rng.integers(2**62)))  # action sampling and minibatch order
         obs = env.reset(train_seeds)
         episode_return.zero_()
         episode_length.zero_()

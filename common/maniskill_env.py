@@ -89,6 +89,7 @@ def _make_single_cpu_env(env_id: str, make_kwargs: dict):
         import mani_skill.envs  # noqa: F401  (runs in the worker process)
         from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
 
+        torch.set_num_threads(1)  # one core per env process; the policy process keeps the rest
         env = gym.make(env_id, num_envs=1, sim_backend="physx_cpu", **make_kwargs)
         instruction = getattr(env.unwrapped, "get_language_instruction", None)
         env = _VLAObservation(CPUGymWrapper(env))  # numpy in and out, batch dim of 1 removed
