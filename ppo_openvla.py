@@ -22,7 +22,6 @@ CPU quickstart (tiny random model, real simulator): see README.md.
 """
 
 import contextlib
-import dataclasses
 import json
 import os
 import random

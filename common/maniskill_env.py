@@ -13,7 +13,6 @@ Finished envs are reset inside `step` (the returned obs is the first one of the 
 `info["final_obs"]` holds the last observation of the finished episode, for bootstrapping truncations.
 """
 
-import os
 from typing import Optional
 
 import gymnasium as gym
