@@ -147,6 +147,8 @@ def validate(args: Args) -> dict:
     """Every check that can fail on user input, before envs or weights are loaded. Returns the model config."""
     if args.reward_mode not in REWARD_MODES:
         raise ValueError(f"--reward-mode {args.reward_mode!r}: choose one of {REWARD_MODES}")
+    if args.image_size < 32:
+        raise ValueError(f"--image-size must be at least 32 (pixels per side), got {args.image_size}")
     if args.lora_rank < 0:
         raise ValueError(f"--lora-rank must be >= 0 (0 = full fine-tuning), got {args.lora_rank}")
     args.batch_size = args.num_envs * args.num_steps
