@@ -1,0 +1,132 @@
+"""SRPO's world-model progress reward (arXiv 2511.15605; the siiRL implementation, SPEC 3.3).
+
+1. Each trajectory's agentview video -> one V-JEPA 2 embedding: 64 frames picked with
+   linspace (a shorter video is tiled cyclically), short side resized to 256/224 of the
+   encoder size, center-cropped to the encoder size, ImageNet mean/std, encoder output
+   averaged over all tokens.
+2. Per task: successes get reward 1. The success embeddings are standardised and
+   clustered with DBSCAN(eps 0.5, min_samples 2); cluster centres are the cluster means in
+   the raw embedding space (no cluster, i.e. all noise -> the mean of all successes).
+3. A failure's distance d is its L2 distance to the nearest centre; over the task's
+   failures n = (d - min d) / (max d - min d) (0.5 when the range is < 1e-6) and the reward
+   is g = 0.6 sigmoid(10 (0.5 - n)), in (0, 0.6). A task with no success gives its
+   failures 0 (nothing to refer to).
+   `variant="paper"`: g = alpha sigmoid(-z) with z the failure distances standardised over
+   the task (our reading of the paper's formula; alpha 0.8).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def subsample_frame_indices(num_video_frames: int, num_frames: int = 64) -> np.ndarray:
+    """linspace over a long video; a short one is tiled cyclically (0, 1, .., T-1, 0, 1, ..)."""
+    if num_video_frames >= num_frames:
+        return np.linspace(0, num_video_frames - 1, num=num_frames).astype(np.int64)
+    return np.arange(num_frames) % num_video_frames
+
+
+def preprocess_video(frames: np.ndarray, size: int, num_frames: int = 64) -> torch.Tensor:
+    """(T, H, W, 3) uint8 -> (num_frames, 3, size, size) float32, ImageNet-normalised."""
+    video = torch.from_numpy(frames[subsample_frame_indices(len(frames), num_frames)])
+    video = video.permute(0, 3, 1, 2).float() / 255.0  # (F, 3, H, W)
+    short_side = int(256.0 / 224 * size)
+    h, w = video.shape[-2:]
+    scale = short_side / min(h, w)
+    new_h, new_w = max(short_side, round(h * scale)), max(short_side, round(w * scale))
+    video = F.interpolate(video, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    video = video[:, :, top:top + size, left:left + size]  # (F, 3, size, size)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (video - mean) / std
+
+
+class VideoEmbedder:
+    """V-JEPA 2 encoder (transformers `VJEPA2Model`) turning videos into mean-pooled embeddings.
+
+    path: a hub id (facebook/vjepa2-vitg-fpc64-384, facebook/vjepa2-vitl-fpc64-256) or a local
+    save_pretrained directory. offload: keep the weights on the CPU between calls.
+    """
+
+    def __init__(self, path: str, device: torch.device, dtype: torch.dtype = torch.float32,
+                 num_frames: int = 64, offload: bool = False):
+        from transformers import AutoConfig, VJEPA2Model
+
+        config = AutoConfig.from_pretrained(path)
+        if config.model_type != "vjepa2":
+            raise ValueError(f"--world-model-path {path!r} is a {config.model_type!r} model, not V-JEPA 2 "
+                             "(e.g. facebook/vjepa2-vitg-fpc64-384)")
+        self.model = VJEPA2Model.from_pretrained(path, torch_dtype=dtype).eval().requires_grad_(False)
+        self.device, self.dtype, self.num_frames, self.offload = device, dtype, num_frames, offload
+        self.size = config.crop_size
+        self.model.to("cpu" if offload else device)
+
+    @torch.no_grad()
+    def __call__(self, videos: list[np.ndarray], batch_size: int = 8) -> torch.Tensor:
+        """[(T_i, H, W, 3) uint8] -> (N, hidden) float32 on the CPU."""
+        if self.offload:
+            self.model.to(self.device)
+        embeddings = []
+        for start in range(0, len(videos), batch_size):
+            clips = torch.stack([preprocess_video(v, self.size, self.num_frames) for v in videos[start:start + batch_size]])
+            clips = clips.to(self.device, self.dtype)  # (B, F, 3, size, size)
+            tokens = self.model(pixel_values_videos=clips, skip_predictor=True).last_hidden_state  # (B, L, hidden)
+            embeddings.append(tokens.float().mean(dim=1).cpu())
+        if self.offload:
+            self.model.to("cpu")
+        return torch.cat(embeddings)
+
+
+def progress_rewards(embeddings: np.ndarray, success: np.ndarray, task_ids: np.ndarray,
+                     variant: str = "siirl", alpha: float = 0.8, eps: float = 0.5,
+                     min_samples: int = 2) -> tuple[np.ndarray, int]:
+    """embeddings (N, D), success (N,) bool, task_ids (N,) -> rewards (N,), number of success clusters."""
+    from sklearn.cluster import DBSCAN
+    from sklearn.preprocessing import StandardScaler
+
+    embeddings = np.asarray(embeddings, dtype=np.float64)
+    success, task_ids = np.asarray(success, dtype=bool), np.asarray(task_ids)
+    rewards = success.astype(np.float64)  # successes 1, failures 0 unless shaped below
+    num_clusters = 0
+    for task in np.unique(task_ids):
+        succ_idx = np.flatnonzero((task_ids == task) & success)
+        fail_idx = np.flatnonzero((task_ids == task) & ~success)
+        if len(succ_idx) == 0 or len(fail_idx) == 0:
+            continue
+        succ = embeddings[succ_idx]
+        labels = DBSCAN(eps=eps, min_samples=min_samples).fit(StandardScaler().fit_transform(succ)).labels_
+        clusters = sorted(set(labels) - {-1})
+        centres = np.stack([succ[labels == c].mean(0) for c in clusters]) if clusters else succ.mean(0, keepdims=True)
+        num_clusters += len(centres)
+        dist = np.linalg.norm(embeddings[fail_idx, None, :] - centres[None], axis=-1).min(axis=1)  # (num_fail,)
+        if variant == "siirl":
+            span = dist.max() - dist.min()
+            normed = np.full_like(dist, 0.5) if span < 1e-6 else (dist - dist.min()) / span
+            rewards[fail_idx] = 0.6 / (1.0 + np.exp(-10.0 * (0.5 - normed)))
+        elif variant == "paper":
+            std = dist.std()
+            z = (dist - dist.mean()) / (std if std > 1e-6 else 1.0)
+            rewards[fail_idx] = alpha / (1.0 + np.exp(z))
+        else:
+            raise ValueError(f"Unknown progress reward variant {variant!r}; choose 'siirl' or 'paper'")
+    return rewards, num_clusters
+
+
+def make_tiny_vjepa2(out_dir: str, hidden_size: int = 48, crop_size: int = 32, seed: int = 0) -> str:
+    """A random tiny V-JEPA 2 in the real save_pretrained layout, for tests and the CPU quickstart."""
+    from transformers import VJEPA2Config, VJEPA2Model
+
+    config = VJEPA2Config(crop_size=crop_size, image_size=crop_size, frames_per_clip=16, patch_size=16,
+                          tubelet_size=2, hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=4,
+                          mlp_ratio=2.0, pred_hidden_size=32, pred_num_hidden_layers=1, pred_num_attention_heads=4,
+                          num_pooler_layers=1)
+    torch.manual_seed(seed)
+    VJEPA2Model(config).save_pretrained(out_dir)
+    return out_dir
