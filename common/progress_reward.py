@@ -63,7 +63,7 @@ class VideoEmbedder:
         if config.model_type != "vjepa2":
             raise ValueError(f"--world-model-path {path!r} is a {config.model_type!r} model, not V-JEPA 2 "
                              "(e.g. facebook/vjepa2-vitg-fpc64-384)")
-        self.model = VJEPA2Model.from_pretrained(path, torch_dtype=dtype).eval().requires_grad_(False)
+        self.model = VJEPA2Model.from_pretrained(path, dtype=dtype).eval().requires_grad_(False)
         self.device, self.dtype, self.num_frames, self.offload = device, dtype, num_frames, offload
         self.size = config.crop_size
         self.model.to("cpu" if offload else device)
@@ -130,3 +130,11 @@ def make_tiny_vjepa2(out_dir: str, hidden_size: int = 48, crop_size: int = 32, s
     torch.manual_seed(seed)
     VJEPA2Model(config).save_pretrained(out_dir)
     return out_dir
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a tiny random V-JEPA 2 (save_pretrained layout).")
+    parser.add_argument("out_dir")
+    make_tiny_vjepa2(parser.parse_args().out_dir)
