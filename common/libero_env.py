@@ -118,7 +118,7 @@ class LiberoEnv:
         self.tasks = load_suite(suite)
         self.max_steps = max_steps or SUITE_MAX_STEPS[suite]
         self.camera_size, self.image_size, self.gpu_id, self.seed = camera_size, image_size, gpu_id, seed
-        self.sim, self.sim_task_id = None, None
+        self.sim, self.sim_task_id, self.camera_on = None, None, True
         self.frames: list[np.ndarray] = []
         self.num_steps, self.success, self.done = 0, False, True
 
@@ -129,7 +129,23 @@ class LiberoEnv:
             image = np.asarray(Image.fromarray(image).resize((self.image_size, self.image_size), Image.LANCZOS))
         return np.ascontiguousarray(image)  # (image_size, image_size, 3) uint8
 
-    def reset(self, task_id: int, init_state_id: int) -> tuple[np.ndarray, str]:
+    def _install_camera_switch(self) -> None:
+        """Make the agentview sensor render only while `self.camera_on`: robosuite keeps sampling it at the same
+        physics substeps (so the frames equal an always-on camera's), but an off camera costs nothing."""
+        camera = self.sim.env._observables["agentview_image"]  # re-created by every (hard) reset
+        render = camera._sensor
+        blank = np.zeros((self.camera_size, self.camera_size, 3), dtype=np.uint8)
+
+        def switched_sensor(obs_cache):
+            return render(obs_cache) if self.camera_on else blank
+
+        switched_sensor.__modality__ = render.__modality__
+        camera._sensor = switched_sensor
+
+    def reset(self, task_id: int, init_state_id: int, record_frames: bool = True) -> tuple[np.ndarray, str]:
+        """Rebuild the sim if the task changed, load the init state, settle for 10 no-op steps.
+
+        record_frames=False renders only the frames the policy sees (the last step of each chunk)."""
         task = self.tasks[task_id]
         if self.sim_task_id != task_id:
             from libero.libero.envs import OffScreenRenderEnv
@@ -141,24 +157,30 @@ class LiberoEnv:
             self.sim.seed(self.seed)
             self.sim_task_id = task_id
         self.sim.reset()
-        obs = self.sim.set_init_state(task.init_states[init_state_id % len(task.init_states)])
-        for _ in range(NUM_WAIT_STEPS):
+        self._install_camera_switch()
+        self.camera_on = False  # no rendering while the scene settles
+        self.sim.set_init_state(task.init_states[init_state_id % len(task.init_states)])
+        for k in range(NUM_WAIT_STEPS):
+            self.camera_on = k == NUM_WAIT_STEPS - 1
             obs, _, _, _ = self.sim.step(WAIT_ACTION)
         image = self._image(obs)
         self.frames = [image]
+        self.record_frames = record_frames
         self.num_steps, self.success, self.done = 0, False, False
         return image, task.instruction
 
     def step_chunk(self, env_actions: np.ndarray) -> tuple[np.ndarray, bool, bool, int]:
         """Execute a (K, 7) chunk of LIBERO commands; returns (image, success, done, steps executed)."""
         executed = 0
-        for action in env_actions:
+        for k, action in enumerate(env_actions):
             if self.done:
                 break
+            self.camera_on = self.record_frames or k == len(env_actions) - 1 or self.num_steps + 1 == self.max_steps
             obs, _, env_done, _ = self.sim.step(action)
             executed += 1
             self.num_steps += 1
-            self.frames.append(self._image(obs))
+            if self.camera_on:
+                self.frames.append(self._image(obs))
             self.success = bool(env_done)
             self.done = self.success or self.num_steps >= self.max_steps
         return self.frames[-1], self.success, self.done, executed
@@ -197,10 +219,11 @@ def _worker(pipe, env_kwargs: dict) -> None:
 class LiberoVectorEnv:
     """N LIBERO envs of one suite, each reset to its own (task, init state).
 
-    reset(task_ids, init_state_ids) -> images (N, H, W, 3) uint8, instructions [N]
+    reset(task_ids, init_state_ids, record_frames) -> images (N, H, W, 3) uint8, instructions [N]
     step(env_actions (N, K, 7)) -> images (N, H, W, 3), success (N,), done (N,), steps (N,)
     Envs that are done ignore their actions and return their last image.
-    videos() -> the frames of each env's current episode, [(T_i, H, W, 3) uint8].
+    videos() -> the frames of each env's current episode, [(T_i, H, W, 3) uint8]: every step with
+    record_frames=True, else only the frames the policy saw (one per chunk).
     """
 
     def __init__(self, suite: str, num_envs: int, camera_size: int = 256, image_size: int = 224,
@@ -245,10 +268,11 @@ class LiberoVectorEnv:
             pipe.send((command, payload))
         return self._gather()
 
-    def reset(self, task_ids: list[int], init_state_ids: list[int]) -> tuple[np.ndarray, list[str]]:
+    def reset(self, task_ids: list[int], init_state_ids: list[int],
+              record_frames: bool = True) -> tuple[np.ndarray, list[str]]:
         assert len(task_ids) == len(init_state_ids) == self.num_envs
         check_task_ids(self.tasks, list(task_ids), self.suite)
-        results = self._call("reset", list(zip(task_ids, init_state_ids)))
+        results = self._call("reset", [(t, i, record_frames) for t, i in zip(task_ids, init_state_ids)])
         return np.stack([r[0] for r in results]), [r[1] for r in results]
 
     def step(self, env_actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

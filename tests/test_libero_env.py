@@ -74,3 +74,13 @@ def test_workers_match_in_process_and_episode_limits():
         finally:
             envs.close()
     np.testing.assert_array_equal(results[True], results[False])
+
+    # record_frames=False renders only the frames the policy sees: they equal the full video's chunk ends
+    envs = LiberoVectorEnv("libero_spatial", 1, camera_size=64, image_size=32, max_steps=12, use_workers=False)
+    try:
+        envs.reset([2], [7], record_frames=False)
+        for chunk in chunks:
+            envs.step(chunk)
+        np.testing.assert_array_equal(envs.videos()[0], results[True][[0, 8, 12]])
+    finally:
+        envs.close()
