@@ -198,6 +198,11 @@ class OFTPolicy(nn.Module):
         return action_hidden @ bin_weights.T  # (B, 56, 256), bin k <-> token first_action_token + k
 
 
+def bin_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(bin logits / T): the law the rollout samples from and the training ratio uses. (B, 56, 256)"""
+    return F.log_softmax(logits.float() / temperature, dim=-1)
+
+
 def bins_to_actions(bins: torch.Tensor, policy: OFTPolicy, action_tokenizer: ActionTokenizer, stats: dict) -> np.ndarray:
     """(B, 56) bin indices -> (B, 8, 7) un-normalised actions (BOUNDS_Q99 with +1e-8, as OFT)."""
     normalized = action_tokenizer.tokens_to_normalized(bins.cpu() + policy.first_action_token).double()
@@ -242,9 +247,10 @@ def all_gather_cat(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 # Rollout: run N episodes to the end, storing every policy query
 # ---------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def rollout(policy, processor, envs, task_ids, init_ids, temperature, stats, action_tokenizer, device, autocast):
+def rollout(policy, processor, envs, task_ids, init_ids, temperature, stats, action_tokenizer, device, autocast,
+            record_frames):
     N, max_queries = envs.num_envs, math.ceil(envs.max_steps / CHUNK_STEPS)
-    images, instructions = envs.reset(task_ids, init_ids)  # (N, 224, 224, 3) uint8
+    images, instructions = envs.reset(task_ids, init_ids, record_frames)  # (N, 224, 224, 3) uint8
     input_ids, attention_mask = processor.prompt_ids(instructions, device)  # (N, L)
     obs_images = np.zeros((max_queries, N, *images.shape[1:]), dtype=np.uint8)  # (Q, N, 224, 224, 3)
     action_bins = torch.zeros((max_queries, N, NUM_ACTION_TOKENS), dtype=torch.long)  # (Q, N, 56)
@@ -259,12 +265,8 @@ def rollout(policy, processor, envs, task_ids, init_ids, temperature, stats, act
         with autocast:
             logits = policy(input_ids[live], attention_mask[live], pixel_values).float()  # (n, 56, 256)
         # ALGO LOGIC: sample each of the 56 tokens from softmax(bin logits / T); its log-prob under the same law
-        if temperature > 0:
-            logp_all = F.log_softmax(logits / temperature, dim=-1)
-            bins = torch.distributions.Categorical(logits=logp_all).sample()  # (n, 56)
-        else:
-            logp_all = F.log_softmax(logits, dim=-1)
-            bins = logits.argmax(-1)
+        logp_all = bin_logprobs(logits, temperature if temperature > 0 else 1.0)
+        bins = torch.distributions.Categorical(logits=logp_all).sample() if temperature > 0 else logits.argmax(-1)
         env_actions = np.zeros((N, CHUNK_STEPS, ACTION_DIM))
         env_actions[live] = to_libero_actions(bins_to_actions(bins, policy, action_tokenizer, stats))
         obs_images[q] = images
@@ -288,7 +290,7 @@ def evaluate(policy, processor, envs, tasks, args, stats, action_tokenizer, dist
         wave = mine[start:start + envs.num_envs]
         padded = wave + [wave[-1]] * (envs.num_envs - len(wave))  # idle envs repeat the last episode
         out = rollout(policy, processor, envs, [t for t, _ in padded], [i for _, i in padded], args.eval_temperature,
-                      stats, action_tokenizer, dist.device, autocast)
+                      stats, action_tokenizer, dist.device, autocast, record_frames=dist.is_main and args.capture_video)
         for k, (task_id, _) in enumerate(wave):
             successes[task_id] += float(out["success"][k])
             counts[task_id] += 1
@@ -428,7 +430,7 @@ def main(args: Args) -> None:
         for start in range(0, rollouts_per_rank, args.num_envs):
             wave = episodes[start:start + args.num_envs]
             out = rollout(policy, processor, envs, [t for t, _ in wave], [i for _, i in wave], args.temperature,
-                          stats, action_tokenizer, dist.device, autocast)
+                          stats, action_tokenizer, dist.device, autocast, record_frames=embedder is not None)
             env_steps += int(out["lengths"].sum())
             if embedder is not None:
                 embeddings.append(embedder(envs.videos()))  # (num_envs, hidden)
@@ -511,7 +513,7 @@ def main(args: Args) -> None:
                     with autocast:
                         logits = policy(input_ids, attention_mask, processor.preprocess_images(images)).float()
                     # ALGO LOGIC: per-token ratio under the rollout's law (bin slice, temperature)
-                    logp_all = F.log_softmax(logits / args.temperature, dim=-1)  # (b, 56, 256)
+                    logp_all = bin_logprobs(logits, args.temperature)  # (b, 56, 256)
                     new_logprob = logp_all.gather(-1, bins[..., None]).squeeze(-1)  # (b, 56)
                     logratio = new_logprob - old_logprob
                     ratio = logratio.exp()

@@ -1,0 +1,102 @@
+"""OpenVLA-OFT parallel decoding: rollout log-probs == training log-probs; bidirectional attention; OFT loading."""
+
+import json
+import os
+from contextlib import nullcontext
+
+import numpy as np
+import pytest
+import torch
+
+from common.openvla import ActionTokenizer, load_openvla, make_tiny_openvla
+from srpo_openvla_oft import (NUM_ACTION_TOKENS, OFTPolicy, bin_logprobs, bins_to_actions, load_action_stats,
+                              rollout)
+
+INSTRUCTIONS = ["put the black bowl on the plate", "turn on the stove",
+                "open the top drawer and put the bowl inside of it carefully"]
+
+
+@pytest.fixture(scope="module")
+def tiny_oft(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tiny-oft"))
+    make_tiny_openvla(path, seed=0)
+    stats = {"libero_spatial_no_noops": {"action": {
+        "q01": [-0.5] * 6 + [0.0], "q99": [0.5] * 6 + [1.0], "mask": [True] * 6 + [False]}}}
+    with open(os.path.join(path, "dataset_statistics.json"), "w") as f:
+        json.dump(stats, f)
+    vla, processor = load_openvla(path, device="cpu", dtype=torch.float32, attn_implementation="sdpa")
+    return path, OFTPolicy(vla, processor.tokenizer.eos_token_id).eval(), processor
+
+
+class FakeEnvs:
+    """The LiberoVectorEnv interface with random images; episodes end after a per-env number of steps."""
+
+    def __init__(self, num_envs, max_steps, lengths):
+        self.num_envs, self.max_steps, self.lengths = num_envs, max_steps, np.array(lengths)
+        self.rng = np.random.default_rng(0)
+
+    def reset(self, task_ids, init_ids, record_frames=True):
+        self.t = np.zeros(self.num_envs, int)
+        return self._images(), [INSTRUCTIONS[t] for t in task_ids]
+
+    def _images(self):
+        return self.rng.integers(0, 255, size=(self.num_envs, 224, 224, 3), dtype=np.uint8)
+
+    def step(self, env_actions):
+        executed = np.clip(self.lengths - self.t, 0, env_actions.shape[1])
+        self.t += executed
+        done = self.t >= self.lengths
+        return self._images(), np.zeros(self.num_envs, bool), done, executed
+
+
+def test_rollout_and_training_logprobs_agree(tiny_oft):
+    path, policy, processor = tiny_oft
+    stats = load_action_stats(path, policy.vla.config, "libero_spatial", None)
+    tokenizer = ActionTokenizer(policy.vla.vocab_size)
+    torch.manual_seed(0)
+    envs = FakeEnvs(3, max_steps=24, lengths=[24, 11, 5])
+    out = rollout(policy, processor, envs, [0, 1, 2], [0, 0, 0], 1.6, stats, tokenizer, torch.device("cpu"),
+                  nullcontext(), record_frames=False)
+    mask = out["token_mask"]  # (Q, N, 56)
+    assert mask.shape == (3, 3, NUM_ACTION_TOKENS)
+    assert mask[:, 0].all() and mask[1, 1, :21].all() and not mask[1, 1, 21:].any() and not mask[2, 1].any()
+    assert mask[0, 2, :35].all() and not mask[0, 2, 35:].any() and not mask[1:, 2].any()
+    # Training: the valid queries, in another order and other batch compositions (other left padding)
+    samples = [(q, n) for q in range(3) for n in range(3) if mask[q, n].any()][::-1]
+    for batch in (samples[:1], samples[1:4], samples[4:]):
+        ids, attn = processor.prompt_ids([out["instructions"][n] for _, n in batch])
+        images = torch.from_numpy(np.stack([out["images"][q, n] for q, n in batch]))
+        with torch.no_grad():
+            logp_all = bin_logprobs(policy(ids, attn, processor.preprocess_images(images)), 1.6)
+        bins = torch.stack([out["bins"][q, n] for q, n in batch])
+        new = logp_all.gather(-1, bins[..., None]).squeeze(-1)
+        old = torch.stack([out["logprobs"][q, n] for q, n in batch])
+        m = torch.stack([mask[q, n] for q, n in batch])
+        torch.testing.assert_close(new[m], old[m], atol=1e-5, rtol=0)
+
+
+def test_attention_is_bidirectional_and_placeholders_are_empty(tiny_oft):
+    _, policy, processor = tiny_oft
+    ids, attn = processor.prompt_ids(INSTRUCTIONS[:1])
+    pixels = processor.preprocess_images(torch.zeros(1, 224, 224, 3, dtype=torch.uint8))
+    with torch.no_grad():
+        base = policy(ids, attn, pixels)
+        policy.stop_token_id = processor.tokenizer.bos_token_id  # a later token changes the first action row
+        changed = policy(ids, attn, pixels)
+        policy.stop_token_id = processor.tokenizer.eos_token_id
+    assert base.shape == (1, NUM_ACTION_TOKENS, 256)
+    assert not torch.allclose(base[:, 0], changed[:, 0])
+
+
+def test_action_decoding_uses_oft_statistics(tiny_oft):
+    path, policy, _ = tiny_oft
+    stats = load_action_stats(path, policy.vla.config, "libero_spatial", None)
+    assert stats["q99"][0] == 0.5  # dataset_statistics.json replaced the config's norm_stats
+    bins = torch.full((1, NUM_ACTION_TOKENS), 255)  # bin 255 = the last action token = the lowest bin centre
+    actions = bins_to_actions(bins, policy, ActionTokenizer(policy.vla.vocab_size), stats)
+    assert actions.shape == (1, 8, 7)
+    low = ActionTokenizer(policy.vla.vocab_size).bin_centers[0].item()
+    np.testing.assert_allclose(actions[0, :, 0], 0.5 * (low + 1) * (1.0 + 1e-8) - 0.5)
+    np.testing.assert_allclose(actions[0, :, 6], low)  # the gripper is not un-normalised
+    with pytest.raises(ValueError, match="libero_spatial_no_noops"):
+        load_action_stats(path, policy.vla.config, "libero_10", "libero_10_no_noops")
