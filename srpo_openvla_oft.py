@@ -36,14 +36,16 @@ Run:
     torchrun --nproc-per-node 8 srpo_openvla_oft.py --model-path Sylvest/OpenVLA-AC-PD-1traj-libero-long \\
         --suite libero_10 --reward sparse
     # resume, evaluate
-    torchrun --nproc-per-node 8 srpo_openvla_oft.py ... --resume runs/NAME/checkpoints
-    python srpo_openvla_oft.py --eval-only --checkpoint runs/NAME/checkpoints --suite libero_10
+    torchrun --nproc-per-node 8 srpo_openvla_oft.py ... --resume runs/srpo_openvla_oft__s1/checkpoints
+    python srpo_openvla_oft.py --eval-only --checkpoint runs/srpo_openvla_oft__s1/checkpoints --suite libero_10
 """
 
 import json
 import math
 import os
+import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -53,15 +55,18 @@ import torch.distributed as torch_dist
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from common.checkpoint import (load_trainer_state, resolve_checkpoint, restore_rng, save_checkpoint,
                                save_trainer_state, trainer_state)
-from common.dist import all_reduce_mean, all_reduce_sum_, broadcast_parameters, cleanup, init_dist, is_dist, print0
-from common.libero_env import LiberoVectorEnv, configure_rendering, load_suite, check_task_ids, to_libero_actions
+from common.dist import (all_reduce_mean, all_reduce_sum_, broadcast_parameters, check_in_sync, cleanup, init_dist,
+                         is_dist, print0)
+from common.libero_env import LiberoVectorEnv, check_task_ids, configure_rendering, load_suite, to_libero_actions
 from common.logger import Logger
-from common.openvla import ActionTokenizer, action_stats, load_openvla, resolve_model_path
-from common.progress_reward import VideoEmbedder, progress_rewards
+from common.openvla import (ActionTokenizer, action_stats, load_openvla, read_openvla_config, resolve_model_path,
+                            save_openvla)
+from common.progress_reward import VideoEmbedder, check_world_model, progress_rewards
 
 CHUNK_STEPS, ACTION_DIM = 8, 7  # OpenVLA-OFT LIBERO: 8 actions of 7 dims per query
 NUM_ACTION_TOKENS = CHUNK_STEPS * ACTION_DIM  # 56, predicted in one forward pass
@@ -70,12 +75,12 @@ N_BINS = 256
 
 @dataclass
 class Args:
-    exp_name: str = "srpo"
-    """name of the run (the log directory is output_dir/exp_name__suite__seed__time)"""
+    exp_name: str = "srpo_openvla_oft"
+    """name of the run; logs, videos and checkpoints go to {run_dir}/{exp_name}__s{seed}"""
+    run_dir: str = "runs"
+    """parent directory of all runs"""
     seed: int = 1
-    """seed of everything: model init, task sampling, action sampling (offset by rank and step)"""
-    output_dir: str = "runs"
-    """where TensorBoard logs, videos and checkpoints go"""
+    """seeds model init, task sampling and action sampling (offset by rank and step)"""
     model_path: str = "Sylvest/OpenVLA-AC-PD-1traj-libero-long"
     """OpenVLA-OFT checkpoint: local directory or hub id (dataset_statistics.json beside the weights is used)"""
     unnorm_key: Optional[str] = None
@@ -140,6 +145,8 @@ class Args:
     """LoRA alpha"""
     gradient_checkpointing: bool = False
     """recompute the language model's activations in backward (less memory)"""
+    bf16: bool = True
+    """on GPU: bfloat16 weights for the frozen base under LoRA (and for V-JEPA 2), and bf16 autocast"""
 
     eval_interval: int = 25
     """evaluate every this many update steps (and after the last); 0 disables"""
@@ -151,7 +158,7 @@ class Args:
     """save one successful and one failed evaluation episode as mp4 per evaluation"""
     save_interval: int = 25
     """checkpoint every this many update steps (and after the last); 0 disables"""
-    keep_checkpoints: Optional[int] = None
+    keep_checkpoints: int = 3
     """keep only the newest this many checkpoints"""
     resume: Optional[str] = None
     """checkpoint step directory or checkpoints directory (its `latest`) to continue from"""
@@ -221,17 +228,22 @@ def load_action_stats(model_dir: str, config: dict, suite: str, unnorm_key: Opti
     return action_stats(config, unnorm_key)
 
 
-def add_lora(vla: nn.Module, rank: int, alpha: int) -> None:
-    """LoRA on every linear layer (vision towers, projector, language model); only the adapters train."""
-    from peft import LoraConfig, inject_adapter_in_model
+def unused_by_forward(name: str, vla) -> bool:
+    return any(name.startswith("vision_backbone." + prefix) for prefix in vla.vision_backbone.unused_prefixes())
 
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv", "proj", "fc1", "fc2", "fc3"]
-    vla.requires_grad_(False)
-    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets), vla)
+
+def add_lora(vla, rank: int, alpha: int) -> LoraConfig:
+    """LoRA on every nn.Linear (vision, projector, LLM) except the LM head and the vision layers the forward never
+    reaches; only the adapters train, in fp32 (on a bf16 base, 5e-6 steps would round away)."""
+    targets = [name for name, m in vla.named_modules()
+               if isinstance(m, nn.Linear) and not name.endswith("lm_head") and not unused_by_forward(name + ".", vla)]
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, init_lora_weights="gaussian")
+    inject_adapter_in_model(config, vla)
     for name, p in vla.named_parameters():
-        if "lora_" in name:
-            p.requires_grad_(True)
-            p.data = p.data.float()  # fp32 adapters on a bf16 base: 5e-6 steps survive
+        p.requires_grad = "lora_" in name
+        if p.requires_grad:
+            p.data = p.data.float()
+    return config
 
 
 def all_gather_cat(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -257,10 +269,12 @@ def rollout(policy, processor, envs, task_ids, init_ids, temperature, stats, act
     logprobs = torch.zeros((max_queries, N, NUM_ACTION_TOKENS))  # (Q, N, 56)
     token_mask = torch.zeros((max_queries, N, NUM_ACTION_TOKENS), dtype=torch.bool)  # executed actions only
     success, done, lengths = np.zeros(N, bool), np.zeros(N, bool), np.zeros(N, int)
+    policy_s = 0.0
     for q in range(max_queries):
         live = np.flatnonzero(~done)  # only envs still running are queried
         if len(live) == 0:
             break
+        t_policy = time.time()
         pixel_values = processor.preprocess_images(torch.from_numpy(images[live]).to(device))
         with autocast:
             logits = policy(input_ids[live], attention_mask[live], pixel_values).float()  # (n, 56, 256)
@@ -269,6 +283,7 @@ def rollout(policy, processor, envs, task_ids, init_ids, temperature, stats, act
         bins = torch.distributions.Categorical(logits=logp_all).sample() if temperature > 0 else logits.argmax(-1)
         env_actions = np.zeros((N, CHUNK_STEPS, ACTION_DIM))
         env_actions[live] = to_libero_actions(bins_to_actions(bins, policy, action_tokenizer, stats))
+        policy_s += time.time() - t_policy
         obs_images[q] = images
         action_bins[q, live] = bins.cpu()
         logprobs[q, live] = logp_all.gather(-1, bins[..., None]).squeeze(-1).cpu()
@@ -276,7 +291,7 @@ def rollout(policy, processor, envs, task_ids, init_ids, temperature, stats, act
         token_mask[q] = torch.arange(NUM_ACTION_TOKENS)[None] // ACTION_DIM < torch.from_numpy(executed)[:, None]
         lengths += executed
     return dict(images=obs_images, bins=action_bins, logprobs=logprobs, token_mask=token_mask,
-                instructions=instructions, success=success.copy(), lengths=lengths)
+                instructions=instructions, success=success.copy(), lengths=lengths, policy_s=policy_s)
 
 
 def evaluate(policy, processor, envs, tasks, args, stats, action_tokenizer, dist, autocast, logger, step) -> dict:
@@ -285,6 +300,7 @@ def evaluate(policy, processor, envs, tasks, args, stats, action_tokenizer, dist
     mine = episodes[dist.rank::dist.world_size]
     successes = torch.zeros(len(tasks), dtype=torch.float64)
     counts = torch.zeros(len(tasks), dtype=torch.float64)
+    lengths = torch.zeros(len(tasks), dtype=torch.float64)
     videos = {}
     for start in range(0, len(mine), envs.num_envs):
         wave = mine[start:start + envs.num_envs]
@@ -293,44 +309,65 @@ def evaluate(policy, processor, envs, tasks, args, stats, action_tokenizer, dist
                       stats, action_tokenizer, dist.device, autocast, record_frames=dist.is_main and args.capture_video)
         for k, (task_id, _) in enumerate(wave):
             successes[task_id] += float(out["success"][k])
+            lengths[task_id] += float(out["lengths"][k])
             counts[task_id] += 1
         if dist.is_main and args.capture_video and len(videos) < 2:
             wave_videos = envs.videos()
             for k in range(len(wave)):
                 videos.setdefault("success" if out["success"][k] else "failure", wave_videos[k])
-    backend_device = dist.device if dist.device.type == "cuda" else torch.device("cpu")
-    successes, counts = successes.to(backend_device), counts.to(backend_device)
-    all_reduce_sum_(successes)
-    all_reduce_sum_(counts)
-    successes, counts = successes.cpu(), counts.cpu()
-    metrics = {f"eval/{args.suite}/success": (successes.sum() / counts.sum()).item()}
+    totals = torch.stack([successes, lengths, counts]).to(dist.device)  # (3, num_tasks)
+    successes, lengths, counts = all_reduce_sum_(totals).cpu()
+    suite_success = (successes.sum() / counts.sum()).item()
+    metrics = {"eval/success_rate": suite_success, "eval/episode_length": (lengths.sum() / counts.sum()).item(),
+               f"eval/{args.suite}/success_rate": suite_success}
     for task_id in args.task_ids:
-        metrics[f"eval/{args.suite}/task_{task_id:02d}_success"] = (successes[task_id] / counts[task_id]).item()
+        metrics[f"eval/{args.suite}/task_{task_id:02d}_success_rate"] = (successes[task_id] / counts[task_id]).item()
     for key, frames in videos.items():
-        logger.video(f"eval/{key}", frames, step, fps=20)
+        logger.video(f"eval/video_{key}", frames, step, fps=20)
     return metrics
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints: the trainable tensors (LoRA adapters or all weights) + trainer state
 # ---------------------------------------------------------------------------------------------------------------
-TRAINABLE_FILE = "trainable.safetensors"
+def save_policy(policy: OFTPolicy, processor, lora_config: Optional[LoraConfig], model_dir: str, directory: str) -> None:
+    """LoRA: adapter_model.safetensors + adapter_config.json; full fine-tuning: the OFT layout under model/."""
+    if lora_config is not None:
+        save_file(get_peft_model_state_dict(policy.vla), os.path.join(directory, "adapter_model.safetensors"))
+        lora_config.save_pretrained(directory)
+    else:
+        with open(os.path.join(model_dir, "preprocessor_config.json")) as f:
+            preprocessor = json.load(f)
+        save_openvla(policy.vla, processor, os.path.join(directory, "model"), preprocessor)
+        stats_file = os.path.join(model_dir, "dataset_statistics.json")
+        if os.path.isfile(stats_file):
+            shutil.copy(stats_file, os.path.join(directory, "model"))
 
 
-def trainable_state(policy: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous().cpu() for n, p in policy.named_parameters() if p.requires_grad}
-
-
-def load_trainable(policy: nn.Module, directory: str) -> None:
-    state = load_file(os.path.join(directory, TRAINABLE_FILE))
-    params = dict(policy.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
-    if missing or any(n not in params for n in state):
-        raise ValueError(f"{directory}: trainable tensors do not match this model (LoRA settings differ?); "
-                         f"missing {missing[:3]}, unexpected {[n for n in state if n not in params][:3]}")
-    with torch.no_grad():
-        for name, tensor in state.items():
-            params[name].copy_(tensor)
+def validate(args: Args):
+    """Every check that can fail on user input, before envs or weights are loaded. Returns the suite's tasks."""
+    tasks = load_suite(args.suite)  # unknown suite / missing assets
+    args.task_ids = list(range(len(tasks))) if args.task_ids is None else args.task_ids
+    check_task_ids(tasks, args.task_ids, args.suite)
+    if args.lora_rank < 0:
+        raise ValueError(f"--lora-rank must be >= 0 (0 = full fine-tuning), got {args.lora_rank}")
+    if args.eval_only and args.resume:
+        raise ValueError("--eval-only evaluates --checkpoint; do not combine it with --resume")
+    if args.checkpoint and not args.eval_only:
+        raise ValueError("--checkpoint is for --eval-only; use --resume to continue training")
+    if args.resume:
+        args.resume = resolve_checkpoint(args.resume, "--resume")
+    if args.checkpoint:
+        args.checkpoint = resolve_checkpoint(args.checkpoint, "--checkpoint")
+        saved = load_trainer_state(args.checkpoint)["args"]  # evaluate the model the checkpoint was trained from
+        for key in ("model_path", "unnorm_key", "lora_rank", "lora_alpha"):
+            setattr(args, key, saved[key])
+    args.model_path = resolve_model_path(args.model_path)
+    load_action_stats(args.model_path, read_openvla_config(args.model_path), args.suite, args.unnorm_key)
+    if args.reward == "progress" and not args.eval_only:
+        check_world_model(args.world_model_path)
+    configure_rendering(args.mujoco_gl)  # no rendering backend -> error now
+    return tasks
 
 
 def main(args: Args) -> None:
@@ -338,9 +375,7 @@ def main(args: Args) -> None:
     # Setup: distributed, sizes, seeds, env, model, reward model, optimizer
     # ------------------------------------------------------------------------------------------------------------
     dist = init_dist()
-    tasks = load_suite(args.suite)  # fails early on an unknown suite or missing assets
-    args.task_ids = list(range(len(tasks))) if args.task_ids is None else args.task_ids
-    check_task_ids(tasks, args.task_ids, args.suite)
+    tasks = validate(args)
     if args.tasks_per_step % dist.world_size:
         raise ValueError(f"--tasks-per-step {args.tasks_per_step} must be divisible by the world size {dist.world_size}")
     groups_per_rank = args.tasks_per_step // dist.world_size
@@ -348,52 +383,48 @@ def main(args: Args) -> None:
     if rollouts_per_rank % args.num_envs:
         raise ValueError(f"--tasks-per-step / world size x --group-size = {rollouts_per_rank} rollouts per rank must be "
                          f"divisible by --num-envs {args.num_envs}")
-    configure_rendering(args.mujoco_gl)
-
-    resume_dir = resolve_checkpoint(args.resume) if args.resume else None
-    eval_dir = resolve_checkpoint(args.checkpoint, "--checkpoint") if args.checkpoint else None
-    if eval_dir is not None:  # the adapter shape and base model come from the checkpoint's own settings
-        saved = load_trainer_state(eval_dir)["args"]
-        args.model_path, args.lora_rank, args.lora_alpha = saved["model_path"], saved["lora_rank"], saved["lora_alpha"]
-    run_dir = (os.path.dirname(os.path.dirname(resume_dir)) if resume_dir else
-               os.path.join(args.output_dir, f"{args.exp_name}__{args.suite}__{args.seed}__{int(time.time())}"))
-    logger = Logger(run_dir, args, enabled=dist.is_main and not args.eval_only)
+    run_path = os.path.join(args.run_dir, f"{args.exp_name}__s{args.seed}")
+    print0(f"run {run_path}: {dist.world_size} rank(s) x {args.num_envs} envs, {args.tasks_per_step} groups x "
+           f"{args.group_size} rollouts per step")
 
     torch.manual_seed(args.seed)  # identical initial weights (LoRA) on every rank
     np.random.seed(args.seed + dist.rank)
     on_gpu = dist.device.type == "cuda"
-    dtype = torch.bfloat16 if on_gpu else torch.float32
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu)
-    model_dir = resolve_model_path(args.model_path)
+    dtype = torch.bfloat16 if (on_gpu and args.bf16 and args.lora_rank > 0) else torch.float32
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (on_gpu and args.bf16) else nullcontext()
+    model_dir = args.model_path
+    if args.lora_rank == 0 and (args.resume or args.checkpoint):
+        model_dir = os.path.join(args.resume or args.checkpoint, "model")
     vla, processor = load_openvla(model_dir, device=dist.device, dtype=dtype, attn_implementation="sdpa")
     stats = load_action_stats(model_dir, vla.config, args.suite, args.unnorm_key)
     action_tokenizer = ActionTokenizer(vla.vocab_size, N_BINS)
-    if args.lora_rank > 0:
-        add_lora(vla, args.lora_rank, args.lora_alpha)
-    elif on_gpu:
-        vla.float()  # full fine-tuning keeps fp32 master weights; bf16 autocast does the math
+    lora_config = add_lora(vla, args.lora_rank, args.lora_alpha) if args.lora_rank > 0 else None
+    if lora_config is None:
+        for name, p in vla.named_parameters():
+            p.requires_grad = not unused_by_forward(name, vla)
     if args.gradient_checkpointing:
         vla.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = OFTPolicy(vla, processor.tokenizer.eos_token_id).to(dist.device).eval()  # no dropout anywhere
     trainable = [p for p in policy.parameters() if p.requires_grad]
     broadcast_parameters(policy)
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=0.0)
-    print0(f"policy: {sum(p.numel() for p in trainable) / 1e6:.2f}M trainable parameters, device {dist.device}, "
-           f"{dist.world_size} rank(s), run dir {run_dir}")
+    print0(f"trainable parameters: {sum(p.numel() for p in trainable):,} of {sum(p.numel() for p in policy.parameters()):,}")
 
     embedder = None
     if args.reward == "progress" and not args.eval_only:
-        embedder = VideoEmbedder(args.world_model_path, dist.device, dtype, args.world_model_frames, args.world_model_offload)
+        embedder = VideoEmbedder(args.world_model_path, dist.device, torch.bfloat16 if on_gpu and args.bf16 else torch.float32,
+                                 args.world_model_frames, args.world_model_offload)
 
     start_step = 0
-    if resume_dir or eval_dir:
-        load_trainable(policy, resume_dir or eval_dir)
-    if resume_dir:
-        state = load_trainer_state(resume_dir)
+    if lora_config is not None and (args.resume or args.checkpoint):
+        set_peft_model_state_dict(vla, load_file(os.path.join(args.resume or args.checkpoint, "adapter_model.safetensors")))
+    if args.resume:
+        state = load_trainer_state(args.resume)
         optimizer.load_state_dict(state["optimizer"])
         restore_rng(state)
         start_step = state["step"]
-        print0(f"resumed from {resume_dir} at step {start_step}")
+        print0(f"resumed from {args.resume} at step {start_step}")
+    logger = Logger(run_path, args, enabled=dist.is_main)
 
     envs = LiberoVectorEnv(args.suite, args.num_envs, camera_size=args.camera_size, max_steps=args.max_episode_steps,
                            use_workers=args.env_workers, gpu_id=dist.local_rank if on_gpu else -1,
@@ -401,17 +432,19 @@ def main(args: Args) -> None:
 
     if args.eval_only:
         metrics = evaluate(policy, processor, envs, tasks, args, stats, action_tokenizer, dist, autocast, logger, start_step)
-        print0(json.dumps(metrics, indent=2))
+        print0(json.dumps(metrics))
+        logger.close()
         envs.close()
         cleanup()
         return
 
     def save(step: int) -> None:
+        check_in_sync(trainable)  # the gradient all-reduce keeps ranks identical; verify before writing rank 0's copy
         if dist.is_main:
             def write(directory: str) -> None:
-                save_file(trainable_state(policy), os.path.join(directory, TRAINABLE_FILE))
+                save_policy(policy, processor, lora_config, model_dir, directory)
                 save_trainer_state(directory, trainer_state(args, step, optimizer))
-            path = save_checkpoint(os.path.join(run_dir, "checkpoints"), step, write, keep_last=args.keep_checkpoints)
+            path = save_checkpoint(os.path.join(run_path, "checkpoints"), step, write, keep_last=args.keep_checkpoints)
             print0(f"saved {path}")
         if is_dist():
             torch_dist.barrier()
@@ -484,7 +517,7 @@ def main(args: Args) -> None:
                 if keep[r]:
                     for q in np.flatnonzero(out["token_mask"][:, n].any(-1).numpy()):
                         samples.append((w, int(q), n, r))
-        num_kept = torch.tensor([float(len(samples))], device=dist.device if on_gpu else "cpu")
+        num_kept = torch.tensor([float(len(samples))], device=dist.device)
         all_reduce_sum_(num_kept)
 
         # --------------------------------------------------------------------------------------------------------
@@ -498,7 +531,7 @@ def main(args: Args) -> None:
             for mb in range(args.num_minibatches):
                 mb_samples = [samples[i] for i in order[mb::args.num_minibatches]]
                 tokens = torch.tensor([float(sum(int(waves[w]["token_mask"][q, n].sum()) for w, q, n, _ in mb_samples))],
-                                      device=dist.device if on_gpu else "cpu")
+                                      device=dist.device)
                 all_reduce_sum_(tokens)  # global token count: the loss is a token-mean over all ranks
                 for p in trainable:  # zeros, not None: a rank without samples still joins the all-reduce
                     p.grad = torch.zeros_like(p)
@@ -542,44 +575,46 @@ def main(args: Args) -> None:
         # --------------------------------------------------------------------------------------------------------
         # 5. Log, evaluate, checkpoint
         # --------------------------------------------------------------------------------------------------------
+        num_updates = max(num_updates, 1)
+        policy_s = sum(w["policy_s"] for w in waves)
         metrics = {
+            "actor/loss": stats_sum["pg_loss"] / num_updates,
+            "actor/entropy": stats_sum["entropy"] / num_updates,
+            "actor/approx_kl": stats_sum["approx_kl"] / num_updates,
+            "actor/clipfrac": stats_sum["clipfrac"] / num_updates,
+            "actor/ratio_max": stats_sum["ratio_max"],
+            "actor/grad_norm": grad_norm / num_updates,
+            "actor/lr": optimizer.param_groups[0]["lr"],
             "rollout/success_rate": float(success.mean()),
             "rollout/reward_mean": float(rewards.mean()),
-            "rollout/episode_len": float(lengths.mean()),
+            "rollout/episode_length": float(lengths.mean()),
+            "rollout/episodes": float(len(success)),
             "rollout/kept_groups_frac": float(keep_group.mean()),
-            "rollout/kept_samples": float(len(samples)),
-            "actor/pg_loss": stats_sum["pg_loss"] / max(num_updates, 1),
-            "actor/entropy": stats_sum["entropy"] / max(num_updates, 1),
-            "actor/approx_kl": stats_sum["approx_kl"] / max(num_updates, 1),
-            "actor/clipfrac": stats_sum["clipfrac"] / max(num_updates, 1),
-            "actor/ratio_max": stats_sum["ratio_max"],
-            "actor/grad_norm": grad_norm / max(num_updates, 1),
-            "actor/lr": optimizer.param_groups[0]["lr"],
+            "rollout/advantage_abs_mean": float(advantages[torch.from_numpy(keep)].abs().mean()) if keep.any() else 0.0,
             "reward/progress_mean": progress_mean,
             "reward/num_clusters": float(num_clusters),
-            "env/steps_per_s": env_steps / t_rollout,
-            "rollout/queries_per_s": sum(int(w["token_mask"].any(-1).sum()) for w in waves) / t_rollout,
-            "actor/update_samples_per_s": len(samples) / max(t_update, 1e-9),
             "time/rollout_s": t_rollout,
             "time/reward_s": t_reward,
             "time/update_s": t_update,
-            "time/step_s": time.time() - t_step,
+            "time/env_steps_per_s": env_steps / t_rollout,
+            "time/actions_per_s": env_steps / max(policy_s, 1e-9),
+            "time/update_samples_per_s": len(samples) / max(t_update, 1e-9),
         }
         metrics = all_reduce_mean(metrics)
-        metrics["env/steps_per_s"] *= dist.world_size  # totals over ranks
-        metrics["rollout/queries_per_s"] *= dist.world_size
+        for key in ("time/env_steps_per_s", "time/actions_per_s", "time/update_samples_per_s"):
+            metrics[key] *= dist.world_size  # totals over ranks
         if args.eval_interval and (step % args.eval_interval == 0 or step == args.total_steps):
             metrics.update(evaluate(policy, processor, envs, tasks, args, stats, action_tokenizer, dist, autocast, logger, step))
         logger.log(metrics, step)
         print0(f"step {step}: success {metrics['rollout/success_rate']:.3f} reward {metrics['rollout/reward_mean']:.3f} "
-               f"kept {metrics['rollout/kept_groups_frac']:.2f} loss {metrics['actor/pg_loss']:.4f} "
-               f"env steps/s {metrics['env/steps_per_s']:.1f} step {metrics['time/step_s']:.1f}s"
-               + "".join(f" {k} {v:.3f}" for k, v in metrics.items() if k.startswith("eval/") and k.endswith("/success")))
+               f"kept {metrics['rollout/kept_groups_frac']:.2f} loss {metrics['actor/loss']:.4f} "
+               f"env steps/s {metrics['time/env_steps_per_s']:.1f} step {time.time() - t_step:.1f}s"
+               + (f" eval {metrics['eval/success_rate']:.3f}" if "eval/success_rate" in metrics else ""))
         if args.save_interval and (step % args.save_interval == 0 or step == args.total_steps):
             save(step)
 
-    envs.close()
     logger.close()
+    envs.close()
     cleanup()
 
 

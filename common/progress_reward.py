@@ -48,6 +48,20 @@ def preprocess_video(frames: np.ndarray, size: int, num_frames: int = 64) -> tor
     return (video - mean) / std
 
 
+def check_world_model(path: str, flag: str = "--world-model-path"):
+    """The V-JEPA 2 config at `path` (reads only config.json); a clear error for anything else."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"{flag} {path!r}: no V-JEPA 2 checkpoint there ({e})") from e
+    if config.model_type != "vjepa2":
+        raise ValueError(f"{flag} {path!r} is a {config.model_type!r} model, not V-JEPA 2 "
+                         "(e.g. facebook/vjepa2-vitg-fpc64-384)")
+    return config
+
+
 class VideoEmbedder:
     """V-JEPA 2 encoder (transformers `VJEPA2Model`) turning videos into mean-pooled embeddings.
 
@@ -57,12 +71,9 @@ class VideoEmbedder:
 
     def __init__(self, path: str, device: torch.device, dtype: torch.dtype = torch.float32,
                  num_frames: int = 64, offload: bool = False):
-        from transformers import AutoConfig, VJEPA2Model
+        from transformers import VJEPA2Model
 
-        config = AutoConfig.from_pretrained(path)
-        if config.model_type != "vjepa2":
-            raise ValueError(f"--world-model-path {path!r} is a {config.model_type!r} model, not V-JEPA 2 "
-                             "(e.g. facebook/vjepa2-vitg-fpc64-384)")
+        config = check_world_model(path)
         self.model = VJEPA2Model.from_pretrained(path, dtype=dtype).eval().requires_grad_(False)
         self.device, self.dtype, self.num_frames, self.offload = device, dtype, num_frames, offload
         self.size = config.crop_size
