@@ -48,18 +48,17 @@ def preprocess_video(frames: np.ndarray, size: int, num_frames: int = 64) -> tor
     return (video - mean) / std
 
 
-def check_world_model(path: str, flag: str = "--world-model-path"):
-    """The V-JEPA 2 config at `path` (reads only config.json); a clear error for anything else."""
-    from transformers import AutoConfig
+def check_world_model(path: str, flag: str = "--world-model-path") -> None:
+    """Read only config.json (local or hub) and fail clearly unless it is a V-JEPA 2 model."""
+    from transformers import PretrainedConfig
 
     try:
-        config = AutoConfig.from_pretrained(path)
+        config, _ = PretrainedConfig.get_config_dict(path)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"{flag} {path!r}: no V-JEPA 2 checkpoint there ({e})") from e
-    if config.model_type != "vjepa2":
-        raise ValueError(f"{flag} {path!r} is a {config.model_type!r} model, not V-JEPA 2 "
+    if config.get("model_type") != "vjepa2":
+        raise ValueError(f"{flag} {path!r} is a {config.get('model_type')!r} model, not V-JEPA 2 "
                          "(e.g. facebook/vjepa2-vitg-fpc64-384)")
-    return config
 
 
 class VideoEmbedder:
@@ -73,10 +72,10 @@ class VideoEmbedder:
                  num_frames: int = 64, offload: bool = False):
         from transformers import VJEPA2Model
 
-        config = check_world_model(path)
+        check_world_model(path)
         self.model = VJEPA2Model.from_pretrained(path, dtype=dtype).eval().requires_grad_(False)
         self.device, self.dtype, self.num_frames, self.offload = device, dtype, num_frames, offload
-        self.size = config.crop_size
+        self.size = self.model.config.crop_size
         self.model.to("cpu" if offload else device)
 
     @torch.no_grad()
