@@ -195,9 +195,7 @@ class OFTPolicy(nn.Module):
         is_placeholder[:, input_ids.shape[1]:-1] = True
         text_embeds = self.vla.language_model.get_input_embeddings()(ids) * ~is_placeholder[..., None]  # (B, L + 57, D)
         embeds, mask, position_ids = self.vla.embed_multimodal(ids, mask, pixel_values, text_embeds)  # (B, S, D)
-        keep = mask[:, None, None, :].bool()  # (B, 1, 1, S): every query attends to every non-pad key
-        bidirectional = torch.zeros(keep.shape, dtype=embeds.dtype, device=embeds.device).masked_fill(
-            ~keep, torch.finfo(embeds.dtype).min)
+        bidirectional = mask[:, None, None, :].bool()  # (B, 1, 1, S): every query attends to every non-pad key
         hidden = self.vla.language_model.model(inputs_embeds=embeds, attention_mask=bidirectional,
                                                position_ids=position_ids).last_hidden_state  # (B, S, D)
         action_hidden = hidden[:, -(NUM_ACTION_TOKENS + 2):-2]  # (B, 56, D): "▁" and the first 55 placeholders
