@@ -254,6 +254,39 @@ def all_gather_cat(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# ALGO LOGIC: dynamic sampling, GRPO advantages, clipped token-mean loss
+# ---------------------------------------------------------------------------------------------------------------
+def keep_groups(success: np.ndarray, group_size: int, bounds: tuple[float, float]) -> np.ndarray:
+    """success (R,) with R = G x group_size -> (G,) True where lower <= group success rate <= upper."""
+    rate = success.reshape(-1, group_size).mean(1)
+    return (rate >= bounds[0]) & (rate <= bounds[1])
+
+
+def grpo_advantages(scores: torch.Tensor) -> torch.Tensor:
+    """scores (G, n) -> (G, n): (R - group mean) / (unbiased group std + 1e-6); a group of one keeps A = R."""
+    if scores.shape[1] == 1:
+        return scores.clone()
+    return (scores - scores.mean(1, keepdim=True)) / (scores.std(1, keepdim=True) + 1e-6)
+
+
+def clipped_token_loss(new_logprob, old_logprob, advantages, token_mask, clip_low: float, clip_high: float,
+                       num_tokens: float):
+    """Per-token PPO surrogate with asymmetric clipping, summed over valid tokens / num_tokens (the token count of
+    the whole minibatch over all ranks, so the gradients summed over micro-batches and ranks are a token-mean).
+    new_logprob, old_logprob, token_mask (b, 56); advantages (b, 1)."""
+    logratio = new_logprob - old_logprob
+    ratio = logratio.exp()
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
+    pg_loss = torch.max(pg_loss1, pg_loss2)
+    loss = (pg_loss * token_mask).sum() / num_tokens
+    with torch.no_grad():
+        approx_kl = (((ratio - 1) - logratio) * token_mask).sum() / num_tokens  # k3 estimator
+        clipfrac = ((((ratio < 1 - clip_low) | (ratio > 1 + clip_high)).float()) * token_mask).sum() / num_tokens
+    return loss, approx_kl, clipfrac
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Rollout: run N episodes to the end, storing every policy query
 # ---------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
@@ -326,7 +359,7 @@ def evaluate(policy, processor, envs, tasks, args, stats, action_tokenizer, dist
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Checkpoints: the trainable tensors (LoRA adapters or all weights) + trainer state
+# Checkpoints: LoRA adapter (or the full model in the OFT layout) + trainer state
 # ---------------------------------------------------------------------------------------------------------------
 def save_policy(policy: OFTPolicy, processor, lora_config: Optional[LoraConfig], model_dir: str, directory: str) -> None:
     """LoRA: adapter_model.safetensors + adapter_config.json; full fine-tuning: the OFT layout under model/."""
@@ -474,10 +507,8 @@ def main(args: Args) -> None:
         # 2. Reward: dynamic sampling over groups, then success 1 / progress reward (global per-task pools)
         # --------------------------------------------------------------------------------------------------------
         t_reward = time.time()
-        # ALGO LOGIC: keep groups with lower <= success rate <= upper
-        group_success = success.reshape(groups_per_rank, args.group_size).mean(1)  # (G,)
-        lo, hi = args.success_bounds
-        keep_group = (group_success >= lo) & (group_success <= hi) if args.dynamic_sampling else np.ones(groups_per_rank, bool)
+        keep_group = (keep_groups(success, args.group_size, args.success_bounds) if args.dynamic_sampling
+                      else np.ones(groups_per_rank, bool))  # (G,)
         keep = np.repeat(keep_group, args.group_size)  # (R,)
         task_of = np.array([t for t, _ in episodes])
         rewards = success.astype(np.float64)  # failures 0 unless shaped
@@ -499,13 +530,8 @@ def main(args: Args) -> None:
         # --------------------------------------------------------------------------------------------------------
         # 3. Advantage: GRPO, group-normalised, broadcast to every action token of the rollout
         # --------------------------------------------------------------------------------------------------------
-        # ALGO LOGIC
         scores = torch.from_numpy(args.reward_coef * rewards).view(groups_per_rank, args.group_size)  # (G, n)
-        if args.group_size > 1:
-            advantages = (scores - scores.mean(1, keepdim=True)) / (scores.std(1, keepdim=True) + 1e-6)
-        else:
-            advantages = scores
-        advantages = advantages.flatten().float()  # (R,)
+        advantages = grpo_advantages(scores).flatten().float()  # (R,)
 
         # Flatten the kept rollouts' policy queries into training samples (query q of rollout r)
         samples = []
@@ -522,7 +548,7 @@ def main(args: Args) -> None:
         # 4. Update: clipped token-mean surrogate over the 56 per-token ratios
         # --------------------------------------------------------------------------------------------------------
         t_update = time.time()
-        stats_sum = {k: 0.0 for k in ("pg_loss", "entropy", "approx_kl", "clipfrac", "ratio_max")}
+        stats_sum = {k: 0.0 for k in ("loss", "entropy", "approx_kl", "clipfrac", "ratio_max")}
         grad_norm, num_updates = 0.0, 0
         if num_kept.item() > 0:
             order = torch.randperm(len(samples)).tolist()
@@ -546,22 +572,16 @@ def main(args: Args) -> None:
                     # ALGO LOGIC: per-token ratio under the rollout's law (bin slice, temperature)
                     logp_all = bin_logprobs(logits, args.temperature)  # (b, 56, 256)
                     new_logprob = logp_all.gather(-1, bins[..., None]).squeeze(-1)  # (b, 56)
-                    logratio = new_logprob - old_logprob
-                    ratio = logratio.exp()
-                    pg_loss1 = -adv * ratio
-                    pg_loss2 = -adv * ratio.clamp(1 - args.clip_low, 1 + args.clip_high)
-                    pg_loss = torch.max(pg_loss1, pg_loss2)
-                    loss = (pg_loss * tmask).sum() / tokens.item()
+                    loss, approx_kl, clipfrac = clipped_token_loss(new_logprob, old_logprob, adv, tmask, args.clip_low,
+                                                                   args.clip_high, tokens.item())
                     loss.backward()
                     with torch.no_grad():
-                        entropy = -(logp_all.exp() * logp_all).sum(-1)
-                        approx_kl = (ratio - 1) - logratio  # k3
-                        clipped = (ratio < 1 - args.clip_low) | (ratio > 1 + args.clip_high)
-                        n_tok = tokens.item()
-                        stats_sum["pg_loss"] += loss.item()
-                        stats_sum["entropy"] += (entropy * tmask).sum().item() / n_tok
-                        stats_sum["approx_kl"] += (approx_kl * tmask).sum().item() / n_tok
-                        stats_sum["clipfrac"] += (clipped.float() * tmask).sum().item() / n_tok
+                        entropy = -(logp_all.exp() * logp_all).sum(-1)  # (b, 56)
+                        stats_sum["loss"] += loss.item()
+                        stats_sum["entropy"] += (entropy * tmask).sum().item() / tokens.item()
+                        stats_sum["approx_kl"] += approx_kl.item()
+                        stats_sum["clipfrac"] += clipfrac.item()
+                        ratio = (new_logprob - old_logprob).exp()
                         stats_sum["ratio_max"] = max(stats_sum["ratio_max"], (ratio * tmask).max().item())
                 for p in trainable:  # sum over ranks (DDP-equivalent; ranks may hold different sample counts)
                     all_reduce_sum_(p.grad)
@@ -576,7 +596,7 @@ def main(args: Args) -> None:
         num_updates = max(num_updates, 1)
         policy_s = sum(w["policy_s"] for w in waves)
         metrics = {
-            "actor/loss": stats_sum["pg_loss"] / num_updates,
+            "actor/loss": stats_sum["loss"] / num_updates,
             "actor/entropy": stats_sum["entropy"] / num_updates,
             "actor/approx_kl": stats_sum["approx_kl"] / num_updates,
             "actor/clipfrac": stats_sum["clipfrac"] / num_updates,
@@ -599,8 +619,9 @@ def main(args: Args) -> None:
             "time/update_samples_per_s": len(samples) / max(t_update, 1e-9),
         }
         metrics = all_reduce_mean(metrics)
-        for key in ("time/env_steps_per_s", "time/actions_per_s", "time/update_samples_per_s"):
-            metrics[key] *= dist.world_size  # totals over ranks
+        for key in ("time/env_steps_per_s", "time/actions_per_s", "time/update_samples_per_s",  # totals over ranks
+                    "actor/loss", "actor/entropy", "actor/approx_kl", "actor/clipfrac"):  # rank shares of global means
+            metrics[key] *= dist.world_size
         if args.eval_interval and (step % args.eval_interval == 0 or step == args.total_steps):
             metrics.update(evaluate(policy, processor, envs, tasks, args, stats, action_tokenizer, dist, autocast, logger, step))
         logger.log(metrics, step)
