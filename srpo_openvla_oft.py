@@ -369,9 +369,7 @@ def save_policy(policy: OFTPolicy, processor, lora_config: Optional[LoraConfig],
         save_file(get_peft_model_state_dict(policy.vla), os.path.join(directory, "adapter_model.safetensors"))
         lora_config.save_pretrained(directory)
     else:
-        with open(os.path.join(model_dir, "preprocessor_config.json")) as f:
-            preprocessor = json.load(f)
-        save_openvla(policy.vla, processor, os.path.join(directory, "model"), preprocessor)
+        save_openvla(policy.vla, processor, os.path.join(directory, "model"))
         stats_file = os.path.join(model_dir, "dataset_statistics.json")
         if os.path.isfile(stats_file):
             shutil.copy(stats_file, os.path.join(directory, "model"))

@@ -74,11 +74,12 @@ def test_bad_input_fails_before_any_work(tiny_models, tmp_path):
         assert out.returncode != 0 and message in out.stderr, (extra, out.stderr[-2000:])
 
 
-def test_torchrun_two_ranks(tiny_models, tmp_path):
+def test_torchrun_two_ranks_full_finetuning(tiny_models, tmp_path):
     oft, vjepa = tiny_models
     cmd = ["torchrun", "--standalone", "--nproc-per-node", "2", "srpo_openvla_oft.py", "--model-path", oft,
            "--world-model-path", vjepa, "--run-dir", str(tmp_path), "--exp-name", "ddp", *TINY_RUN,
-           "--tasks-per-step", "2", "--no-env-workers", "--total-steps", "1", "--eval-interval", "0"]
+           "--tasks-per-step", "2", "--no-env-workers", "--total-steps", "1", "--eval-interval", "0", "--lora-rank", "0"]
     out = run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert "2 rank(s)" in out and "step 1:" in out  # the save raises if the ranks' weights differ after the update
-    assert (tmp_path / "ddp__s1" / "checkpoints" / "step_00000001" / "adapter_model.safetensors").exists()
+    model = tmp_path / "ddp__s1" / "checkpoints" / "step_00000001" / "model"  # full fine-tuning: the OFT layout
+    assert (model / "config.json").exists() and (model / "dataset_statistics.json").exists()
