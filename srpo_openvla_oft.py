@@ -515,9 +515,9 @@ def main(args: Args) -> None:
         num_clusters, progress_mean = 0, 0.0
         if embedder is not None:
             all_emb = all_gather_cat(torch.cat(embeddings), dist.device).numpy()  # (world * R, hidden)
-            all_success = all_gather_cat(torch.from_numpy(success), dist.device).numpy()
+            all_success = all_gather_cat(torch.from_numpy(success.astype(np.int64)), dist.device).numpy().astype(bool)
             all_task = all_gather_cat(torch.from_numpy(task_of), dist.device).numpy()
-            all_keep = all_gather_cat(torch.from_numpy(keep), dist.device).numpy()
+            all_keep = all_gather_cat(torch.from_numpy(keep.astype(np.int64)), dist.device).numpy().astype(bool)
             pooled = np.flatnonzero(all_keep)  # the reward sees only kept groups, as the anchor does
             all_rewards = np.zeros(len(all_success))
             all_rewards[pooled], num_clusters = progress_rewards(
