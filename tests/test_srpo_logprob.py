@@ -100,3 +100,21 @@ def test_action_decoding_uses_oft_statistics(tiny_oft):
     np.testing.assert_allclose(actions[0, :, 6], low)  # the gripper is not un-normalised
     with pytest.raises(ValueError, match="libero_spatial_no_noops"):
         load_action_stats(path, policy.vla.config, "libero_10", "libero_10_no_noops")
+
+
+def test_every_lora_parameter_gets_a_gradient(tiny_oft):
+    from srpo_openvla_oft import add_lora
+
+    path, _, processor = tiny_oft
+    vla, _ = load_openvla(path, device="cpu", dtype=torch.float32, attn_implementation="sdpa")
+    add_lora(vla, rank=4, alpha=8)
+    policy = OFTPolicy(vla, processor.tokenizer.eos_token_id)
+    ids, attn = processor.prompt_ids(INSTRUCTIONS[:2])
+    pixels = processor.preprocess_images(torch.randint(0, 255, (2, 224, 224, 3), dtype=torch.uint8))
+    bins = torch.randint(0, 256, (2, NUM_ACTION_TOKENS))
+    logp = bin_logprobs(policy(ids, attn, pixels), 1.6).gather(-1, bins[..., None])
+    logp.sum().backward()
+    trainable = {n: p for n, p in policy.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in trainable.items() if "lora_B" in n)
+    assert all(p.grad is not None for p in trainable.values())
