@@ -10,6 +10,10 @@ Conventions follow the OpenVLA-OFT / SimpleVLA-RL LIBERO evaluation (SPEC 3.3, 4
 - the policy's gripper value g in [0, 1] becomes the LIBERO command -sign(2 g - 1)
   (`to_libero_actions`).
 
+Every reset rebuilds the scene (robosuite's hard reset, as the reference evaluation does): the physics of a
+(task, init state, actions) triple is exactly reproducible, but some textures (e.g. the cabinet's) are drawn anew
+per rebuild, so frames of repeated episodes can differ in those pixels.
+
 `LiberoVectorEnv(use_workers=True)` runs each env in its own subprocess so N envs simulate
 in parallel; `use_workers=False` steps them one after another in this process (simpler to
 debug, and the baseline of bench/bench_libero_env.py). Both keep every frame of the
