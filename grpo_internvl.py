@@ -44,7 +44,7 @@ import math
 import os
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -52,8 +52,8 @@ import torch
 import tyro
 from transformers import AutoConfig, AutoProcessor, DynamicCache, InternVLForConditionalGeneration
 
-from common.checkpoint import load_trainer_state, resolve_checkpoint, restore_rng, save_checkpoint, save_trainer_state, trainer_state
-from common.dist import all_reduce_mean, broadcast_parameters, cleanup, init_dist, print0
+from common.checkpoint import load_trainer_state, resolve_checkpoint, save_checkpoint, save_trainer_state, trainer_state
+from common.dist import all_reduce_mean, all_reduce_sum_, broadcast_parameters, cleanup, init_dist, print0
 from common.logger import Logger
 from common.maniskill_env import ManiSkillVLAEnv, check_env_id
 
@@ -452,14 +452,59 @@ def reference_logits(model, reference, inputs, answer_ids, template):
     return free_slot_logits(reference, inputs, answer_ids, template)
 
 
-def sum_gradients_across_ranks(params: list[torch.nn.Parameter], world_size: int) -> None:
-    if world_size == 1:
-        return
+def sum_gradients_across_ranks(params: list[torch.nn.Parameter]) -> None:
+    """Sum (not average) gradients over ranks: each rank's loss is already divided by the global token count."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    torch.distributed.all_reduce(flat)
+    flat = all_reduce_sum_(torch.cat([g.reshape(-1) for g in grads]))
     for p, g in zip(params, flat.split([g.numel() for g in grads])):
         p.grad = g.view_as(p)
+
+
+def update_policy(model, reference, optimizer, processor, template, ep, step_idx, env_idx, advantages, args, device, autocast):
+    """PPO-style epochs over the kept steps (step_idx, env_idx) (M,) of the rollout `ep`; returns actor/* metrics.
+
+    Each minibatch is one optimizer step; micro-batches accumulate loss_sum / (free tokens of the minibatch
+    over all ranks), and gradients are summed over ranks, which gives the exact global token-mean.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    stats: dict[str, list[torch.Tensor]] = {}
+    for _ in range(args.update_epochs):
+        order = torch.randperm(len(step_idx))
+        for minibatch in order.tensor_split(args.num_minibatches):
+            global_tokens = all_reduce_sum_(torch.tensor(float(len(minibatch) * template.num_free), device=device))
+            if global_tokens.item() == 0:
+                continue
+            for micro in minibatch.split(args.micro_batch_size):
+                t, n = step_idx[micro], env_idx[micro]
+                inputs = build_inputs(processor, [ep["instructions"][i] for i in n], ep["rgb"][t, n], ep["tcp_pose"][t, n], device)
+                answer_ids = template.assemble(ep["tokens"][t, n]).to(device)
+                support = ep["support"][t, n].to(device)  # (b, F, S) the rollout's sampling support
+                choice = ep["choices"][t, n].to(device)[..., None]  # (b, F, 1)
+                with autocast:
+                    logits = free_slot_logits(model, inputs, answer_ids, template)
+                    ref_logp = None
+                    if args.kl_coef > 0:
+                        ref = reference_logits(model, reference, inputs, answer_ids, template)
+                        ref_logp = policy_logprobs(ref, support, args.temperature).gather(2, choice).squeeze(2)
+                # ALGO LOGIC: the log-prob under the same mask, temperature and top-k/top-p support as the rollout
+                logp = policy_logprobs(logits, support, args.temperature).gather(2, choice).squeeze(2)  # (b, F)
+                loss, micro_stats = grpo_loss(logp, ep["logp"][t, n].to(device), advantages[n].to(device), ref_logp,
+                                              args.clip_ratio_low, args.clip_ratio_high, args.kl_coef)
+                (loss.sum() / global_tokens).backward()
+                for key, value in micro_stats.items():
+                    stats.setdefault(key, []).append(value.flatten().cpu())
+            sum_gradients_across_ranks(params)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            stats.setdefault("grad_norm", []).append(grad_norm.detach().flatten().cpu())
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    # Token-weighted means over all ranks (a rank may have had no kept samples).
+    keys = ["pg_loss", "approx_kl", "clipfrac", "ratio", "grad_norm"] + (["kl"] if args.kl_coef > 0 else [])
+    totals = torch.tensor([[torch.cat(stats[k]).sum().item(), sum(v.numel() for v in stats[k])] if k in stats else [0.0, 0.0]
+                           for k in keys], dtype=torch.float64, device=device)
+    all_reduce_sum_(totals)
+    return {f"actor/{k}": total / count for k, (total, count) in zip(keys, totals.tolist()) if count > 0}
 
 
 # ===================================================================================== rollout
@@ -502,7 +547,7 @@ def run_episodes(envs, model, processor, template, seeds, temperature, top_k, to
             frames.append(info["final_obs"]["rgb"][0] if done[0] else obs["rgb"][0])
         if not running.any():
             break
-    return dict(rgb=rgb, tcp_pose=tcp_pose, choices=choices, tokens=tokens, logp=logp, support=support, alive=alive,
+    return dict(instructions=envs.instructions, rgb=rgb, tcp_pose=tcp_pose, choices=choices, tokens=tokens, logp=logp, support=support, alive=alive,
                 success=success, length=length, frames=frames, tokens_generated=int(alive.sum()) * template.answer_len)
 
 
@@ -520,14 +565,15 @@ def evaluate(envs, model, processor, template, args, dist, device, autocast):
 def main(args: Args) -> None:
     check_args(args)
     check_env_id(args.env_id)
+    checkpoint_dir = None
+    if args.resume or args.checkpoint:
+        checkpoint_dir = resolve_checkpoint(args.resume or args.checkpoint, "--resume" if args.resume else "--checkpoint")
     processor, template = load_processor_and_template(args.model_path)
 
     # ---------------------------------------------------------------- distributed, seeding, model
     dist = init_dist()
     device = dist.device
     torch.manual_seed(args.seed)  # identical initial LoRA weights on every rank (and broadcast below)
-    start_iteration, state = 0, None
-    checkpoint_dir = resolve_checkpoint(args.resume or args.checkpoint) if (args.resume or args.checkpoint) else None
     model = load_policy(args, device, checkpoint_dir)
     broadcast_parameters(model)
     reference = None
@@ -535,15 +581,12 @@ def main(args: Args) -> None:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0)
-    if args.resume:
+    start_iteration = 0
+    if checkpoint_dir:
         state = load_trainer_state(checkpoint_dir)
-        optimizer.load_state_dict(state["optimizer"])
         start_iteration = state["step"]
-        restore_rng(state)
-    else:
-        rank_seed = args.seed + dist.rank  # rank-offset seeds for sampling and shuffling
-        torch.manual_seed(rank_seed)
-        np.random.seed(rank_seed)
+        if args.resume:
+            optimizer.load_state_dict(state["optimizer"])
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     envs = ManiSkillVLAEnv(args.env_id, args.num_envs, seed=args.seed + dist.rank, instruction=args.instruction,
@@ -568,7 +611,7 @@ def main(args: Args) -> None:
         def write(tmp_dir: str) -> None:
             model.save_pretrained(tmp_dir)
             processor.save_pretrained(tmp_dir)
-            save_trainer_state(tmp_dir, trainer_state(args, iteration, optimizer, {"model_path": args.model_path}))
+            save_trainer_state(tmp_dir, trainer_state(args, iteration, optimizer))
 
         if dist.is_main:
             save_checkpoint(os.path.join(run_dir, "checkpoints"), iteration, write)
@@ -576,7 +619,9 @@ def main(args: Args) -> None:
     for iteration in range(start_iteration + 1, args.num_iterations + 1):
         t0 = time.time()
         # ---------------------------------------------------------------- 1. rollout: group_size episodes per seed
+        # Sampling, shuffling and reset seeds derive from (seed, rank, iteration): a resume replays exactly.
         rng = np.random.default_rng([args.seed, dist.rank, iteration])
+        torch.manual_seed(int(rng.integers(2**62)))
         group_seeds = rng.integers(0, 2**31, size=args.num_envs // args.group_size).tolist()
         seeds = [s for s in group_seeds for _ in range(args.group_size)]
         model.eval()
@@ -593,40 +638,8 @@ def main(args: Args) -> None:
 
         # ---------------------------------------------------------------- 4. update: epochs x minibatches
         t1 = time.time()
-        model.train()
-        stats: dict[str, list[torch.Tensor]] = {}
-        grad_norms = []
-        for _ in range(args.update_epochs):
-            order = torch.randperm(len(step_idx))
-            for minibatch in order.tensor_split(args.num_minibatches):
-                global_tokens = torch.tensor(float(len(minibatch) * template.num_free), device=device)
-                if dist.world_size > 1:
-                    torch.distributed.all_reduce(global_tokens)
-                if global_tokens.item() == 0:
-                    continue
-                for micro in minibatch.split(args.micro_batch_size):
-                    t, n = step_idx[micro], env_idx[micro]
-                    inputs = build_inputs(processor, [envs.instructions[i] for i in n], ep["rgb"][t, n], ep["tcp_pose"][t, n], device)
-                    answer_ids = template.assemble(ep["tokens"][t, n]).to(device)
-                    support = ep["support"][t, n].to(device)  # (b, F, S) the rollout's sampling support
-                    choice = ep["choices"][t, n].to(device)[..., None]  # (b, F, 1)
-                    with autocast:
-                        logits = free_slot_logits(model, inputs, answer_ids, template)
-                        ref_logp = None
-                        if args.kl_coef > 0:
-                            ref = reference_logits(model, reference, inputs, answer_ids, template)
-                            ref_logp = policy_logprobs(ref, support, args.temperature).gather(2, choice).squeeze(2)
-                    # ALGO LOGIC: token-mean clipped loss over the free tokens of the global minibatch
-                    logp = policy_logprobs(logits, support, args.temperature).gather(2, choice).squeeze(2)  # (b, F)
-                    loss, s = grpo_loss(logp, ep["logp"][t, n].to(device), advantages[n].to(device), ref_logp,
-                                        args.clip_ratio_low, args.clip_ratio_high, args.kl_coef)
-                    (loss.sum() / global_tokens).backward()
-                    for key, value in s.items():
-                        stats.setdefault(key, []).append(value.flatten().cpu())
-                sum_gradients_across_ranks(params, dist.world_size)
-                grad_norms.append(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item())
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+        update_metrics = update_policy(model, reference, optimizer, processor, template, ep, step_idx, env_idx,
+                                       advantages, args, device, autocast)
         update_time = time.time() - t1
 
         # ---------------------------------------------------------------- 5. log, eval, save
@@ -649,10 +662,7 @@ def main(args: Args) -> None:
             "time/decode_tokens_per_s": ep["tokens_generated"] / rollout_time,
             "time/update_samples_per_s": len(step_idx) * args.update_epochs / max(update_time, 1e-9),
         }
-        for key, values in stats.items():
-            metrics[f"actor/{key}"] = torch.cat(values).mean().item()
-        if grad_norms:
-            metrics["actor/grad_norm"] = float(np.mean(grad_norms))
+        metrics.update(update_metrics)
         metrics = all_reduce_mean(metrics)
         if args.eval_every and iteration % args.eval_every == 0:
             eval_metrics, frames = evaluate(envs, model, processor, template, args, dist, device, autocast)
