@@ -30,12 +30,12 @@ Departures from the anchor:
   numbers of kept samples stay in step.
 - Steps after an episode ended (success terminates PushCube) are neither generated nor trained on.
 
-Run (CPU quickstart with a tiny random InternVL, then the real thing on GPUs):
-
-    python -m common.internvl_tiny --out tiny-models/internvl
-    python grpo_internvl.py --model-path tiny-models/internvl --num-envs 4 --group-size 2 \
-        --max-episode-steps 8 --num-iterations 2 --micro-batch-size 8 --eval-every 2 --save-every 2
+Run:
+    python grpo_internvl.py --model-path OpenGVLab/InternVL3-1B-hf --env-id PushCube-v1 --num-envs 64
     torchrun --nproc-per-node 8 grpo_internvl.py --model-path OpenGVLab/InternVL3-1B-hf --env-id PushCube-v1
+    python grpo_internvl.py --resume runs/grpo_internvl__s1/checkpoints
+    python grpo_internvl.py --eval-only --checkpoint runs/grpo_internvl__s1/checkpoints --capture-video
+CPU quickstart (tiny random InternVL from `python -m common.internvl_tiny`, real simulator): see README.md.
 """
 
 import copy
@@ -53,19 +53,19 @@ import tyro
 from transformers import AutoConfig, AutoProcessor, DynamicCache, InternVLForConditionalGeneration
 
 from common.checkpoint import load_trainer_state, resolve_checkpoint, save_checkpoint, save_trainer_state, trainer_state
-from common.dist import all_reduce_mean, all_reduce_sum_, broadcast_parameters, cleanup, init_dist, print0
+from common.dist import all_reduce_mean, all_reduce_sum_, broadcast_parameters, check_in_sync, cleanup, init_dist, print0
 from common.logger import Logger
-from common.maniskill_env import ManiSkillVLAEnv, check_env_id
+from common.maniskill_env import ManiSkillVLAEnv, check_env_id, check_render_device
 
 
 @dataclass
 class Args:
     exp_name: str = "grpo_internvl"
-    """run name: TensorBoard logs and checkpoints go to {output_dir}/{exp_name}"""
-    output_dir: str = "runs"
-    """root folder of all runs"""
+    """name of the run; logs and checkpoints go to {run_dir}/{exp_name}__s{seed}"""
+    run_dir: str = "runs"
+    """parent directory of all runs"""
     seed: int = 1
-    """seed of python, numpy, torch and of the env reset seeds"""
+    """seeds torch (per rank and iteration) and the env reset seeds"""
     model_path: str = "OpenGVLab/InternVL3-1B-hf"
     """hub id or local folder of a transformers-native InternVL checkpoint (the `-hf` ones)"""
     env_id: str = "PushCube-v1"
@@ -78,7 +78,7 @@ class Args:
     """episodes per initial state (one GRPO group); at least 2"""
     max_episode_steps: int = 75
     """control steps per episode"""
-    num_iterations: int = 200
+    total_iterations: int = 200
     """training iterations (one batch of episodes and one update each)"""
 
     reward_coef: float = 5.0
@@ -119,36 +119,60 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass (saves memory, costs ~30% time)"""
 
-    eval_every: int = 10
+    eval_interval: int = 10
     """evaluate every this many iterations (0: never)"""
     eval_temperature: float = 0.0
     """temperature of evaluation (0: greedy over the allowed tokens)"""
     capture_video: bool = False
     """log an mp4 of the first eval env to TensorBoard"""
-    save_every: int = 10
+    save_interval: int = 10
     """write a checkpoint every this many iterations (0: only at the end)"""
+    keep_checkpoints: int = 3
+    """keep only the newest this many checkpoints (0: all)"""
     resume: Optional[str] = None
     """checkpoint step folder, or a checkpoints root with a `latest` pointer, to continue training from"""
     eval_only: bool = False
     """only evaluate (the base model, or --checkpoint) and exit"""
     checkpoint: Optional[str] = None
-    """checkpoint to evaluate with --eval-only"""
+    """checkpoint to evaluate with --eval-only (its model path and LoRA settings are used)"""
+
+    # derived from the flags above in validate()
+    num_groups: tyro.conf.Suppress[int] = 0
+    """GRPO groups (initial states) per rank per iteration (num_envs / group_size)"""
+    global_episodes: tyro.conf.Suppress[int] = 0
+    """episodes per iteration over all ranks (num_envs x world size)"""
 
 
-def check_args(args: Args) -> None:
-    """Fail on inconsistent flags before anything expensive starts."""
+def validate(args: Args, world_size: int):
+    """Every check that can fail on user input, before envs or weights are loaded. Returns (processor, template)."""
     if args.group_size < 2:
         raise ValueError(f"--group-size must be >= 2 (GRPO normalises within a group), got {args.group_size}")
     if args.num_envs % args.group_size:
         raise ValueError(f"--num-envs ({args.num_envs}) must be a multiple of --group-size ({args.group_size})")
+    args.num_groups = args.num_envs // args.group_size
+    args.global_episodes = args.num_envs * world_size
     if not args.temperature > 0:
         raise ValueError(f"--temperature must be > 0 for training rollouts, got {args.temperature}")
     if not 0 < args.top_p <= 1 or args.top_k < 0:
         raise ValueError(f"--top-p must be in (0, 1] and --top-k >= 0, got {args.top_p}, {args.top_k}")
     if min(args.num_minibatches, args.micro_batch_size, args.update_epochs, args.max_episode_steps) < 1:
         raise ValueError("--num-minibatches, --micro-batch-size, --update-epochs, --max-episode-steps must be >= 1")
+    if args.lora_rank < 0:
+        raise ValueError(f"--lora-rank must be >= 0 (0 = full fine-tuning), got {args.lora_rank}")
+    if args.eval_only and args.resume:
+        raise ValueError("--eval-only evaluates --checkpoint; do not combine it with --resume")
     if args.checkpoint and not args.eval_only:
-        raise ValueError("--checkpoint is for --eval-only; use --resume PATH to continue training")
+        raise ValueError("--checkpoint is for --eval-only; use --resume to continue training")
+    if args.resume:
+        args.resume = resolve_checkpoint(args.resume, "--resume")
+    if args.checkpoint:
+        args.checkpoint = resolve_checkpoint(args.checkpoint, "--checkpoint")
+        saved = load_trainer_state(args.checkpoint)["args"]  # evaluate the model the checkpoint was trained from
+        for key in ("model_path", "lora_rank", "lora_alpha"):
+            setattr(args, key, saved[key])
+    check_env_id(args.env_id)
+    check_render_device()
+    return load_processor_and_template(args.model_path)
 
 
 # ===================================================================================== action text
@@ -414,7 +438,11 @@ def load_processor_and_template(model_path: str):
 
 
 def load_policy(args: Args, device: torch.device, checkpoint_dir: Optional[str]):
-    """InternVL in fp32 (bf16 autocast on GPU), flash-attention 2 when installed; LoRA or full."""
+    """InternVL with LoRA adapters or fully trainable; flash-attention 2 when installed, else SDPA.
+
+    On GPU everything runs under bf16 autocast; the frozen base of a LoRA model is stored in bf16 (peft keeps the
+    adapters in fp32), fully trained weights stay fp32 so that lr 5e-6 updates are not rounded away.
+    """
     attn = "sdpa"
     if device.type == "cuda":
         try:
@@ -424,7 +452,8 @@ def load_policy(args: Args, device: torch.device, checkpoint_dir: Optional[str])
         except ImportError:
             pass
     full_weights = checkpoint_dir if checkpoint_dir and args.lora_rank == 0 else args.model_path
-    model = InternVLForConditionalGeneration.from_pretrained(full_weights, dtype=torch.float32, attn_implementation=attn)
+    dtype = torch.bfloat16 if device.type == "cuda" and args.lora_rank > 0 else torch.float32
+    model = InternVLForConditionalGeneration.from_pretrained(full_weights, dtype=dtype, attn_implementation=attn)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.lora_rank > 0:
@@ -563,15 +592,11 @@ def evaluate(envs, model, processor, template, args, dist, device, autocast):
 
 
 def main(args: Args) -> None:
-    check_args(args)
-    check_env_id(args.env_id)
-    checkpoint_dir = None
-    if args.resume or args.checkpoint:
-        checkpoint_dir = resolve_checkpoint(args.resume or args.checkpoint, "--resume" if args.resume else "--checkpoint")
-    processor, template = load_processor_and_template(args.model_path)
-
-    # ---------------------------------------------------------------- distributed, seeding, model
     dist = init_dist()
+    processor, template = validate(args, dist.world_size)
+    checkpoint_dir = args.resume or args.checkpoint
+
+    # ---------------------------------------------------------------- seeding, model, optimizer
     device = dist.device
     torch.manual_seed(args.seed)  # identical initial LoRA weights on every rank (and broadcast below)
     model = load_policy(args, device, checkpoint_dir)
@@ -591,8 +616,8 @@ def main(args: Args) -> None:
 
     envs = ManiSkillVLAEnv(args.env_id, args.num_envs, seed=args.seed + dist.rank, instruction=args.instruction,
                            max_episode_steps=args.max_episode_steps, reward_mode="sparse")
-    run_dir = os.path.join(args.output_dir, args.exp_name)
-    logger = Logger(run_dir, args, enabled=dist.is_main)
+    run_path = os.path.join(args.run_dir, f"{args.exp_name}__s{args.seed}")
+    logger = Logger(run_path, args, enabled=dist.is_main)
     print0(f"GRPO {args.env_id}: {dist.world_size} rank(s) x {args.num_envs} envs, groups of {args.group_size}; "
            f"{sum(p.numel() for p in params):,} trainable parameters; {template.num_free} free tokens per action")
 
@@ -608,21 +633,24 @@ def main(args: Args) -> None:
         return
 
     def save(iteration: int) -> None:
+        """LoRA adapter (or the full model) + processor + trainer state, written atomically by rank 0."""
         def write(tmp_dir: str) -> None:
             model.save_pretrained(tmp_dir)
             processor.save_pretrained(tmp_dir)
             save_trainer_state(tmp_dir, trainer_state(args, iteration, optimizer))
 
+        check_in_sync(params)  # the hand-summed gradients keep ranks identical; verify before writing rank 0's copy
         if dist.is_main:
-            save_checkpoint(os.path.join(run_dir, "checkpoints"), iteration, write)
+            path = save_checkpoint(os.path.join(run_path, "checkpoints"), iteration, write, keep_last=args.keep_checkpoints)
+            print0(f"saved {path}")
 
-    for iteration in range(start_iteration + 1, args.num_iterations + 1):
+    for iteration in range(start_iteration + 1, args.total_iterations + 1):
         t0 = time.time()
         # ---------------------------------------------------------------- 1. rollout: group_size episodes per seed
         # Sampling, shuffling and reset seeds derive from (seed, rank, iteration): a resume replays exactly.
         rng = np.random.default_rng([args.seed, dist.rank, iteration])
         torch.manual_seed(int(rng.integers(2**62)))
-        group_seeds = rng.integers(0, 2**31, size=args.num_envs // args.group_size).tolist()
+        group_seeds = rng.integers(0, 2**31, size=args.num_groups).tolist()
         seeds = [s for s in group_seeds for _ in range(args.group_size)]
         model.eval()
         ep = run_episodes(envs, model, processor, template, seeds, args.temperature, args.top_k, args.top_p, device, autocast)
@@ -664,7 +692,7 @@ def main(args: Args) -> None:
         }
         metrics.update(update_metrics)
         metrics = all_reduce_mean(metrics)
-        if args.eval_every and iteration % args.eval_every == 0:
+        if args.eval_interval and iteration % args.eval_interval == 0:
             eval_metrics, frames = evaluate(envs, model, processor, template, args, dist, device, autocast)
             metrics.update(eval_metrics)
             if frames:
@@ -674,7 +702,7 @@ def main(args: Args) -> None:
         print0(f"iter {iteration}: success {metrics['env/success_rate']:.3f}, kept groups "
                f"{metrics['rollout/groups_kept_frac']:.2f}, {metrics['time/iteration_s']:.1f}s"
                + (f", eval success {metrics['eval/success_rate']:.3f}" if "eval/success_rate" in metrics else ""))
-        if (args.save_every and iteration % args.save_every == 0) or iteration == args.num_iterations:
+        if (args.save_interval and iteration % args.save_interval == 0) or iteration == args.total_iterations:
             save(iteration)
 
     envs.close()

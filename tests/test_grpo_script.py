@@ -13,7 +13,7 @@ from common.internvl_tiny import build_tiny_internvl
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = ["--env-id", "PushCube-v1", "--num-envs", "2", "--group-size", "2", "--max-episode-steps", "3",
-            "--micro-batch-size", "4", "--num-minibatches", "2", "--no-dynamic-sampling", "--save-every", "1"]
+            "--micro-batch-size", "4", "--num-minibatches", "2", "--no-dynamic-sampling", "--save-interval", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -41,42 +41,42 @@ def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
 
 def test_train_checkpoint_resume_eval(model_path, tmp_path):
     first, resumed = tmp_path / "first", tmp_path / "resumed"
-    out = run(*TINY_RUN, "--model-path", model_path, "--num-iterations", "3", "--eval-every", "3",
-              "--capture-video", "--output-dir", str(first))
+    out = run(*TINY_RUN, "--model-path", model_path, "--total-iterations", "3", "--eval-interval", "3",
+              "--capture-video", "--run-dir", str(first))
     assert all(f"iter {i}:" in out for i in (1, 2, 3)) and "eval success" in out
-    ckpts = first / "grpo_internvl" / "checkpoints"
+    ckpts = first / "grpo_internvl__s1" / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step_00000003"
     state = torch.load(ckpts / "step_00000002" / "trainer_state.pt", weights_only=False)
     assert state["step"] == 2 and state["args"]["group_size"] == 2 and state["optimizer"]["param_groups"]
     assert (ckpts / "step_00000002" / "adapter_model.safetensors").exists()
-    assert list((first / "grpo_internvl" / "videos").glob("*.mp4"))
-    logged = scalars(first / "grpo_internvl")
+    assert list((first / "grpo_internvl__s1" / "videos").glob("*.mp4"))
+    logged = scalars(first / "grpo_internvl__s1")
     for tag in ("rollout/group_success_mean", "rollout/groups_kept_frac", "actor/pg_loss", "actor/clipfrac",
                 "env/success_rate", "eval/success_rate", "time/env_steps_per_s", "time/decode_tokens_per_s"):
         assert tag in logged, tag
     assert logged["actor/ratio"][1] == pytest.approx(1.0, abs=1e-5)  # rollout and training log-probs agree
 
     # Resume from step 2 into a fresh run folder: it starts at iteration 3 and replays it exactly.
-    out = run(*TINY_RUN, "--model-path", model_path, "--num-iterations", "3", "--eval-every", "0",
-              "--output-dir", str(resumed), "--resume", str(ckpts / "step_00000002"))
+    out = run(*TINY_RUN, "--model-path", model_path, "--total-iterations", "3", "--eval-interval", "0",
+              "--run-dir", str(resumed), "--resume", str(ckpts / "step_00000002"))
     assert "iter 3:" in out and "iter 1:" not in out and "iter 2:" not in out
-    assert (resumed / "grpo_internvl" / "checkpoints" / "latest").read_text().strip() == "step_00000003"
-    replay = scalars(resumed / "grpo_internvl")
+    assert (resumed / "grpo_internvl__s1" / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    replay = scalars(resumed / "grpo_internvl__s1")
     assert set(replay["rollout/logp_per_token"]) == {3}
     assert replay["rollout/logp_per_token"][3] == pytest.approx(logged["rollout/logp_per_token"][3], abs=1e-5)
 
     out = run(*TINY_RUN, "--model-path", model_path, "--eval-only", "--checkpoint", str(ckpts),
-              "--output-dir", str(tmp_path / "eval"))
+              "--run-dir", str(tmp_path / "eval"))
     assert '"eval/success_rate"' in out
 
 
 def test_two_ranks_torchrun(model_path, tmp_path):
-    out = run(*TINY_RUN, "--model-path", model_path, "--num-iterations", "1", "--eval-every", "0",
-              "--output-dir", str(tmp_path),
+    out = run(*TINY_RUN, "--model-path", model_path, "--total-iterations", "1", "--eval-interval", "0",
+              "--run-dir", str(tmp_path),
               launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"))
     assert "2 rank(s) x 2 envs" in out and out.count("iter 1:") == 1  # rank 0 prints
-    assert (tmp_path / "grpo_internvl" / "checkpoints" / "latest").read_text().strip() == "step_00000001"
-    assert scalars(tmp_path / "grpo_internvl")["actor/samples"][1] > 0
+    assert (tmp_path / "grpo_internvl__s1" / "checkpoints" / "latest").read_text().strip() == "step_00000001"
+    assert scalars(tmp_path / "grpo_internvl__s1")["actor/samples"][1] > 0
 
 
 def test_cli_rejects_indivisible_groups():

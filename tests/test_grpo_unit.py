@@ -171,6 +171,8 @@ def test_bad_input_fails_before_expensive_work(tmp_path):
     Qwen2Config(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=1).save_pretrained(tmp_path / "qwen")
     with pytest.raises(ValueError, match="--model-path .*not 'internvl'"):
         grpo.main(grpo.Args(model_path=str(tmp_path / "qwen")))
+    with pytest.raises(FileNotFoundError, match="--resume"):
+        grpo.main(grpo.Args(resume=str(tmp_path / "nothing")))
 
 
 def test_tokenizer_that_cannot_express_the_template():
