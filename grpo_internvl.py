@@ -45,7 +45,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -249,7 +249,7 @@ class ActionTemplate:
         """Indices of the sampled tokens in their allowed sets (B, F) -> normalised pd_ee_delta_pose (B, 7)."""
         per_field = 1 + self.digits_per_number
         pose = choices[:, : 6 * per_field].view(-1, 6, per_field)  # (B, 6, sign + digits)
-        place = 10 ** torch.arange(self.digits_per_number - 1, -1, -1) if self.digits_per_number > 1 else torch.ones(1, dtype=torch.long)
+        place = 10 ** torch.arange(self.digits_per_number - 1, -1, -1)  # (D,) 100, 10, 1 or just 1
         magnitude = (pose[:, :, 1:] * place).sum(-1).float()  # (B, 6) in mm / degrees
         value = torch.where(pose[:, :, 0] == 1, -magnitude, magnitude)
         pos = (value[:, :3] / MM_PER_M).clamp(-EE_POS_LIMIT_M, EE_POS_LIMIT_M) / EE_POS_LIMIT_M
@@ -321,14 +321,20 @@ def policy_logprobs(logits: torch.Tensor, support: torch.Tensor, temperature: fl
 # ===================================================================================== end ALGO LOGIC
 
 
+class Sampled(NamedTuple):
+    choices: torch.Tensor  # (B, F) index of each free token in its slot's allowed set
+    tokens: torch.Tensor  # (B, F) vocabulary ids of the free tokens
+    logp: torch.Tensor  # (B, F) log-prob of each free token under the sampling distribution
+    support: torch.Tensor  # (B, F, S) allowed tokens kept by top-k/top-p: the support sampled from
+    entropy: torch.Tensor  # (B, F) entropy of the sampling distribution
+
+
 @torch.no_grad()
-def generate_actions(model, inputs, template: ActionTemplate, temperature: float, top_k: int, top_p: float):
-    """Prefix-constrained sampling, batched with the KV cache.
+def generate_actions(model, inputs, template: ActionTemplate, temperature: float, top_k: int, top_p: float) -> Sampled:
+    """Prefix-constrained sampling, batched with the KV cache. temperature 0 is greedy (eval).
 
     One forward per free slot: it feeds the previously sampled token plus the forced run before the
     slot (the prefill also carries the prompt and the first forced run), then samples the slot.
-    Returns choices (B, F) indices into the allowed sets, the free token ids (B, F), their log-probs
-    (B, F) and the support sampled from (B, F, S). temperature 0 is greedy (eval).
     """
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     batch, device = ids.size(0), ids.device
@@ -336,7 +342,7 @@ def generate_actions(model, inputs, template: ActionTemplate, temperature: float
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at position 0
     cache = DynamicCache()
     step_ids, step_pos = ids, positions
-    choices, tokens, logps, supports = [], [], [], []
+    choices, tokens, logps, supports, entropies = [], [], [], [], []
     for f in range(template.num_free):
         forced = torch.tensor(template.forced[f], dtype=torch.long, device=device).expand(batch, -1)
         step_ids = torch.cat([step_ids, forced], dim=1)
@@ -362,8 +368,9 @@ def generate_actions(model, inputs, template: ActionTemplate, temperature: float
         tokens.append(token)
         logps.append(logp.gather(1, choice[:, None]).squeeze(1))
         supports.append(support)
+        entropies.append(torch.special.entr(logp.exp()).sum(-1))
         step_ids, step_pos = token[:, None], step_pos[:, -1:] + 1
-    return torch.stack(choices, 1), torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(supports, 1)
+    return Sampled(*(torch.stack(x, 1) for x in (choices, tokens, logps, supports, entropies)))
 
 
 def free_slot_logits(model, inputs, answer_ids: torch.Tensor, template: ActionTemplate) -> torch.Tensor:
@@ -540,7 +547,7 @@ def update_policy(model, reference, optimizer, processor, template, ep, step_idx
 def run_episodes(envs, model, processor, template, seeds, temperature, top_k, top_p, device, autocast, video=False):
     """One episode per env from the given reset seeds. Steps of finished episodes are skipped.
 
-    Returns a dict of (T, N, ...) tensors on CPU: rgb, tcp_pose, choices, tokens, logp, support, alive,
+    Returns a dict of (T, N, ...) tensors on CPU: rgb, tcp_pose, choices, tokens, logp, entropy, support, alive,
     plus success (N,), length (N,), the video frames of env 0 and the number of generated tokens.
     """
     T, N = envs.max_episode_steps, envs.num_envs
@@ -552,6 +559,7 @@ def run_episodes(envs, model, processor, template, seeds, temperature, top_k, to
     choices = torch.zeros(T, N, F, dtype=torch.long)
     tokens = torch.zeros(T, N, F, dtype=torch.long)
     logp = torch.zeros(T, N, F)
+    entropy = torch.zeros(T, N, F)
     support = torch.zeros(T, N, F, S, dtype=torch.bool)
     alive = torch.zeros(T, N, dtype=torch.bool)  # step t of env n belongs to its first episode
     running = torch.ones(N, dtype=torch.bool)
@@ -563,8 +571,9 @@ def run_episodes(envs, model, processor, template, seeds, temperature, top_k, to
         idx = running.nonzero().squeeze(1)
         inputs = build_inputs(processor, [envs.instructions[i] for i in idx], obs["rgb"][idx], obs["tcp_pose"][idx], device)
         with autocast:
-            c, tok, lp, sup = generate_actions(model, inputs, template, temperature, top_k, top_p)
-        choices[t, idx], tokens[t, idx], logp[t, idx], support[t, idx] = c.cpu(), tok.cpu(), lp.cpu(), sup.cpu()
+            sampled = generate_actions(model, inputs, template, temperature, top_k, top_p)
+        choices[t, idx], tokens[t, idx], logp[t, idx] = sampled.choices.cpu(), sampled.tokens.cpu(), sampled.logp.cpu()
+        support[t, idx], entropy[t, idx] = sampled.support.cpu(), sampled.entropy.cpu()
         actions = torch.zeros(N, 7)
         actions[idx] = template.to_env_action(choices[t, idx])
         obs, _, terminated, truncated, info = envs.step(actions)
@@ -576,13 +585,13 @@ def run_episodes(envs, model, processor, template, seeds, temperature, top_k, to
             frames.append(info["final_obs"]["rgb"][0] if done[0] else obs["rgb"][0])
         if not running.any():
             break
-    return dict(instructions=envs.instructions, rgb=rgb, tcp_pose=tcp_pose, choices=choices, tokens=tokens, logp=logp, support=support, alive=alive,
+    return dict(instructions=envs.instructions, rgb=rgb, tcp_pose=tcp_pose, choices=choices, tokens=tokens, logp=logp, entropy=entropy, support=support, alive=alive,
                 success=success, length=length, frames=frames, tokens_generated=int(alive.sum()) * template.answer_len)
 
 
 def evaluate(envs, model, processor, template, args, dist, device, autocast):
     """Held-out initial states (seeds >= 2**31, never used in training), greedy unless --eval-temperature."""
-    seeds = [2**31 + args.seed * 100_000 + dist.rank * envs.num_envs + i for i in range(envs.num_envs)]
+    seeds = [2**31 + dist.rank * envs.num_envs + i for i in range(envs.num_envs)]  # the same set for every run
     model.eval()
     ep = run_episodes(envs, model, processor, template, seeds, args.eval_temperature, 0, 1.0, device, autocast,
                       video=args.capture_video and dist.is_main)
@@ -680,15 +689,17 @@ def main(args: Args) -> None:
             "rollout/groups_all_success_frac": (group_success == 1).float().mean().item(),
             "rollout/groups_all_fail_frac": (group_success == 0).float().mean().item(),
             "rollout/logp_per_token": ep["logp"][ep["alive"]].mean().item(),
+            "rollout/entropy": ep["entropy"][ep["alive"]].mean().item(),
             "env/success_rate": ep["success"].float().mean().item(),
             "env/episode_length": ep["length"].float().mean().item(),
             "actor/samples": float(len(step_idx)),
             "actor/lr": optimizer.param_groups[0]["lr"],
             "time/rollout_s": rollout_time,
             "time/update_s": update_time,
-            "time/env_steps_per_s": env_steps / rollout_time,
-            "time/decode_tokens_per_s": ep["tokens_generated"] / rollout_time,
-            "time/update_samples_per_s": len(step_idx) * args.update_epochs / max(update_time, 1e-9),
+            # throughput of all ranks together (x world size, then averaged over ranks)
+            "time/env_steps_per_s": env_steps / rollout_time * dist.world_size,
+            "time/decode_tokens_per_s": ep["tokens_generated"] / rollout_time * dist.world_size,
+            "time/update_samples_per_s": len(step_idx) * args.update_epochs / max(update_time, 1e-9) * dist.world_size,
         }
         metrics.update(update_metrics)
         metrics = all_reduce_mean(metrics)

@@ -39,44 +39,37 @@ def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
     return out
 
 
-def test_train_checkpoint_resume_eval(model_path, tmp_path):
+def test_two_ranks_train_checkpoint_resume_eval(model_path, tmp_path):
+    """torchrun with 2 gloo ranks: train, checkpoint, resume (replays exactly), then --eval-only on one process."""
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
     first, resumed = tmp_path / "first", tmp_path / "resumed"
-    out = run(*TINY_RUN, "--model-path", model_path, "--total-iterations", "3", "--eval-interval", "3",
-              "--capture-video", "--run-dir", str(first))
-    assert all(f"iter {i}:" in out for i in (1, 2, 3)) and "eval success" in out
+    out = run(*TINY_RUN, "--model-path", model_path, "--total-iterations", "2", "--eval-interval", "2",
+              "--capture-video", "--run-dir", str(first), launcher=torchrun)
+    assert "2 rank(s) x 2 envs" in out and out.count("iter 1:") == 1 and "iter 2:" in out and "eval success" in out
     ckpts = first / "grpo_internvl__s1" / "checkpoints"
-    assert (ckpts / "latest").read_text().strip() == "step_00000003"
-    state = torch.load(ckpts / "step_00000002" / "trainer_state.pt", weights_only=False)
-    assert state["step"] == 2 and state["args"]["group_size"] == 2 and state["optimizer"]["param_groups"]
-    assert (ckpts / "step_00000002" / "adapter_model.safetensors").exists()
+    assert (ckpts / "latest").read_text().strip() == "step_00000002"
+    state = torch.load(ckpts / "step_00000001" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 1 and state["args"]["group_size"] == 2 and state["optimizer"]["param_groups"]
+    assert (ckpts / "step_00000001" / "adapter_model.safetensors").exists()
     assert list((first / "grpo_internvl__s1" / "videos").glob("*.mp4"))
     logged = scalars(first / "grpo_internvl__s1")
     for tag in ("rollout/group_success_mean", "rollout/groups_kept_frac", "actor/pg_loss", "actor/clipfrac",
                 "env/success_rate", "eval/success_rate", "time/env_steps_per_s", "time/decode_tokens_per_s"):
         assert tag in logged, tag
+    assert logged["actor/samples"][1] > 0
     assert logged["actor/ratio"][1] == pytest.approx(1.0, abs=1e-5)  # rollout and training log-probs agree
 
-    # Resume from step 2 into a fresh run folder: it starts at iteration 3 and replays it exactly.
-    out = run(*TINY_RUN, "--model-path", model_path, "--total-iterations", "3", "--eval-interval", "0",
-              "--run-dir", str(resumed), "--resume", str(ckpts / "step_00000002"))
-    assert "iter 3:" in out and "iter 1:" not in out and "iter 2:" not in out
-    assert (resumed / "grpo_internvl__s1" / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    # Resume from step 1 into a fresh run folder: it starts at iteration 2 and replays it exactly.
+    out = run(*TINY_RUN, "--model-path", model_path, "--total-iterations", "2", "--eval-interval", "0",
+              "--run-dir", str(resumed), "--resume", str(ckpts / "step_00000001"), launcher=torchrun)
+    assert "iter 2:" in out and "iter 1:" not in out
+    assert (resumed / "grpo_internvl__s1" / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     replay = scalars(resumed / "grpo_internvl__s1")
-    assert set(replay["rollout/logp_per_token"]) == {3}
-    assert replay["rollout/logp_per_token"][3] == pytest.approx(logged["rollout/logp_per_token"][3], abs=1e-5)
+    assert set(replay["rollout/logp_per_token"]) == {2}
+    assert replay["rollout/logp_per_token"][2] == pytest.approx(logged["rollout/logp_per_token"][2], abs=1e-5)
 
-    out = run(*TINY_RUN, "--model-path", model_path, "--eval-only", "--checkpoint", str(ckpts),
-              "--run-dir", str(tmp_path / "eval"))
-    assert '"eval/success_rate"' in out
-
-
-def test_two_ranks_torchrun(model_path, tmp_path):
-    out = run(*TINY_RUN, "--model-path", model_path, "--total-iterations", "1", "--eval-interval", "0",
-              "--run-dir", str(tmp_path),
-              launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"))
-    assert "2 rank(s) x 2 envs" in out and out.count("iter 1:") == 1  # rank 0 prints
-    assert (tmp_path / "grpo_internvl__s1" / "checkpoints" / "latest").read_text().strip() == "step_00000001"
-    assert scalars(tmp_path / "grpo_internvl__s1")["actor/samples"][1] > 0
+    out = run(*TINY_RUN, "--eval-only", "--checkpoint", str(ckpts), "--run-dir", str(tmp_path / "eval"))
+    assert '"eval/success_rate"' in out  # the model path and LoRA settings come from the checkpoint
 
 
 def test_cli_rejects_indivisible_groups():

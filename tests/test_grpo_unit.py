@@ -48,7 +48,7 @@ def test_every_sampled_answer_parses(tiny, temperature, top_k, top_p):
     inputs = grpo.build_inputs(processor, [INSTRUCTION] * 32, rgb, tcp_pose, "cpu")
     distinct = set()
     for _ in range(2):
-        choices, tokens, logp, _ = grpo.generate_actions(model, inputs, template, temperature, top_k, top_p)
+        choices, tokens, logp, _, entropy = grpo.generate_actions(model, inputs, template, temperature, top_k, top_p)
         answers = template.assemble(tokens)
         actions = template.to_env_action(choices)  # (B, 7)
         assert actions.abs().max() <= 1.0 and set(actions[:, 6].tolist()) <= {-1.0, 1.0}
@@ -58,7 +58,7 @@ def test_every_sampled_answer_parses(tiny, temperature, top_k, top_p):
             assert processor.tokenizer.encode(text, add_special_tokens=False) == answer.tolist(), text
             distinct.add(text)
         if temperature > 0:
-            assert torch.isfinite(logp).all() and (logp <= 0).all()
+            assert torch.isfinite(logp).all() and (logp <= 0).all() and (entropy >= 0).all()
     assert len(distinct) > (1 if temperature == 0 else 40)  # greedy differs per image/state; sampling varies
 
 
@@ -79,7 +79,7 @@ def test_rollout_logprob_equals_training_logprob(tiny, temperature, top_k, top_p
     torch.manual_seed(0)
     rgb, tcp_pose = make_inputs(processor, 8, seed=1)
     inputs = grpo.build_inputs(processor, [INSTRUCTION] * 8, rgb, tcp_pose, "cpu")
-    choices, tokens, old_logp, support = grpo.generate_actions(model, inputs, template, temperature, top_k, top_p)
+    choices, tokens, old_logp, support, _ = grpo.generate_actions(model, inputs, template, temperature, top_k, top_p)
     assert (support.sum(-1) < template.set_valid[template.free_set].sum(-1)).any(), "top-k/top-p must be active"
 
     order = torch.tensor([5, 2, 7])  # a sub-batch in another order: other padding, other positions
@@ -136,7 +136,7 @@ def test_filtered_groups_contribute_nothing(tiny):
     N, T = 4, 2  # two groups of two envs, two steps each
     rgb, tcp_pose = make_inputs(processor, N * T, seed=3)
     inputs = grpo.build_inputs(processor, [INSTRUCTION] * (N * T), rgb, tcp_pose, "cpu")
-    choices, tokens, logp, support = grpo.generate_actions(policy, inputs, template, args.temperature, 0, 1.0)
+    choices, tokens, logp, support, _ = grpo.generate_actions(policy, inputs, template, args.temperature, 0, 1.0)
     ep = dict(instructions=[INSTRUCTION] * N, rgb=rgb.view(T, N, 64, 64, 3), tcp_pose=tcp_pose.view(T, N, 7),
               choices=choices.view(T, N, -1), tokens=tokens.view(T, N, -1), logp=logp.view(T, N, -1),
               support=support.view(T, N, *support.shape[1:]))
