@@ -47,7 +47,7 @@ def main():
     parser.add_argument("--model-path", default=None, help="an InternVL -hf checkpoint (default: build the tiny one)")
     parser.add_argument("--digits", choices=["grouped", "single"], default="grouped", help="tiny tokenizer variant")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 16])
-    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=11, help="timed repeats (the median is reported)")
     parser.add_argument("--temperature", type=float, default=1.6)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -80,17 +80,19 @@ def main():
                 answers = fn()  # warm-up, and check that every answer parses
                 for answer in answers:
                     grpo.parse_action_text(tokenizer.decode(answer))
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
+                times = []
                 for _ in range(args.iters):
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    start = time.perf_counter()
                     fn()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                elapsed = time.perf_counter() - start
-                results[name] = batch * template.answer_len * args.iters / elapsed
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    times.append(time.perf_counter() - start)
+                median = sorted(times)[len(times) // 2]  # robust to other processes sharing the CPU
+                results[name] = batch * template.answer_len / median
                 print(f"batch {batch:4d} {name:34s} {results[name]:9.1f} tokens/s "
-                      f"({elapsed / args.iters * 1000:.1f} ms per action batch, {template.answer_len} tokens/answer)")
+                      f"(median {median * 1000:.1f} ms per action batch of {template.answer_len} tokens/answer)")
             print(f"batch {batch:4d} speed-up {results['constrained generate_actions'] / results['model.generate + LogitsProcessor']:.2f}x")
 
 
