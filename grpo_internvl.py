@@ -50,6 +50,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 import tyro
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoProcessor, DynamicCache, InternVLForConditionalGeneration
 
 from common.checkpoint import load_trainer_state, resolve_checkpoint, save_checkpoint, save_trainer_state, trainer_state
@@ -434,7 +435,10 @@ def load_processor_and_template(model_path: str):
     try:
         config = AutoConfig.from_pretrained(model_path)
     except (OSError, ValueError) as e:
-        raise ValueError(f"--model-path {model_path!r} is not a loadable transformers checkpoint: {e}") from e
+        raise ValueError(
+            f"--model-path {model_path!r} is not a transformers-native checkpoint (use an InternVL `-hf` one, e.g. "
+            f"OpenGVLab/InternVL3-1B-hf): {e}"
+        ) from e
     if config.model_type != "internvl":
         raise ValueError(
             f"--model-path {model_path!r} has model_type {config.model_type!r}, not 'internvl': use a "
@@ -464,8 +468,6 @@ def load_policy(args: Args, device: torch.device, checkpoint_dir: Optional[str])
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.lora_rank > 0:
-        from peft import LoraConfig, PeftModel, get_peft_model
-
         if checkpoint_dir:
             if not os.path.exists(os.path.join(checkpoint_dir, "adapter_config.json")):
                 raise ValueError(f"{checkpoint_dir} holds no LoRA adapter: was it trained with --lora-rank 0?")

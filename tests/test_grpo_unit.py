@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import InternVLForConditionalGeneration, PreTrainedTokenizerFast, Qwen2Config
 
@@ -125,40 +126,58 @@ def test_grpo_loss_hand_worked():
     assert torch.allclose(stats["kl"], torch.full((2, 3), k3)) and torch.allclose(loss_kl, torch.full((2, 3), 0.1 * k3))
 
 
-def test_filtered_groups_contribute_nothing(tiny):
-    """One update on a hand-made batch: groups outside [0.1, 0.9] leave the weights untouched, a mixed one moves them."""
-    processor, template, model = tiny
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(0)
-    policy = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    args = grpo.Args(num_minibatches=1, micro_batch_size=2, learning_rate=1e-2, temperature=1.6)
-    N, T = 4, 2  # two groups of two envs, two steps each
+def rollout_batch(policy, processor, template, temperature, T=2, N=4):
+    """A hand-made rollout `ep` (T steps x N envs) as run_episodes returns it, without a simulator."""
     rgb, tcp_pose = make_inputs(processor, N * T, seed=3)
     inputs = grpo.build_inputs(processor, [INSTRUCTION] * (N * T), rgb, tcp_pose, "cpu")
-    choices, tokens, logp, support, _ = grpo.generate_actions(policy, inputs, template, args.temperature, 0, 1.0)
-    ep = dict(instructions=[INSTRUCTION] * N, rgb=rgb.view(T, N, 64, 64, 3), tcp_pose=tcp_pose.view(T, N, 7),
-              choices=choices.view(T, N, -1), tokens=tokens.view(T, N, -1), logp=logp.view(T, N, -1),
-              support=support.view(T, N, *support.shape[1:]))
+    sampled = grpo.generate_actions(policy, inputs, template, temperature, 0, 1.0)
+    return dict(instructions=[INSTRUCTION] * N, rgb=rgb.view(T, N, *rgb.shape[1:]), tcp_pose=tcp_pose.view(T, N, 7),
+                choices=sampled.choices.view(T, N, -1), tokens=sampled.tokens.view(T, N, -1),
+                logp=sampled.logp.view(T, N, -1), support=sampled.support.view(T, N, *sampled.support.shape[1:]))
+
+
+def run_update(policy, reference, processor, template, ep, success, args):
+    """One update_policy call with GRPO advantages for `success` (N,); returns (summed |weight change|, metrics)."""
     params = [p for p in policy.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    optimizer = torch.optim.SGD(params, lr=args.learning_rate)
+    T, N = ep["logp"].shape[:2]
+    advantages = grpo.group_advantages(args.reward_coef * success.float(), args.group_size)
+    kept = grpo.groups_kept(success, args.group_size, args.success_low, args.success_high)
+    step_idx, env_idx = (torch.ones(T, N, dtype=torch.bool) & kept[None]).nonzero(as_tuple=True)
+    metrics = grpo.update_policy(policy, reference, optimizer, processor, template, ep, step_idx, env_idx,
+                                 advantages, args, "cpu", torch.autocast("cpu", enabled=False))
+    change = sum((p.detach() - b).abs().sum().item() for p, b in zip(params, before))
+    return change, metrics
 
-    def update(success):
-        before = [p.detach().clone() for p in params]
-        optimizer = torch.optim.SGD(params, lr=args.learning_rate)
-        advantages = grpo.group_advantages(args.reward_coef * success.float(), 2)
-        kept = grpo.groups_kept(success, 2, args.success_low, args.success_high)
-        step_idx, env_idx = (torch.ones(T, N, dtype=torch.bool) & kept[None]).nonzero(as_tuple=True)
-        metrics = grpo.update_policy(policy, None, optimizer, processor, template, ep, step_idx, env_idx,
-                                     advantages, args, "cpu", torch.autocast("cpu", enabled=False))
-        change = sum((p.detach() - b).abs().sum().item() for p, b in zip(params, before))
-        for p, b in zip(params, before):
-            p.data.copy_(b)
-        return change, metrics
 
-    change, metrics = update(torch.tensor([True, True, False, False]))  # all-success and all-fail groups
-    assert change == 0 and metrics == {}
-    change, metrics = update(torch.tensor([True, False, False, False]))  # one mixed group
+def test_filtered_groups_contribute_nothing(tiny):
+    """LoRA update on a hand-made batch: groups outside [0.1, 0.9] leave the weights untouched, a mixed one moves them."""
+    processor, template, model = tiny
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    policy = get_peft_model(copy.deepcopy(model), lora)
+    args = grpo.Args(group_size=2, num_minibatches=1, micro_batch_size=3, learning_rate=1e-2, kl_coef=0.1)
+    ep = rollout_batch(policy, processor, template, args.temperature)
+
+    change, metrics = run_update(policy, None, processor, template, ep, torch.tensor([True, True, False, False]), args)
+    assert change == 0 and metrics == {}  # an all-success and an all-fail group: nothing to learn
+    change, metrics = run_update(policy, None, processor, template, ep, torch.tensor([True, False, False, False]), args)
     assert change > 0 and abs(metrics["actor/ratio"] - 1) < 1e-5 and metrics["actor/clipfrac"] == 0
+    assert metrics["actor/kl"] > 0  # reference = the base with the (random) adapters switched off
+
+
+def test_full_finetuning_with_reference_and_checkpointing(tiny):
+    """--lora-rank 0 with a frozen reference copy and gradient checkpointing: KL starts at 0 and grows."""
+    processor, template, model = tiny
+    policy = copy.deepcopy(model)
+    policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    args = grpo.Args(group_size=2, lora_rank=0, kl_coef=0.1, update_epochs=2, num_minibatches=2, micro_batch_size=4,
+                     learning_rate=0.5)
+    ep = rollout_batch(policy, processor, template, args.temperature)
+    change, metrics = run_update(policy, reference, processor, template, ep, torch.tensor([True, False, False, True]), args)
+    assert change > 0 and 0 < metrics["actor/kl"] < 1 and metrics["actor/approx_kl"] > 0
 
 
 def test_bad_input_fails_before_expensive_work(tmp_path):
