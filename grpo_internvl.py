@@ -79,6 +79,8 @@ class Args:
     """episodes per initial state (one GRPO group); at least 2"""
     max_episode_steps: int = 75
     """control steps per episode"""
+    image_size: int = 224
+    """camera resolution (square); the processor resizes it to the model's input size"""
     total_iterations: int = 200
     """training iterations (one batch of episodes and one update each)"""
 
@@ -160,6 +162,8 @@ def validate(args: Args, world_size: int):
         raise ValueError("--num-minibatches, --micro-batch-size, --update-epochs, --max-episode-steps must be >= 1")
     if args.lora_rank < 0:
         raise ValueError(f"--lora-rank must be >= 0 (0 = full fine-tuning), got {args.lora_rank}")
+    if args.image_size < 32:
+        raise ValueError(f"--image-size must be at least 32 (pixels per side), got {args.image_size}")
     if args.eval_only and args.resume:
         raise ValueError("--eval-only evaluates --checkpoint; do not combine it with --resume")
     if args.checkpoint and not args.eval_only:
@@ -498,7 +502,8 @@ def sum_gradients_across_ranks(params: list[torch.nn.Parameter]) -> None:
         p.grad = g.view_as(p)
 
 
-def update_policy(model, reference, optimizer, processor, template, ep, step_idx, env_idx, advantages, args, device, autocast):
+def update_policy(model, reference, optimizer, processor, template, ep, step_idx, env_idx, advantages, args, device,
+                  autocast):
     """PPO-style epochs over the kept steps (step_idx, env_idx) (M,) of the rollout `ep`; returns actor/* metrics.
 
     Each minibatch is one optimizer step; micro-batches accumulate loss_sum / (free tokens of the minibatch
@@ -515,7 +520,8 @@ def update_policy(model, reference, optimizer, processor, template, ep, step_idx
                 continue
             for micro in minibatch.split(args.micro_batch_size):
                 t, n = step_idx[micro], env_idx[micro]
-                inputs = build_inputs(processor, [ep["instructions"][i] for i in n], ep["rgb"][t, n], ep["tcp_pose"][t, n], device)
+                instructions = [ep["instructions"][i] for i in n]
+                inputs = build_inputs(processor, instructions, ep["rgb"][t, n], ep["tcp_pose"][t, n], device)
                 answer_ids = template.assemble(ep["tokens"][t, n]).to(device)
                 support = ep["support"][t, n].to(device)  # (b, F, S) the rollout's sampling support
                 choice = ep["choices"][t, n].to(device)[..., None]  # (b, F, 1)
@@ -539,8 +545,10 @@ def update_policy(model, reference, optimizer, processor, template, ep, step_idx
             optimizer.zero_grad(set_to_none=True)
     # Token-weighted means over all ranks (a rank may have had no kept samples).
     keys = ["pg_loss", "approx_kl", "clipfrac", "ratio", "grad_norm"] + (["kl"] if args.kl_coef > 0 else [])
-    totals = torch.tensor([[torch.cat(stats[k]).sum().item(), sum(v.numel() for v in stats[k])] if k in stats else [0.0, 0.0]
-                           for k in keys], dtype=torch.float64, device=device)
+    totals = torch.tensor(
+        [[torch.cat(stats[k]).sum().item(), sum(v.numel() for v in stats[k])] if k in stats else [0.0, 0.0] for k in keys],
+        dtype=torch.float64, device=device,
+    )
     all_reduce_sum_(totals)
     return {f"actor/{k}": total / count for k, (total, count) in zip(keys, totals.tolist()) if count > 0}
 
@@ -587,8 +595,11 @@ def run_episodes(envs, model, processor, template, seeds, temperature, top_k, to
             frames.append(info["final_obs"]["rgb"][0] if done[0] else obs["rgb"][0])
         if not running.any():
             break
-    return dict(instructions=envs.instructions, rgb=rgb, tcp_pose=tcp_pose, choices=choices, tokens=tokens, logp=logp, entropy=entropy, support=support, alive=alive,
-                success=success, length=length, frames=frames, tokens_generated=int(alive.sum()) * template.answer_len)
+    return dict(
+        instructions=envs.instructions, rgb=rgb, tcp_pose=tcp_pose, choices=choices, tokens=tokens, logp=logp,
+        entropy=entropy, support=support, alive=alive, success=success, length=length, frames=frames,
+        tokens_generated=int(alive.sum()) * template.answer_len,
+    )
 
 
 def evaluate(envs, model, processor, template, args, dist, device, autocast):
@@ -625,8 +636,8 @@ def main(args: Args) -> None:
             optimizer.load_state_dict(state["optimizer"])
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    envs = ManiSkillVLAEnv(args.env_id, args.num_envs, seed=args.seed + dist.rank, instruction=args.instruction,
-                           max_episode_steps=args.max_episode_steps, reward_mode="sparse")
+    envs = ManiSkillVLAEnv(args.env_id, args.num_envs, seed=args.seed + dist.rank, image_size=args.image_size,
+                           instruction=args.instruction, max_episode_steps=args.max_episode_steps, reward_mode="sparse")
     run_path = os.path.join(args.run_dir, f"{args.exp_name}__s{args.seed}")
     logger = Logger(run_path, args, enabled=dist.is_main)
     print0(f"GRPO {args.env_id}: {dist.world_size} rank(s) x {args.num_envs} envs, groups of {args.group_size}; "
@@ -664,7 +675,8 @@ def main(args: Args) -> None:
         group_seeds = rng.integers(0, 2**31, size=args.num_groups).tolist()
         seeds = [s for s in group_seeds for _ in range(args.group_size)]
         model.eval()
-        ep = run_episodes(envs, model, processor, template, seeds, args.temperature, args.top_k, args.top_p, device, autocast)
+        ep = run_episodes(envs, model, processor, template, seeds, args.temperature, args.top_k, args.top_p, device,
+                          autocast)
         rollout_time = time.time() - t0
 
         # ALGO LOGIC ------------------------------------------------------- 2. reward, 3. advantage

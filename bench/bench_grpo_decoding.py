@@ -93,7 +93,8 @@ def main():
                 results[name] = batch * template.answer_len / median
                 print(f"batch {batch:4d} {name:34s} {results[name]:9.1f} tokens/s "
                       f"(median {median * 1000:.1f} ms per action batch of {template.answer_len} tokens/answer)")
-            print(f"batch {batch:4d} speed-up {results['constrained generate_actions'] / results['model.generate + LogitsProcessor']:.2f}x")
+            ours_tps, hf_tps = results.values()
+            print(f"batch {batch:4d} speed-up {ours_tps / hf_tps:.2f}x")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from common.internvl_tiny import build_tiny_internvl
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = ["--env-id", "PushCube-v1", "--num-envs", "2", "--group-size", "2", "--max-episode-steps", "3",
-            "--micro-batch-size", "4", "--num-minibatches", "2", "--no-dynamic-sampling", "--save-interval", "1"]
+            "--image-size", "64", "--micro-batch-size", "4", "--num-minibatches", "2", "--no-dynamic-sampling", "--save-interval", "1"]
 
 
 @pytest.fixture(scope="module")
