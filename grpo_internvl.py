@@ -496,10 +496,10 @@ def reference_logits(model, reference, inputs, answer_ids, template):
 
 def sum_gradients_across_ranks(params: list[torch.nn.Parameter]) -> None:
     """Sum (not average) gradients over ranks: each rank's loss is already divided by the global token count."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = all_reduce_sum_(torch.cat([g.reshape(-1) for g in grads]))
-    for p, g in zip(params, flat.split([g.numel() for g in grads])):
-        p.grad = g.view_as(p)
+    for p in params:
+        if p.grad is None:  # this rank had no kept samples in the minibatch
+            p.grad = torch.zeros_like(p)
+        all_reduce_sum_(p.grad)
 
 
 def update_policy(model, reference, optimizer, processor, template, ep, step_idx, env_idx, advantages, args, device,
