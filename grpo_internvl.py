@@ -127,7 +127,7 @@ class Args:
     eval_temperature: float = 0.0
     """temperature of evaluation (0: greedy over the allowed tokens)"""
     capture_video: bool = False
-    """log an mp4 of the first eval env to TensorBoard"""
+    """write an mp4 of the first eval env to {run}/videos/"""
     save_interval: int = 10
     """write a checkpoint every this many iterations (0: only at the end)"""
     keep_checkpoints: int = 3
@@ -640,8 +640,9 @@ def main(args: Args) -> None:
                            instruction=args.instruction, max_episode_steps=args.max_episode_steps, reward_mode="sparse")
     run_path = os.path.join(args.run_dir, f"{args.exp_name}__s{args.seed}")
     logger = Logger(run_path, args, enabled=dist.is_main)
-    print0(f"GRPO {args.env_id}: {dist.world_size} rank(s) x {args.num_envs} envs, groups of {args.group_size}; "
-           f"{sum(p.numel() for p in params):,} trainable parameters; {template.num_free} free tokens per action")
+    print0(f"GRPO {args.env_id}: {dist.world_size} rank(s) x {args.num_envs} envs = {args.global_episodes} episodes per "
+           f"iteration, {args.num_groups} groups of {args.group_size} per rank; {sum(p.numel() for p in params):,} "
+           f"trainable parameters; {template.num_free} free tokens per action")
 
     if args.eval_only:
         metrics, frames = evaluate(envs, model, processor, template, args, dist, device, autocast)
