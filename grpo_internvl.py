@@ -92,16 +92,14 @@ class Args:
     """sample only among the k most likely allowed tokens (0: off)"""
     top_p: float = 1.0
     """sample only from the smallest allowed set with probability >= top_p (1.0: off)"""
-    clip_ratio_low: float = 0.2
-    """ratio clipped below at 1 - clip_ratio_low"""
-    clip_ratio_high: float = 0.28
-    """ratio clipped above at 1 + clip_ratio_high"""
+    clip_low: float = 0.2
+    """ratio clipped below at 1 - clip_low"""
+    clip_high: float = 0.28
+    """ratio clipped above at 1 + clip_high"""
     dynamic_sampling: bool = True
-    """drop groups whose success mean lies outside [success_low, success_high] (they carry no signal)"""
-    success_low: float = 0.1
-    """lower bound of the dynamic sampling filter"""
-    success_high: float = 0.9
-    """upper bound of the dynamic sampling filter"""
+    """drop groups whose success rate lies outside success_bounds (they carry no signal)"""
+    success_bounds: tuple[float, float] = (0.1, 0.9)
+    """kept groups have lower <= success rate <= upper"""
     kl_coef: float = 0.0
     """weight of the k3 KL to the frozen initial policy (the reference is built only when > 0)"""
     update_epochs: int = 1
@@ -158,6 +156,8 @@ def validate(args: Args, world_size: int):
         raise ValueError(f"--temperature must be > 0 for training rollouts, got {args.temperature}")
     if not 0 < args.top_p <= 1 or args.top_k < 0:
         raise ValueError(f"--top-p must be in (0, 1] and --top-k >= 0, got {args.top_p}, {args.top_k}")
+    if not 0 <= args.success_bounds[0] <= args.success_bounds[1] <= 1:
+        raise ValueError(f"--success-bounds must satisfy 0 <= lower <= upper <= 1, got {args.success_bounds}")
     if min(args.num_minibatches, args.micro_batch_size, args.update_epochs, args.max_episode_steps) < 1:
         raise ValueError("--num-minibatches, --micro-batch-size, --update-epochs, --max-episode-steps must be >= 1")
     if args.lora_rank < 0:
@@ -534,7 +534,7 @@ def update_policy(model, reference, optimizer, processor, template, ep, step_idx
                 # ALGO LOGIC: the log-prob under the same mask, temperature and top-k/top-p support as the rollout
                 logp = policy_logprobs(logits, support, args.temperature).gather(2, choice).squeeze(2)  # (b, F)
                 loss, micro_stats = grpo_loss(logp, ep["logp"][t, n].to(device), advantages[n].to(device), ref_logp,
-                                              args.clip_ratio_low, args.clip_ratio_high, args.kl_coef)
+                                              args.clip_low, args.clip_high, args.kl_coef)
                 (loss.sum() / global_tokens).backward()
                 for key, value in micro_stats.items():
                     stats.setdefault(key, []).append(value.flatten().cpu())
@@ -683,7 +683,7 @@ def main(args: Args) -> None:
         # ALGO LOGIC ------------------------------------------------------- 2. reward, 3. advantage
         rewards = args.reward_coef * ep["success"].float()  # (N,) outcome reward at the final step
         advantages = group_advantages(rewards, args.group_size)  # (N,)
-        kept = (groups_kept(ep["success"], args.group_size, args.success_low, args.success_high)
+        kept = (groups_kept(ep["success"], args.group_size, *args.success_bounds)
                 if args.dynamic_sampling else torch.ones(args.num_envs, dtype=torch.bool))
         step_idx, env_idx = (ep["alive"] & kept[None, :]).nonzero(as_tuple=True)  # (M,) training samples
         # end ALGO LOGIC

@@ -143,7 +143,7 @@ def run_update(policy, reference, processor, template, ep, success, args):
     optimizer = torch.optim.SGD(params, lr=args.learning_rate)
     T, N = ep["logp"].shape[:2]
     advantages = grpo.group_advantages(args.reward_coef * success.float(), args.group_size)
-    kept = grpo.groups_kept(success, args.group_size, args.success_low, args.success_high)
+    kept = grpo.groups_kept(success, args.group_size, *args.success_bounds)
     step_idx, env_idx = (torch.ones(T, N, dtype=torch.bool) & kept[None]).nonzero(as_tuple=True)
     metrics = grpo.update_policy(policy, reference, optimizer, processor, template, ep, step_idx, env_idx,
                                  advantages, args, "cpu", torch.autocast("cpu", enabled=False))
