@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import DynamicCache
@@ -43,7 +43,7 @@ from common.checkpoint import load_trainer_state, resolve_checkpoint, restore_rn
 from common.dist import all_reduce_mean, all_reduce_sum_, check_in_sync, cleanup, init_dist, print0
 from common.logger import Logger
 from common.maniskill_env import REWARD_MODES, ManiSkillVLAEnv, check_env_id, check_render_device
-from common.openvla import ActionTokenizer, action_stats, load_openvla, read_openvla_config, resolve_model_path, save_openvla
+from common.openvla import ActionTokenizer, action_stats, load_openvla, make_trainable, read_openvla_config, resolve_model_path, save_openvla
 
 ACTION_DIM = 7
 
@@ -241,26 +241,6 @@ class Agent(nn.Module):
         return logprob, entropy, self.value(hidden[:, 0])
 
 
-def unused_by_forward(name: str, vla) -> bool:
-    return any(name.startswith("vision_backbone." + prefix) for prefix in vla.vision_backbone.unused_prefixes())
-
-
-def add_lora(vla, rank: int, alpha: int) -> LoraConfig:
-    """LoRA on every nn.Linear of the VLA (vision, projector, LLM) except the LM head, like OpenVLA's fine-tuning,
-    and except vision layers past the second-to-last block, which the forward never reaches."""
-    targets = [
-        name for name, m in vla.named_modules()
-        if isinstance(m, nn.Linear) and not name.endswith("lm_head") and not unused_by_forward(name + ".", vla)
-    ]
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, init_lora_weights="gaussian")
-    inject_adapter_in_model(config, vla)
-    for name, p in vla.named_parameters():
-        p.requires_grad = "lora_" in name
-        if p.requires_grad:
-            p.data = p.data.float()  # adapters train in fp32 even when the frozen base is bf16
-    return config
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # ALGO LOGIC: advantages and losses
 # ---------------------------------------------------------------------------------------------------------------
@@ -367,12 +347,7 @@ def main(args: Args) -> None:
     vla, processor = load_openvla(model_dir, device=device, dtype=dtype)
     if args.gradient_checkpointing:
         vla.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if args.lora_rank > 0:
-        lora_config = add_lora(vla, args.lora_rank, args.lora_alpha)
-    else:
-        lora_config = None
-        for name, p in vla.named_parameters():
-            p.requires_grad = not unused_by_forward(name, vla)
+    lora_config = make_trainable(vla, args.lora_rank, args.lora_alpha)  # None = full fine-tuning
     action_tokenizer = ActionTokenizer(vla.vocab_size, vla.n_action_bins)
     stats = action_stats(config, args.unnorm_key)
     agent = Agent(vla, action_tokenizer).to(device)

@@ -56,7 +56,7 @@ import torch.distributed as torch_dist
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from common.checkpoint import (load_trainer_state, resolve_checkpoint, restore_rng, save_checkpoint,
@@ -65,8 +65,8 @@ from common.dist import (all_reduce_mean, all_reduce_sum_, broadcast_parameters,
                          is_dist, print0)
 from common.libero_env import LiberoVectorEnv, check_task_ids, configure_rendering, load_suite, to_libero_actions
 from common.logger import Logger
-from common.openvla import (ActionTokenizer, action_stats, load_openvla, read_openvla_config, resolve_model_path,
-                            save_openvla)
+from common.openvla import (ActionTokenizer, action_stats, load_openvla, make_trainable, read_openvla_config,
+                            resolve_model_path, save_openvla)
 from common.progress_reward import VideoEmbedder, check_world_model, progress_rewards
 
 CHUNK_STEPS, ACTION_DIM = 8, 7  # OpenVLA-OFT LIBERO: 8 actions of 7 dims per query
@@ -225,24 +225,6 @@ def load_action_stats(model_dir: str, config: dict, suite: str, unnorm_key: Opti
     if unnorm_key is None and f"{suite}_no_noops" in norm_stats:
         unnorm_key = f"{suite}_no_noops"
     return action_stats(config, unnorm_key)
-
-
-def unused_by_forward(name: str, vla) -> bool:
-    return any(name.startswith("vision_backbone." + prefix) for prefix in vla.vision_backbone.unused_prefixes())
-
-
-def add_lora(vla, rank: int, alpha: int) -> LoraConfig:
-    """LoRA on every nn.Linear (vision, projector, LLM) except the LM head and the vision layers the forward never
-    reaches; only the adapters train, in fp32 (on a bf16 base, 5e-6 steps would round away)."""
-    targets = [name for name, m in vla.named_modules()
-               if isinstance(m, nn.Linear) and not name.endswith("lm_head") and not unused_by_forward(name + ".", vla)]
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, init_lora_weights="gaussian")
-    inject_adapter_in_model(config, vla)
-    for name, p in vla.named_parameters():
-        p.requires_grad = "lora_" in name
-        if p.requires_grad:
-            p.data = p.data.float()
-    return config
 
 
 def all_gather_cat(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -429,10 +411,7 @@ def main(args: Args) -> None:
     vla, processor = load_openvla(model_dir, device=dist.device, dtype=dtype, attn_implementation="sdpa")
     stats = load_action_stats(model_dir, vla.config, args.suite, args.unnorm_key)
     action_tokenizer = ActionTokenizer(vla.vocab_size, N_BINS)
-    lora_config = add_lora(vla, args.lora_rank, args.lora_alpha) if args.lora_rank > 0 else None
-    if lora_config is None:
-        for name, p in vla.named_parameters():
-            p.requires_grad = not unused_by_forward(name, vla)
+    lora_config = make_trainable(vla, args.lora_rank, args.lora_alpha)  # None = full fine-tuning
     if args.gradient_checkpointing:
         vla.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = OFTPolicy(vla, processor.tokenizer.eos_token_id).to(dist.device).eval()  # no dropout anywhere

@@ -18,7 +18,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common.openvla import OpenVLA, OpenVLAProcessor, build_tiny_tokenizer, load_openvla, make_tiny_openvla, preprocessor_config  # noqa: E402
 from common.openvla import ActionTokenizer  # noqa: E402
-from ppo_openvla import Agent, add_lora  # noqa: E402
+from common.openvla import make_trainable  # noqa: E402
+from ppo_openvla import Agent  # noqa: E402
 
 OPENVLA_7B = {
     "model_type": "openvla", "vision_backbone_id": "dinosiglip-vit-so-224px", "pad_to_multiple_of": 64, "n_action_bins": 256,
@@ -38,7 +39,7 @@ def build(size: str, device: torch.device, tmp: str):
                 p.normal_(0, 0.02)
         vla.language_model.model.rotary_emb = type(vla.language_model.model.rotary_emb)(vla.language_model.config).to(device)
         processor = OpenVLAProcessor(build_tiny_tokenizer(os.path.join(tmp, "tok")), preprocessor_config())
-    add_lora(vla, 32, 16)
+    make_trainable(vla, 32, 16)
     return Agent(vla, ActionTokenizer(vla.vocab_size, 256)).to(device).eval(), processor
 
 

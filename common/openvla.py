@@ -19,6 +19,7 @@ import timm
 import torch
 import torch.nn as nn
 import torchvision.transforms.functional as TF
+from peft import LoraConfig, inject_adapter_in_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -134,6 +135,27 @@ class OpenVLA(nn.Module):
         """Full logits (B, L + 256, V), as the reference implementation returns them."""
         embeds, mask, position_ids = self.embed_multimodal(input_ids, attention_mask, pixel_values)
         return self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, **lm_kwargs)
+
+
+def make_trainable(vla: OpenVLA, lora_rank: int, lora_alpha: int) -> Optional[LoraConfig]:
+    """Choose what trains. lora_rank > 0: LoRA adapters (fp32, even over a bf16 base) on every nn.Linear of the VLA
+    (vision, projector, LLM) except the LM head, as OpenVLA's own fine-tuning does; returns their config.
+    lora_rank 0: every weight. Either way the vision layers the forward never reaches stay frozen (DDP requires every
+    trainable parameter to receive a gradient)."""
+    unreached = ["vision_backbone." + prefix for prefix in vla.vision_backbone.unused_prefixes()]
+    reached = lambda name: not any(name.startswith(prefix) for prefix in unreached)
+    if lora_rank == 0:
+        for name, p in vla.named_parameters():
+            p.requires_grad = reached(name)
+        return None
+    targets = [name for name, m in vla.named_modules() if isinstance(m, nn.Linear) and not name.endswith("lm_head") and reached(name + ".")]
+    config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=targets, init_lora_weights="gaussian")
+    inject_adapter_in_model(config, vla)
+    for name, p in vla.named_parameters():
+        p.requires_grad = "lora_" in name
+        if p.requires_grad:
+            p.data = p.data.float()
+    return config
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from common.openvla import ActionTokenizer, load_openvla
-from ppo_openvla import Agent, add_lora, compute_gae, ppo_losses
+from common.openvla import make_trainable
+from ppo_openvla import Agent, compute_gae, ppo_losses
 
 
 def test_gae_hand_worked_with_termination_and_truncation():
@@ -39,7 +40,7 @@ def test_ppo_losses_hand_worked():
 def agent_and_inputs(tiny_openvla):
     torch.manual_seed(0)
     vla, processor = load_openvla(tiny_openvla)
-    add_lora(vla, rank=4, alpha=8)
+    make_trainable(vla, lora_rank=4, lora_alpha=8)
     with torch.no_grad():  # make the adapters non-zero so they take part in both passes
         for name, p in vla.named_parameters():
             if "lora_B" in name:
@@ -84,7 +85,7 @@ def test_rollout_logprob_equals_training_logprob(agent_and_inputs, temperature):
 
 def test_lora_trains_only_adapters(tiny_openvla):
     vla, _ = load_openvla(tiny_openvla)
-    add_lora(vla, rank=4, alpha=8)
+    make_trainable(vla, lora_rank=4, lora_alpha=8)
     trainable = [n for n, p in vla.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert any("fused_featurizer" in n for n in trainable) and any("language_model.model.layers" in n for n in trainable)
@@ -94,14 +95,8 @@ def test_lora_trains_only_adapters(tiny_openvla):
 @pytest.mark.parametrize("lora_rank", [4, 0])
 def test_every_trainable_parameter_gets_a_gradient(tiny_openvla, lora_rank):
     """DDP (find_unused_parameters=False) fails on trainable parameters the forward never reaches."""
-    from ppo_openvla import unused_by_forward
-
     vla, processor = load_openvla(tiny_openvla)
-    if lora_rank:
-        add_lora(vla, rank=lora_rank, alpha=8)
-    else:
-        for name, p in vla.named_parameters():
-            p.requires_grad = not unused_by_forward(name, vla)
+    make_trainable(vla, lora_rank=lora_rank, lora_alpha=8)
     agent = Agent(vla, ActionTokenizer(vla.vocab_size))
     ids, mask = processor.prompt_ids(["push the cube"])
     pixels = processor.preprocess_images(torch.randint(0, 256, (1, 224, 224, 3), dtype=torch.uint8))

@@ -103,11 +103,11 @@ def test_action_decoding_uses_oft_statistics(tiny_oft):
 
 
 def test_every_lora_parameter_gets_a_gradient(tiny_oft):
-    from srpo_openvla_oft import add_lora
+    from common.openvla import make_trainable
 
     path, _, processor = tiny_oft
     vla, _ = load_openvla(path, device="cpu", dtype=torch.float32, attn_implementation="sdpa")
-    add_lora(vla, rank=4, alpha=8)
+    make_trainable(vla, lora_rank=4, lora_alpha=8)
     policy = OFTPolicy(vla, processor.tokenizer.eos_token_id)
     ids, attn = processor.prompt_ids(INSTRUCTIONS[:2])
     pixels = processor.preprocess_images(torch.randint(0, 255, (2, 224, 224, 3), dtype=torch.uint8))
