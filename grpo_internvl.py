@@ -636,7 +636,7 @@ def main(args: Args) -> None:
             optimizer.load_state_dict(state["optimizer"])
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    envs = ManiSkillVLAEnv(args.env_id, args.num_envs, seed=args.seed + dist.rank, image_size=args.image_size,
+    envs = ManiSkillVLAEnv(args.env_id, args.num_envs, image_size=args.image_size,
                            instruction=args.instruction, max_episode_steps=args.max_episode_steps, reward_mode="sparse")
     run_path = os.path.join(args.run_dir, f"{args.exp_name}__s{args.seed}")
     logger = Logger(run_path, args, enabled=dist.is_main)

@@ -335,7 +335,7 @@ def main(args: Args) -> None:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (on_gpu and args.bf16) else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ envs
-    env = ManiSkillVLAEnv(args.env_id, args.num_envs, seed=args.seed + rank, image_size=args.image_size,
+    env = ManiSkillVLAEnv(args.env_id, args.num_envs, image_size=args.image_size,
                           reward_mode=args.reward_mode, instruction=args.instruction, max_episode_steps=args.max_episode_steps)
 
     # ------------------------------------------------------------------ model

@@ -5,7 +5,7 @@ CPU machine: ManiSkill's CPU backend holds one env per process, so the batch is 
 (gymnasium AsyncVectorEnv), rendered by Mesa's lavapipe Vulkan driver (see scripts/setup.sh).
 Both paths share this interface:
 
-    env = ManiSkillVLAEnv("PickCube-v1", num_envs=4, seed=0)
+    env = ManiSkillVLAEnv("PickCube-v1", num_envs=4)
     obs = env.reset(seeds=[0, 1, 2, 3])          # {"rgb": uint8 (N, H, W, 3), "tcp_pose": (N, 7)}
     obs, reward, terminated, truncated, info = env.step(actions)   # actions (N, 7) in [-1, 1]
 
@@ -103,7 +103,6 @@ class ManiSkillVLAEnv:
         self,
         env_id: str,
         num_envs: int,
-        seed: int,
         image_size: Optional[int] = 224,
         reward_mode: str = "auto",
         instruction: Optional[str] = None,
@@ -117,7 +116,7 @@ class ManiSkillVLAEnv:
         check_render_device()
         import mani_skill.envs  # noqa: F401
 
-        self.env_id, self.num_envs, self.seed = env_id, num_envs, seed
+        self.env_id, self.num_envs = env_id, num_envs
         self.gpu = sim_backend == "gpu" or (sim_backend == "auto" and torch.cuda.is_available())
         make_kwargs = dict(
             obs_mode="rgb",

@@ -8,7 +8,7 @@ from common.maniskill_env import ManiSkillVLAEnv, check_env_id
 
 @pytest.fixture(scope="module")
 def env():
-    env = ManiSkillVLAEnv("PickCube-v1", num_envs=2, seed=0, image_size=64, max_episode_steps=3)
+    env = ManiSkillVLAEnv("PickCube-v1", num_envs=2, image_size=64, max_episode_steps=3)
     yield env
     env.close()
 
