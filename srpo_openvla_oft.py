@@ -29,7 +29,7 @@ Run:
     python srpo_openvla_oft.py --model-path tiny-models/openvla --world-model-path tiny-models/vjepa2 \\
         --suite libero_spatial --task-ids 0 --num-envs 2 --group-size 2 --tasks-per-step 1 --no-dynamic-sampling \\
         --max-episode-steps 32 --lora-rank 8 --total-steps 3 --eval-interval 3 --eval-init-states 2 --save-interval 3 \\
-        --exp-name quickstart
+        --exp-name srpo_quickstart
     # 8 GPUs, SRPO on LIBERO-Long from the 1-demo SFT model
     torchrun --nproc-per-node 8 srpo_openvla_oft.py --model-path Sylvest/OpenVLA-AC-PD-1traj-libero-long \\
         --suite libero_10 --world-model-path facebook/vjepa2-vitg-fpc64-384
