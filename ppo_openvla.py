@@ -75,6 +75,8 @@ class Args:
     """ManiSkill3 task id"""
     instruction: Optional[str] = None
     """override the task's language instruction"""
+    control_mode: str = "pd_ee_delta_pose"
+    """ManiSkill controller; the Bridge "InScene" tasks only have arm_pd_ee_target_delta_pose_align2_gripper_pd_joint_pos"""
     num_envs: int = 16
     """parallel envs per rank (each rank owns its envs and rollouts)"""
     max_episode_steps: int = 80
@@ -335,8 +337,8 @@ def main(args: Args) -> None:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (on_gpu and args.bf16) else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ envs
-    env = ManiSkillVLAEnv(args.env_id, args.num_envs, image_size=args.image_size,
-                          reward_mode=args.reward_mode, instruction=args.instruction, max_episode_steps=args.max_episode_steps)
+    env = ManiSkillVLAEnv(args.env_id, args.num_envs, image_size=args.image_size, reward_mode=args.reward_mode,
+                          instruction=args.instruction, max_episode_steps=args.max_episode_steps, control_mode=args.control_mode)
 
     # ------------------------------------------------------------------ model
     model_dir = args.model_path
