@@ -1,9 +1,15 @@
 """The ManiSkill3 wrapper on the real simulator (CPU physics, software rendering)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from common.maniskill_env import ManiSkillVLAEnv, check_env_id
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -48,3 +54,10 @@ def test_shaped_reward_is_a_potential_difference(env):
 def test_unknown_env_id_lists_the_valid_ones():
     with pytest.raises(ValueError, match="PushCube-v1"):
         check_env_id("PushKube-v1")
+
+
+def test_missing_render_device_says_how_to_install_one():
+    code = "from common.maniskill_env import check_render_device; check_render_device()"
+    env = {**os.environ, "VK_ICD_FILENAMES": "/nonexistent.json", "VK_DRIVER_FILES": "/nonexistent.json"}  # no Vulkan driver
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
+    assert out.returncode != 0 and "scripts/setup.sh" in out.stderr, out.stderr[-2000:]

@@ -55,10 +55,17 @@ def test_bad_flags_fail_before_any_work(tiny_openvla, tmp_path):
         assert out.returncode != 0 and message in out.stderr, (extra, out.stderr[-2000:])
 
 
-def test_torchrun_two_ranks_stay_in_sync(tiny_openvla, tmp_path):
+def test_torchrun_two_ranks_stay_in_sync_full_finetuning(tiny_openvla, tmp_path):
+    """2 ranks on gloo, every weight trainable (the path where an unreached parameter would break DDP)."""
+    from common.openvla import load_openvla
+
     cmd = ["torchrun", "--standalone", "--nproc-per-node", "2", "ppo_openvla.py", "--model-path", tiny_openvla,
            "--run-dir", str(tmp_path), "--exp-name", "ddp", *TINY_RUN, "--num-envs", "1", "--micro-batch-size", "1",
-           "--total-iterations", "1", "--eval-interval", "0"]
+           "--lora-rank", "0", "--total-iterations", "1", "--eval-interval", "0"]
     out = run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert "2 rank(s)" in out and "iter 1:" in out  # the script raises if the ranks' weights differ after the update
-    assert (tmp_path / "ddp__s1" / "checkpoints" / "step_00000001" / "value_head.safetensors").exists()
+    step = tmp_path / "ddp__s1" / "checkpoints" / "step_00000001"
+    assert (step / "value_head.safetensors").exists()
+    trained, _ = load_openvla(str(step / "model"))  # the full model, saved in the openvla layout
+    base, _ = load_openvla(tiny_openvla)
+    assert not torch.equal(trained.projector.fc1.weight, base.projector.fc1.weight)
