@@ -22,6 +22,7 @@ import torchvision.transforms.functional as TF
 from peft import LoraConfig, inject_adapter_in_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 # vision_backbone_id -> (timm model ids, image size); the ids OpenVLA checkpoints use.
 VISION_BACKBONES = {
@@ -314,8 +315,10 @@ def load_openvla(path: str, device="cpu", dtype=torch.float32, attn_implementati
         model = OpenVLA(config, attn_implementation)
     state = {_from_checkpoint_key(k): v for k, v in load_state_dict_files(path).items()}
     model.load_state_dict(state, strict=True, assign=True)
-    model.language_model.model.rotary_emb = type(model.language_model.model.rotary_emb)(model.language_model.config)
+    llm = model.language_model.model
+    llm.rotary_emb = None  # RoPE frequencies are a non-persistent buffer, still on the meta device: rebuilt below
     model = model.to(device=device, dtype=dtype)
+    llm.rotary_emb = LlamaRotaryEmbedding(llm.config, device=device)  # float32 even in a bf16 model, as transformers keeps it
     with open(os.path.join(path, "preprocessor_config.json")) as f:
         processor = OpenVLAProcessor(AutoTokenizer.from_pretrained(path), json.load(f))
     return model, processor

@@ -120,3 +120,10 @@ def test_bad_checkpoints_and_keys_fail_clearly(tiny_openvla, tmp_path):
     with pytest.raises(ValueError, match="maniskill"):
         action_stats(config, "bridge_orig")
     assert action_stats(config, None)["q01"][0] == -1.0
+
+
+def test_bf16_load_keeps_rope_frequencies_in_float32(tiny_openvla):
+    """transformers keeps RoPE's inv_freq in float32 under a bf16 model; a blanket cast would change the rotation."""
+    model, _ = load_openvla(tiny_openvla, dtype=torch.bfloat16)
+    assert model.language_model.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert model.language_model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
