@@ -16,7 +16,7 @@ lr 1e-4 / value head 3e-3, LoRA rank 32, 80-step episodes, temperature 1.0). Dep
 Run:
     python ppo_openvla.py --model-path openvla/openvla-7b --unnorm-key bridge_orig --env-id PickCube-v1
     torchrun --nproc-per-node 8 ppo_openvla.py --model-path openvla/openvla-7b --unnorm-key bridge_orig \
-        --env-id PutCarrotOnPlateInScene-v1 --num-envs 16
+        --env-id PutCarrotOnPlateInScene-v1 --control-mode arm_pd_ee_target_delta_pose_align2_gripper_pd_joint_pos --num-envs 16
     python ppo_openvla.py --eval-only --checkpoint runs/NAME/checkpoints
 CPU quickstart (tiny random model, real simulator): see README.md.
 """
