@@ -27,7 +27,13 @@ def test_train_checkpoint_resume_and_eval(tiny_openvla, tmp_path):
     step1 = load_file(ckpts / "step_00000001" / "adapter_model.safetensors")
     assert step1 and all("lora_" in k for k in step1)
     assert os.listdir(tmp_path / "t__s1" / "videos")
-    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "t__s1"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set(EventAccumulator(str(tmp_path / "t__s1")).Reload().Tags()["scalars"])
+    expected = {"actor/loss", "actor/value_loss", "actor/entropy", "actor/grad_norm", "actor/approx_kl", "actor/clipfrac",
+                "actor/lr", "rollout/reward_mean", "rollout/success_rate", "rollout/episode_length", "eval/success_rate",
+                "time/env_steps_per_s", "time/actions_per_s", "time/update_samples_per_s"}
+    assert expected <= tags, expected - tags
 
     # Resuming from iteration 1 replays iteration 2 exactly: same env seeds, sampling, minibatches and optimizer state.
     resumed = [a if a != "t" else "r" for a in base]
