@@ -134,7 +134,8 @@ class ManiSkillVLAEnv:
 
             base = gym.make(env_id, num_envs=num_envs, sim_backend="physx_cuda", **make_kwargs)
             get_instruction = getattr(base.unwrapped, "get_language_instruction", None)
-            self.env = ManiSkillVectorEnv(_VLAObservation(base), auto_reset=False, ignore_terminations=False)
+            self._observation = _VLAObservation(base)
+            self.env = ManiSkillVectorEnv(self._observation, auto_reset=False, ignore_terminations=False)
             env_instructions = get_instruction() if get_instruction else [None] * num_envs
         else:
             self.env = gym.vector.AsyncVectorEnv(
@@ -212,7 +213,7 @@ class ManiSkillVLAEnv:
         state = base.get_state_dict()
         index = torch.as_tensor(source, device=base.device)
         base.set_state_dict(_index_tree(state, index))
-        return base.get_obs()
+        return self._observation.observation(base.get_obs())
 
     def step(self, actions: torch.Tensor):
         """actions (N, 7) -> obs, reward (N,), terminated (N,), truncated (N,), info with "success" and "final_obs"."""
