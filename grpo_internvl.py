@@ -54,7 +54,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoProcessor, DynamicCache, InternVLForConditionalGeneration
 
 from common.checkpoint import load_trainer_state, resolve_checkpoint, save_checkpoint, save_trainer_state, trainer_state
-from common.dist import all_reduce_mean, all_reduce_sum_, broadcast_parameters, check_in_sync, cleanup, init_dist, print0
+from common.dist import (all_reduce_mean, all_reduce_sum_, broadcast_parameters, check_in_sync, cleanup, init_dist, print0,
+                         sum_gradients_)
 from common.logger import Logger
 from common.maniskill_env import ManiSkillVLAEnv, check_env_id, check_render_device
 
@@ -494,14 +495,6 @@ def reference_logits(model, reference, inputs, answer_ids, template):
     return free_slot_logits(reference, inputs, answer_ids, template)
 
 
-def sum_gradients_across_ranks(params: list[torch.nn.Parameter]) -> None:
-    """Sum (not average) gradients over ranks: each rank's loss is already divided by the global token count."""
-    for p in params:
-        if p.grad is None:  # this rank had no kept samples in the minibatch
-            p.grad = torch.zeros_like(p)
-        all_reduce_sum_(p.grad)
-
-
 def update_policy(model, reference, optimizer, processor, template, ep, step_idx, env_idx, advantages, args, device,
                   autocast):
     """PPO-style epochs over the kept steps (step_idx, env_idx) (M,) of the rollout `ep`; returns actor/* metrics.
@@ -538,7 +531,7 @@ def update_policy(model, reference, optimizer, processor, template, ep, step_idx
                 (loss.sum() / global_tokens).backward()
                 for key, value in micro_stats.items():
                     stats.setdefault(key, []).append(value.flatten().cpu())
-            sum_gradients_across_ranks(params)
+            sum_gradients_(params)  # each rank's loss is already divided by the global token count
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             stats.setdefault("grad_norm", []).append(grad_norm.detach().flatten().cpu())
             optimizer.step()

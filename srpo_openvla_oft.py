@@ -62,7 +62,7 @@ from safetensors.torch import load_file, save_file
 from common.checkpoint import (load_trainer_state, resolve_checkpoint, restore_rng, save_checkpoint,
                                save_trainer_state, trainer_state)
 from common.dist import (all_reduce_mean, all_reduce_sum_, broadcast_parameters, check_in_sync, cleanup, init_dist,
-                         is_dist, print0)
+                         is_dist, print0, sum_gradients_)
 from common.libero_env import LiberoVectorEnv, check_task_ids, configure_rendering, load_suite, to_libero_actions
 from common.logger import Logger
 from common.openvla import (ActionTokenizer, action_stats, load_openvla, make_trainable, read_openvla_config,
@@ -562,8 +562,7 @@ def main(args: Args) -> None:
                         stats_sum["clipfrac"] += clipfrac.item()
                         ratio = (new_logprob - old_logprob).exp()
                         stats_sum["ratio_max"] = max(stats_sum["ratio_max"], (ratio * tmask).max().item())
-                for p in trainable:  # sum over ranks (DDP-equivalent; ranks may hold different sample counts)
-                    all_reduce_sum_(p.grad)
+                sum_gradients_(trainable)  # over ranks (DDP-equivalent; ranks may hold different sample counts)
                 grad_norm += nn.utils.clip_grad_norm_(trainable, args.max_grad_norm).item()
                 optimizer.step()
                 num_updates += 1

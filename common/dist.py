@@ -61,6 +61,15 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def sum_gradients_(params: list[torch.Tensor]) -> None:
+    """Sum (not average) gradients over ranks, for losses already divided by a global count (a token-mean over all
+    ranks). A parameter without a gradient on this rank (no samples kept) contributes zeros."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        all_reduce_sum_(p.grad)
+
+
 def broadcast_parameters(module: torch.nn.Module, src: int = 0) -> None:
     """Copy rank `src`'s parameters and buffers to every rank, so all ranks start from identical weights."""
     if not is_dist():
