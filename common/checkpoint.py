@@ -75,6 +75,23 @@ def resolve_checkpoint(path: str, flag: str = "--resume") -> str:
     )
 
 
+def resolve_checkpoint_flags(args, inherited: tuple[str, ...]) -> None:
+    """Check --resume / --eval-only / --checkpoint together and resolve them to step directories. For --eval-only
+    --checkpoint, the settings that define the trained model (`inherited`, e.g. model_path and lora_rank) are taken
+    from the checkpoint, so the evaluated model is the one that was trained."""
+    if args.eval_only and args.resume:
+        raise ValueError("--eval-only evaluates --checkpoint; do not combine it with --resume")
+    if args.checkpoint and not args.eval_only:
+        raise ValueError("--checkpoint is for --eval-only; use --resume to continue training")
+    if args.resume:
+        args.resume = resolve_checkpoint(args.resume, "--resume")
+    if args.checkpoint:
+        args.checkpoint = resolve_checkpoint(args.checkpoint, "--checkpoint")
+        saved = load_trainer_state(args.checkpoint)["args"]
+        for key in inherited:
+            setattr(args, key, saved[key])
+
+
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():

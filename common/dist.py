@@ -1,5 +1,6 @@
 """torch.distributed in a few lines: the same script runs under `torchrun` or plain `python` (world size 1)."""
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -61,6 +62,25 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's equally-shaped tensor along dim 0, in rank order; returned on the CPU."""
+    if not is_dist():
+        return tensor.cpu()
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    parts = [torch.empty_like(tensor, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.to(device))
+    return torch.cat(parts).cpu()
+
+
+def global_mean_std(x: torch.Tensor) -> tuple[float, float]:
+    """Mean and (population) standard deviation of the values of `x` over every rank."""
+    device = "cuda" if is_dist() and dist.get_backend() == "nccl" else "cpu"
+    x = x.detach().double().flatten()
+    moments = all_reduce_sum_(torch.stack([x.sum(), (x**2).sum(), torch.tensor(float(x.numel()))]).to(device)).cpu()
+    mean = moments[0] / moments[2]
+    return mean.item(), (moments[1] / moments[2] - mean**2).clamp(min=0).sqrt().item()
+
+
 def sum_gradients_(params: list[torch.Tensor]) -> None:
     """Sum (not average) gradients over ranks, for losses already divided by a global count (a token-mean over all
     ranks). A parameter without a gradient on this rank (no samples kept) contributes zeros."""
@@ -100,3 +120,22 @@ def check_in_sync(params: list[torch.Tensor]) -> None:
     dist.all_gather(gathered, fingerprint)
     if any(not torch.equal(g, gathered[0]) for g in gathered):
         raise RuntimeError(f"ranks hold different weights after the update: fingerprints {[g.item() for g in gathered]}")
+
+
+def bf16_autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on a GPU (when enabled); a no-op context on the CPU, where everything stays float32."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def attn_implementation(device: torch.device) -> str:
+    """flash-attention 2 on a GPU when the package is installed, else PyTorch SDPA."""
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"

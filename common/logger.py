@@ -8,6 +8,12 @@ import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 
 
+def is_due(iteration: int, interval: int, total_iterations: int) -> bool:
+    """Evaluation and checkpoint schedule of every script: every `interval` iterations and after the last one;
+    interval 0 = only after the last one."""
+    return iteration == total_iterations or (interval > 0 and iteration % interval == 0)
+
+
 def save_video(path: str, frames: np.ndarray, fps: int = 10) -> None:
     """frames: (T, H, W, 3) uint8."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

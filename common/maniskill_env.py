@@ -11,6 +11,8 @@ Both paths share this interface:
 
 Finished envs are reset inside `step` (the returned obs is the first one of the new episode) and
 `info["final_obs"]` holds the last observation of the finished episode, for bootstrapping truncations.
+The reward is the task's own (sparse success, or ManiSkill's normalized dense reward with `dense_reward=True`);
+`info` also carries the grasp signal of tasks that report one, so a script can shape its own reward from it.
 """
 
 from typing import Optional
@@ -33,9 +35,7 @@ INSTRUCTIONS = {
     "RollBall-v1": "push the ball so that it rolls into the goal region",
     "PushT-v1": "push the T-shaped block onto the target",
 }
-REWARD_MODES = ("auto", "shaped", "sparse", "dense")
-GRASP_KEYS = ("is_src_obj_grasped", "is_grasped")  # Bridge tasks, ManiSkill tasks
-CONSECUTIVE_GRASP_STEPS = 5  # "held for 1 s" at the Bridge tasks' 5 Hz control, when the env does not report it
+GRASP_KEYS = ("is_src_obj_grasped", "is_grasped")  # Bridge tasks, ManiSkill tasks: reported as info["grasped"]
 
 
 def registered_env_ids() -> list[str]:
@@ -104,14 +104,12 @@ class ManiSkillVLAEnv:
         env_id: str,
         num_envs: int,
         image_size: Optional[int] = 224,
-        reward_mode: str = "auto",
+        dense_reward: bool = False,
         instruction: Optional[str] = None,
         max_episode_steps: Optional[int] = None,
         control_mode: str = "pd_ee_delta_pose",
         sim_backend: str = "auto",
     ):
-        if reward_mode not in REWARD_MODES:
-            raise ValueError(f"--reward-mode {reward_mode!r}: choose one of {REWARD_MODES}")
         check_env_id(env_id)
         check_render_device()
         import mani_skill.envs  # noqa: F401
@@ -121,7 +119,7 @@ class ManiSkillVLAEnv:
         make_kwargs = dict(
             obs_mode="rgb",
             control_mode=control_mode,
-            reward_mode="normalized_dense" if reward_mode == "dense" else "sparse",
+            reward_mode="normalized_dense" if dense_reward else "sparse",
             render_mode="rgb_array",
         )
         if image_size:
@@ -153,44 +151,23 @@ class ManiSkillVLAEnv:
         if any(text is None for text in self.instructions):
             raise ValueError(f"--env-id {env_id} has no built-in instruction: pass --instruction 'what to do'.")
 
-        self.reward_mode = reward_mode
-        self._prev_potential = torch.zeros(num_envs)
-        self._grasp_count = torch.zeros(num_envs, dtype=torch.long)
-
     # -- conversions between the two backends ------------------------------------------------------------------
     @staticmethod
     def _to_cpu(obs) -> dict[str, torch.Tensor]:
         return {k: torch.as_tensor(v).cpu() for k, v in obs.items()}
 
-    def _step_info(self, info) -> dict[str, torch.Tensor]:
-        """Per-env boolean signals of the step (success, grasp) as CPU tensors of shape (N,)."""
-        out = {}
-        for key in ("success", "consecutive_grasp") + GRASP_KEYS:
-            if key in info:
-                out[key] = torch.as_tensor(np.asarray(info[key]) if not torch.is_tensor(info[key]) else info[key]).cpu().bool()
-        return out
-
-    # -- reward ----------------------------------------------------------------------------------------------------
-    def _reward(self, env_reward: torch.Tensor, info: dict[str, torch.Tensor]) -> torch.Tensor:
-        """SPEC 3.1: potential s_t = 0.1 grasped + 0.1 consecutive_grasp + 1.0 (success and grasped); r_t = s_t - s_{t-1}."""
+    @staticmethod
+    def _step_info(info) -> dict[str, torch.Tensor]:
+        """Per-env boolean signals of the step as CPU tensors (N,): success, and grasped / consecutive_grasp where the
+        task reports them."""
+        as_bool = lambda v: (v if torch.is_tensor(v) else torch.as_tensor(np.asarray(v))).cpu().bool()  # noqa: E731
+        out = {"success": as_bool(info["success"])}
         grasp_key = next((k for k in GRASP_KEYS if k in info), None)
-        mode = self.reward_mode
-        if mode == "auto":
-            mode = "shaped" if grasp_key else "sparse"
-        if mode == "dense":
-            return env_reward.float()
-        success = info["success"].float()
-        if mode == "sparse":
-            return success
-        if grasp_key is None:
-            raise ValueError(f"--reward-mode shaped: {self.env_id} reports no grasp signal; use sparse or dense.")
-        grasped = info[grasp_key]
-        self._grasp_count = torch.where(grasped, self._grasp_count + 1, torch.zeros_like(self._grasp_count))
-        consecutive = info.get("consecutive_grasp", self._grasp_count >= CONSECUTIVE_GRASP_STEPS)
-        potential = 0.1 * grasped.float() + 0.1 * consecutive.float() + 1.0 * (info["success"] & grasped).float()
-        reward = potential - self._prev_potential
-        self._prev_potential = potential
-        return reward
+        if grasp_key:
+            out["grasped"] = as_bool(info[grasp_key])
+        if "consecutive_grasp" in info:
+            out["consecutive_grasp"] = as_bool(info["consecutive_grasp"])
+        return out
 
     # -- API --------------------------------------------------------------------------------------------------------
     def reset(self, seeds: list[int]) -> dict[str, torch.Tensor]:
@@ -199,8 +176,6 @@ class ManiSkillVLAEnv:
         obs, _ = self.env.reset(seed=list(seeds))
         if self.gpu:
             obs = self._share_initial_states(seeds, obs)
-        self._prev_potential.zero_()
-        self._grasp_count.zero_()
         return self._to_cpu(obs)
 
     def _share_initial_states(self, seeds: list[int], obs):
@@ -216,20 +191,19 @@ class ManiSkillVLAEnv:
         return self._observation.observation(base.get_obs())
 
     def step(self, actions: torch.Tensor):
-        """actions (N, 7) -> obs, reward (N,), terminated (N,), truncated (N,), info with "success" and "final_obs"."""
+        """actions (N, 7) -> obs, reward (N,), terminated (N,), truncated (N,), info: "success", "final_obs" and, where
+        the task reports them, "grasped" and "consecutive_grasp" (all (N,) bool)."""
         actions = torch.as_tensor(actions, dtype=torch.float32).clamp(self.action_low, self.action_high)
         obs, env_reward, terminated, truncated, raw_info = self.env.step(actions.to(self.env.device) if self.gpu else actions.numpy())
         info = self._step_info(raw_info)
-        reward = self._reward(torch.as_tensor(env_reward).cpu(), info)
+        reward = torch.as_tensor(env_reward).cpu().float()
         terminated, truncated = torch.as_tensor(terminated).cpu().bool(), torch.as_tensor(truncated).cpu().bool()
         obs = self._to_cpu(obs)
         done = terminated | truncated
-        out_info = {"success": info["success"], "final_obs": obs}
+        info["final_obs"] = obs
         if done.any():
             obs = self._reset_done(done, obs)
-            self._prev_potential[done] = 0.0
-            self._grasp_count[done] = 0
-        return obs, reward, terminated, truncated, out_info
+        return obs, reward, terminated, truncated, info
 
     def _reset_done(self, done: torch.Tensor, obs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.gpu:
