@@ -8,7 +8,7 @@ On disk (a local directory or a hub id): config.json (`model_type` "openvla", `t
 LlamaConfig defaults, `norm_stats`), sharded safetensors + index (keys `vision_backbone.featurizer.*`,
 `vision_backbone.fused_featurizer.*` with LayerScale stored as `ls{1,2}.scale_factor`, `projector.fc{1,2,3}.*`,
 `language_model.*`), tokenizer files, preprocessor_config.json (`tvf_resize_params`, `tvf_normalize_params`).
-`make_tiny_openvla` writes the same layout with tiny sizes, for tests and the CPU quickstart.
+`common/tiny_models.py` writes the same layout with tiny sizes, for tests and the CPU quickstart.
 """
 
 import json
@@ -19,7 +19,7 @@ import timm
 import torch
 import torch.nn as nn
 import torchvision.transforms.functional as TF
-from peft import LoraConfig, inject_adapter_in_model
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
@@ -157,6 +157,16 @@ def make_trainable(vla: OpenVLA, lora_rank: int, lora_alpha: int) -> Optional[Lo
         if p.requires_grad:
             p.data = p.data.float()
     return config
+
+
+def save_lora_adapter(vla: OpenVLA, config: LoraConfig, directory: str) -> None:
+    """adapter_model.safetensors + adapter_config.json (peft's file names)."""
+    save_file(get_peft_model_state_dict(vla), os.path.join(directory, "adapter_model.safetensors"))
+    config.save_pretrained(directory)
+
+
+def load_lora_adapter(vla: OpenVLA, directory: str) -> None:
+    set_peft_model_state_dict(vla, load_file(os.path.join(directory, "adapter_model.safetensors")))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -350,125 +360,3 @@ def save_openvla(model: OpenVLA, processor: OpenVLAProcessor, path: str, max_sha
     with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
         json.dump(processor.preprocessor_config, f, indent=2)
     processor.tokenizer.save_pretrained(path)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Tiny checkpoints in the same layout (tests, CPU quickstart): random weights, offline sentencepiece tokenizer
-# ---------------------------------------------------------------------------------------------------------------
-def preprocessor_config(image_size: int = 224) -> dict:
-    """openvla-7b's preprocessor_config.json (DINOv2 then SigLIP constants, rounded to bf16 as the reference has them)."""
-    resize = {"antialias": True, "interpolation": 3, "max_size": None, "size": [image_size, image_size]}
-    return {
-        "auto_map": {"AutoImageProcessor": "processing_prismatic.PrismaticImageProcessor", "AutoProcessor": "processing_prismatic.PrismaticProcessor"},
-        "image_processor_type": "PrismaticImageProcessor",
-        "processor_class": "PrismaticProcessor",
-        "image_resize_strategy": "resize-naive",
-        "use_fused_vision_backbone": True,
-        "input_sizes": [[3, image_size, image_size]] * 2,
-        "interpolations": ["bicubic", "bicubic"],
-        "means": [[0.485, 0.456, 0.406], [0.5, 0.5, 0.5]],
-        "stds": [[0.229, 0.224, 0.225], [0.5, 0.5, 0.5]],
-        "tvf_crop_params": [{"output_size": [image_size, image_size]}] * 2,
-        "tvf_do_letterbox": False,
-        "tvf_letterbox_fill": None,
-        "tvf_normalize_params": [
-            {"inplace": False, "mean": [0.484375, 0.455078125, 0.40625], "std": [0.228515625, 0.2236328125, 0.224609375]},
-            {"inplace": False, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
-        ],
-        "tvf_resize_params": [resize, resize],
-    }
-
-
-def build_tiny_tokenizer(out_dir: str, vocab_size: int = 1024):
-    """A Llama-format sentencepiece BPE tokenizer (byte fallback, <unk>/<s>/</s>, "<PAD>" added) trained offline on
-    robot instructions, so its last 256 pieces can serve as action tokens exactly as in openvla-7b."""
-    import random
-
-    import sentencepiece as spm
-    from transformers import LlamaTokenizer
-
-    rng = random.Random(0)
-    words = " ".join(PROMPT.format(t) for t in _TINY_CORPUS).split()
-    syllables = ["ka", "lo", "mi", "ne", "ru", "ta", "so", "pi", "de", "vu", "ba", "go", "ze", "fi", "wo", "xu", "ly", "qe"]
-    lines = [PROMPT.format(t) for t in _TINY_CORPUS] * 20
-    lines += [chr(0x4E00 + i) for i in range(300)]  # rare characters take the last ids, as in Llama-2's vocabulary
-    for _ in range(4000):
-        pseudo = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(6)]
-        lines.append(" ".join(rng.sample(words, 4) + pseudo))
-    os.makedirs(out_dir, exist_ok=True)
-    prefix = os.path.join(out_dir, "spm")
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=prefix, vocab_size=vocab_size, model_type="bpe", byte_fallback=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0, add_dummy_prefix=True,
-        num_threads=1, minloglevel=2,
-    )
-    tokenizer = LlamaTokenizer(vocab_file=prefix + ".model", legacy=False, add_bos_token=True, add_eos_token=False)
-    tokenizer.add_special_tokens({"pad_token": "<PAD>"})
-    for suffix in (".model", ".vocab"):
-        os.remove(prefix + suffix)
-    return tokenizer
-
-
-_TINY_CORPUS = [
-    "push the cube to the goal region", "pick up the cube and move it to the goal position",
-    "stack the red cube on top of the green cube", "pull the cube to the goal region",
-    "put the carrot on the plate", "put the spoon on the towel", "put eggplant into yellow basket",
-    "open the top drawer and put the bowl inside", "turn on the stove", "put the black bowl on the plate",
-    "pick up the alphabet soup and place it in the basket", "lift the peg and stand it upright",
-    "insert the peg into the hole on the side of the box", "place the sphere into the bin",
-]
-
-
-def make_tiny_openvla(out_dir: str, seed: int = 0, hidden_size: int = 64, num_layers: int = 2, vision_dim: int = 32,
-                      norm_stats: Optional[dict] = None) -> str:
-    """Write a random tiny OpenVLA (fused DINOv2 + SigLIP ViTs, Llama) in the openvla-7b on-disk layout."""
-    tokenizer = build_tiny_tokenizer(out_dir)
-    tokenizer_vocab = tokenizer.vocab_size  # without the added <PAD>, like 32000 for openvla-7b
-    pad_to = 64
-    lm_vocab = (tokenizer_vocab + 1 + pad_to - 1) // pad_to * pad_to
-    vit = dict(embed_dim=vision_dim, depth=3, num_heads=2)
-    config = {
-        "architectures": ["OpenVLAForActionPrediction"],
-        "auto_map": {"AutoConfig": "configuration_prismatic.OpenVLAConfig", "AutoModelForVision2Seq": "modeling_prismatic.OpenVLAForActionPrediction"},
-        "model_type": "openvla",
-        "vision_backbone_id": "dinosiglip-vit-so-224px",
-        "llm_backbone_id": "llama2-7b-pure",
-        "arch_specifier": "no-align+fused-gelu-mlp",
-        "use_fused_vision_backbone": True,
-        "image_resize_strategy": "resize-naive",
-        "image_sizes": [224, 224],
-        "timm_model_ids": VISION_BACKBONES["dinosiglip-vit-so-224px"][0],
-        "timm_override_act_layers": [None, None],
-        "timm_model_overrides": [vit, vit],
-        "hf_llm_id": "meta-llama/Llama-2-7b-hf",
-        "llm_max_length": 2048,
-        "pad_token_id": tokenizer.pad_token_id,
-        "pad_to_multiple_of": pad_to,
-        "n_action_bins": 256,
-        "norm_stats": norm_stats or {"maniskill": {"action": {
-            "q01": [-1.0] * 6 + [0.0], "q99": [1.0] * 6 + [1.0], "mask": [True] * 6 + [False],
-            "mean": [0.0] * 7, "std": [1.0] * 7, "min": [-1.0] * 7, "max": [1.0] * 7}}},
-        "text_config": {
-            "model_type": "llama", "vocab_size": lm_vocab, "hidden_size": hidden_size, "intermediate_size": 2 * hidden_size,
-            "num_hidden_layers": num_layers, "num_attention_heads": 4, "num_key_value_heads": 4,
-            "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "pad_token_id": tokenizer.pad_token_id, "torch_dtype": "float32",
-        },
-        "torch_dtype": "float32",
-        "transformers_version": "4.40.1",
-    }
-    torch.manual_seed(seed)
-    model = OpenVLA(config)
-    for name, p in model.named_parameters():  # timm inits LayerScale to 1e-5; make the tiny vision path matter
-        if name.endswith(".gamma"):
-            nn.init.uniform_(p, 0.5, 1.0)
-    save_openvla(model, OpenVLAProcessor(tokenizer, preprocessor_config()), out_dir, max_shard_bytes=1 << 20)
-    return out_dir
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Write a tiny random OpenVLA checkpoint in the openvla-7b layout.")
-    parser.add_argument("out_dir")
-    parser.add_argument("--seed", type=int, default=0)
-    make_tiny_openvla(parser.parse_args().out_dir, seed=parser.parse_args().seed)

@@ -127,24 +127,3 @@ def progress_rewards(embeddings: np.ndarray, success: np.ndarray, task_ids: np.n
         else:
             raise ValueError(f"Unknown progress reward variant {variant!r}; choose 'siirl' or 'paper'")
     return rewards, num_clusters
-
-
-def make_tiny_vjepa2(out_dir: str, hidden_size: int = 48, crop_size: int = 32, seed: int = 0) -> str:
-    """A random tiny V-JEPA 2 in the real save_pretrained layout, for tests and the CPU quickstart."""
-    from transformers import VJEPA2Config, VJEPA2Model
-
-    config = VJEPA2Config(crop_size=crop_size, image_size=crop_size, frames_per_clip=16, patch_size=16,
-                          tubelet_size=2, hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=4,
-                          mlp_ratio=2.0, pred_hidden_size=32, pred_num_hidden_layers=1, pred_num_attention_heads=4,
-                          num_pooler_layers=1)
-    torch.manual_seed(seed)
-    VJEPA2Model(config).save_pretrained(out_dir)
-    return out_dir
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Write a tiny random V-JEPA 2 (save_pretrained layout).")
-    parser.add_argument("out_dir")
-    make_tiny_vjepa2(parser.parse_args().out_dir)
