@@ -11,7 +11,7 @@ same initial state; the outcome reward 5 x success is normalised within the grou
 broadcast to every sampled token of the episode; a token-mean clipped loss (clip 0.2 / 0.28) updates
 LoRA adapters (or the whole model).
 
-Anchor: the verl fork of SPEC 3.2 (defaults of SimpleVLA-RL / siiRL: temperature 1.6, lr 5e-6,
+Anchor: the GRPO-on-InternVL verl fork with text actions (defaults of SimpleVLA-RL / siiRL: temperature 1.6, lr 5e-6,
 grad clip 1, 8 rollouts per initial state, dynamic sampling [0.1, 0.9], no KL) on PushCube-v1,
 RGB, pd_ee_delta_pose, sparse reward, 75 steps.
 
@@ -35,14 +35,14 @@ Run:
     torchrun --nproc-per-node 8 grpo_internvl.py --model-path OpenGVLab/InternVL3-1B-hf --env-id PushCube-v1
     python grpo_internvl.py --resume runs/grpo_internvl__s1/checkpoints
     python grpo_internvl.py --eval-only --checkpoint runs/grpo_internvl__s1/checkpoints --capture-video
-CPU quickstart (tiny random InternVL from `python -m common.internvl_tiny`, real simulator): see README.md.
+CPU quickstart (tiny random InternVL from `python -m common.tiny_models internvl`, real simulator): see README.md.
+The answer template and the prompt live in common/action_text.py, shared with the SFT script that warm-starts it.
 """
 
 import copy
 import json
 import math
 import os
-import re
 import time
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -51,48 +51,63 @@ import numpy as np
 import torch
 import tyro
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoConfig, AutoProcessor, DynamicCache, InternVLForConditionalGeneration
+from transformers import DynamicCache, InternVLForConditionalGeneration
 
-from common.checkpoint import load_trainer_state, resolve_checkpoint, save_checkpoint, save_trainer_state, trainer_state
-from common.dist import (all_reduce_mean, all_reduce_sum_, broadcast_parameters, check_in_sync, cleanup, init_dist, print0,
-                         sum_gradients_)
-from common.logger import Logger
+from common.action_text import ActionTemplate, build_inputs, load_processor_and_template
+from common.checkpoint import (load_trainer_state, resolve_checkpoint_flags, save_checkpoint, save_trainer_state,
+                               trainer_state)
+from common.dist import (all_reduce_mean, all_reduce_sum_, attn_implementation, bf16_autocast, broadcast_parameters,
+                         check_in_sync, cleanup, init_dist, print0, sum_gradients_, world_size)
+from common.logger import Logger, is_due
 from common.maniskill_env import ManiSkillVLAEnv, check_env_id, check_render_device
 
 
 @dataclass
 class Args:
+    # --- experiment ---
     exp_name: str = "grpo_internvl"
     """name of the run; logs and checkpoints go to {run_dir}/{exp_name}__s{seed}"""
     run_dir: str = "runs"
     """parent directory of all runs"""
     seed: int = 1
     """seeds torch (per rank and iteration) and the env reset seeds"""
+    # --- model ---
     model_path: str = "OpenGVLab/InternVL3-1B-hf"
     """hub id or local folder of a transformers-native InternVL checkpoint (the `-hf` ones)"""
+    lora_rank: int = 32
+    """LoRA rank on the language model's linear layers; 0 trains the full model"""
+    lora_alpha: int = 64
+    """LoRA scaling numerator (scale = alpha / rank)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass (saves memory, costs ~30% time)"""
+    bf16: bool = True
+    """on GPU: bfloat16 weights for the frozen base under LoRA, and bf16 autocast (ignored on CPU)"""
+    # --- environment ---
     env_id: str = "PushCube-v1"
     """ManiSkill3 task id"""
     instruction: Optional[str] = None
-    """task instruction written into the prompt (default: the task's own)"""
+    """override the task's language instruction"""
     num_envs: int = 64
     """parallel envs per rank = episodes per iteration per rank; a multiple of group_size"""
-    group_size: int = 8
-    """episodes per initial state (one GRPO group); at least 2"""
     max_episode_steps: int = 75
-    """control steps per episode"""
+    """env steps (= policy queries) per episode"""
     image_size: int = 224
     """camera resolution (square); the processor resizes it to the model's input size"""
+    # --- algorithm: GRPO ---
     total_iterations: int = 200
-    """training iterations (one batch of episodes and one update each)"""
-
+    """number of rollout + update iterations"""
+    group_size: int = 8
+    """episodes per initial state (one GRPO group); at least 2"""
     reward_coef: float = 5.0
     """outcome reward = reward_coef x success at the end of the episode"""
-    temperature: float = 1.6
-    """sampling temperature of training rollouts"""
-    top_k: int = 0
-    """sample only among the k most likely allowed tokens (0: off)"""
-    top_p: float = 1.0
-    """sample only from the smallest allowed set with probability >= top_p (1.0: off)"""
+    learning_rate: float = 5e-6
+    """AdamW learning rate"""
+    update_epochs: int = 1
+    """passes over each rollout"""
+    num_minibatches: int = 4
+    """optimizer steps per epoch (each rank's training samples split into this many minibatches)"""
+    micro_batch_size: int = 16
+    """samples per forward/backward; a minibatch accumulates gradients over micro-batches"""
     clip_low: float = 0.2
     """ratio clipped below at 1 - clip_low"""
     clip_high: float = 0.28
@@ -103,40 +118,31 @@ class Args:
     """kept groups have lower <= success rate <= upper"""
     kl_coef: float = 0.0
     """weight of the k3 KL to the frozen initial policy (the reference is built only when > 0)"""
-    update_epochs: int = 1
-    """passes over the collected steps per iteration"""
-    num_minibatches: int = 4
-    """optimizer steps per epoch; each rank splits its steps into this many minibatches"""
-    micro_batch_size: int = 16
-    """steps per forward/backward (gradient accumulation inside a minibatch)"""
-    learning_rate: float = 5e-6
-    """AdamW learning rate"""
     max_grad_norm: float = 1.0
-    """global gradient-norm clip"""
-
-    lora_rank: int = 32
-    """LoRA rank on the language model's linear layers; 0 trains the full model"""
-    lora_alpha: int = 64
-    """LoRA scaling numerator (scale = alpha / rank)"""
-    gradient_checkpointing: bool = False
-    """recompute activations in the backward pass (saves memory, costs ~30% time)"""
-
+    """gradient clipping norm"""
+    temperature: float = 1.6
+    """sampling temperature of training rollouts (the training log-prob uses the same one)"""
+    top_k: int = 0
+    """sample only among the k most likely allowed tokens (0: off)"""
+    top_p: float = 1.0
+    """sample only from the smallest allowed set with probability >= top_p (1.0: off)"""
+    # --- eval, logging, checkpoints ---
     eval_interval: int = 10
-    """evaluate every this many iterations (0: never)"""
+    """evaluate every this many iterations and after the last one (0: only after the last one)"""
     eval_temperature: float = 0.0
-    """temperature of evaluation (0: greedy over the allowed tokens)"""
+    """0 = greedy decoding at eval"""
     capture_video: bool = False
-    """write an mp4 of the first eval env to {run}/videos/"""
+    """save an mp4 of env 0 of each evaluation"""
     save_interval: int = 10
-    """write a checkpoint every this many iterations (0: only at the end)"""
+    """checkpoint every this many iterations and after the last one (0: only after the last one)"""
     keep_checkpoints: int = 3
     """keep only the newest this many checkpoints (0: all)"""
     resume: Optional[str] = None
-    """checkpoint step folder, or a checkpoints root with a `latest` pointer, to continue training from"""
+    """checkpoint step directory, or a checkpoints directory with a `latest` file, to continue from"""
     eval_only: bool = False
-    """only evaluate (the base model, or --checkpoint) and exit"""
+    """only evaluate --checkpoint (or the base model if none) and exit"""
     checkpoint: Optional[str] = None
-    """checkpoint to evaluate with --eval-only (its model path and LoRA settings are used)"""
+    """checkpoint to evaluate with --eval-only"""
 
     # derived from the flags above in validate()
     num_groups: tyro.conf.Suppress[int] = 0
@@ -165,147 +171,15 @@ def validate(args: Args, world_size: int):
         raise ValueError(f"--lora-rank must be >= 0 (0 = full fine-tuning), got {args.lora_rank}")
     if args.image_size < 32:
         raise ValueError(f"--image-size must be at least 32 (pixels per side), got {args.image_size}")
-    if args.eval_only and args.resume:
-        raise ValueError("--eval-only evaluates --checkpoint; do not combine it with --resume")
-    if args.checkpoint and not args.eval_only:
-        raise ValueError("--checkpoint is for --eval-only; use --resume to continue training")
-    if args.resume:
-        args.resume = resolve_checkpoint(args.resume, "--resume")
-    if args.checkpoint:
-        args.checkpoint = resolve_checkpoint(args.checkpoint, "--checkpoint")
-        saved = load_trainer_state(args.checkpoint)["args"]  # evaluate the model the checkpoint was trained from
-        for key in ("model_path", "lora_rank", "lora_alpha"):
-            setattr(args, key, saved[key])
+    resolve_checkpoint_flags(args, inherited=("model_path", "lora_rank", "lora_alpha"))
     check_env_id(args.env_id)
     check_render_device()
     return load_processor_and_template(args.model_path)
 
 
-# ===================================================================================== action text
-MM_PER_M, DEG_PER_RAD = 1000.0, 57.3
-EE_POS_LIMIT_M, EE_ROT_LIMIT_RAD = 0.1, 0.1  # Panda pd_ee_delta_pose bounds (ManiSkill3), normalised to [-1, 1]
-POSE_FIELDS = (("x", "mm"), ("y", "mm"), ("z", "mm"), ("roll", " degrees"), ("pitch", " degrees"), ("yaw", " degrees"))
-
-
-class ActionTemplate:
-    """The action answer compiled for one tokenizer: forced token runs between free slots.
-
-    Free slots are sign slots {" ", " -"}, number slots (one token "0".."999", or three digit tokens
-    "0".."9" for tokenizers that split digits) and the gripper slot {"0", "1"}. A sampled free token
-    is stored as its index in the slot's allowed set, so decoding the action is arithmetic on indices.
-    """
-
-    def __init__(self, tokenizer):
-        def one_token(text: str) -> int:
-            ids = tokenizer.encode(text, add_special_tokens=False)
-            if len(ids) != 1 or tokenizer.decode(ids) != text:
-                raise ValueError(
-                    f"--model-path: the tokenizer cannot express the action template: {text!r} is not one token "
-                    f"(got {tokenizer.convert_ids_to_tokens(ids)})"
-                )
-            return ids[0]
-
-        def encode(text: str) -> list[int]:
-            return tokenizer.encode(text, add_special_tokens=False)
-
-        sign = [one_token(" "), one_token(" -")]
-        digits = [one_token(str(d)) for d in range(10)]
-        if all(len(encode(str(n))) == 1 for n in range(1000)):
-            self.digits_per_number, number = 1, [one_token(str(n)) for n in range(1000)]
-        elif all(encode(f"{n:03d}") == [digits[int(c)] for c in f"{n:03d}"] for n in range(1000)):
-            self.digits_per_number, number = 3, digits
-        else:
-            raise ValueError(
-                "--model-path: the tokenizer cannot express the action template: integers 0..999 are neither "
-                "single tokens nor sequences of single-digit tokens"
-            )
-        # Allowed sets, padded to a common width S: 0 sign, 1 number (or digit), 2 gripper.
-        sets = [sign, number, digits[:2]]
-        width = max(len(s) for s in sets)
-        self.set_ids = torch.tensor([s + [s[0]] * (width - len(s)) for s in sets])  # (3, S)
-        self.set_valid = torch.tensor([[i < len(s) for i in range(width)] for s in sets])  # (3, S)
-
-        # Forced text between slots: "action: {x:" [sign][number] "mm, y:" ... " degrees, open: " [gripper] "}"
-        texts, slots = [], []
-        prefix = "action: {"
-        for name, unit in POSE_FIELDS:
-            texts += [prefix + f"{name}:"] + [""] * self.digits_per_number
-            slots += [0] + [1] * self.digits_per_number
-            prefix = f"{unit}, "
-        texts += [prefix + "open: "]
-        slots += [2]
-        texts += ["}"]
-        self.forced = [encode(t) for t in texts]  # forced[f] comes right before free slot f; forced[-1] is the tail
-        self.free_set = torch.tensor(slots)  # (F,) allowed-set index of each free slot
-        self.num_free = len(slots)
-        lengths = [len(ids) + 1 for ids in self.forced[:-1]]  # each forced run is followed by its free token
-        self.free_pos = torch.tensor(np.cumsum(lengths) - 1)  # (F,) position of each free token in the answer
-        self.answer_len = sum(lengths) + len(self.forced[-1])
-
-    def assemble(self, free_tokens: torch.Tensor) -> torch.Tensor:
-        """free token ids (B, F) -> full answer ids (B, A) with the forced tokens in place."""
-        batch = free_tokens.size(0)
-        pieces = []
-        for f in range(self.num_free):
-            pieces += [torch.tensor(self.forced[f], dtype=torch.long).expand(batch, -1), free_tokens[:, f : f + 1]]
-        pieces.append(torch.tensor(self.forced[-1], dtype=torch.long).expand(batch, -1))
-        return torch.cat(pieces, dim=1)
-
-    def to_env_action(self, choices: torch.Tensor) -> torch.Tensor:
-        """Indices of the sampled tokens in their allowed sets (B, F) -> normalised pd_ee_delta_pose (B, 7)."""
-        per_field = 1 + self.digits_per_number
-        pose = choices[:, : 6 * per_field].view(-1, 6, per_field)  # (B, 6, sign + digits)
-        place = 10 ** torch.arange(self.digits_per_number - 1, -1, -1)  # (D,) 100, 10, 1 or just 1
-        magnitude = (pose[:, :, 1:] * place).sum(-1).float()  # (B, 6) in mm / degrees
-        value = torch.where(pose[:, :, 0] == 1, -magnitude, magnitude)
-        pos = (value[:, :3] / MM_PER_M).clamp(-EE_POS_LIMIT_M, EE_POS_LIMIT_M) / EE_POS_LIMIT_M
-        rot = (value[:, 3:] / DEG_PER_RAD).clamp(-EE_ROT_LIMIT_RAD, EE_ROT_LIMIT_RAD) / EE_ROT_LIMIT_RAD
-        gripper = torch.where(choices[:, -1:] == 1, 1.0, -1.0)  # open: 1 -> +1 (open), 0 -> -1 (close)
-        return torch.cat([pos, rot, gripper], dim=1)
-
-
-ACTION_PATTERN = re.compile(
-    r"action: \{x: (-?\d+)mm, y: (-?\d+)mm, z: (-?\d+)mm, roll: (-?\d+) degrees, "
-    r"pitch: (-?\d+) degrees, yaw: (-?\d+) degrees, open: ([01])\}"
-)
-
-
-def parse_action_text(text: str) -> torch.Tensor:
-    """Answer text -> normalised pd_ee_delta_pose (7,); the reference decoder the tests compare against."""
-    match = ACTION_PATTERN.fullmatch(text)
-    if match is None:
-        raise ValueError(f"not an action: {text!r}")
-    v = [float(g) for g in match.groups()]
-    pos = [max(-EE_POS_LIMIT_M, min(EE_POS_LIMIT_M, x / MM_PER_M)) / EE_POS_LIMIT_M for x in v[:3]]
-    rot = [max(-EE_ROT_LIMIT_RAD, min(EE_ROT_LIMIT_RAD, x / DEG_PER_RAD)) / EE_ROT_LIMIT_RAD for x in v[3:6]]
-    return torch.tensor(pos + rot + [1.0 if v[6] > 0.5 else -1.0])
-
-
-# ===================================================================================== prompts
-def state_text(tcp_pose: torch.Tensor) -> str:
-    """End-effector pose (7,) xyz + quaternion wxyz -> text in the action's units (mm, degrees)."""
-    x, y, z, qw, qx, qy, qz = tcp_pose.tolist()
-    roll = math.atan2(2 * (qw * qx + qy * qz), 1 - 2 * (qx * qx + qy * qy))
-    pitch = math.asin(max(-1.0, min(1.0, 2 * (qw * qy - qz * qx))))
-    yaw = math.atan2(2 * (qw * qz + qx * qy), 1 - 2 * (qy * qy + qz * qz))
-    values = [v * MM_PER_M for v in (x, y, z)] + [v * DEG_PER_RAD for v in (roll, pitch, yaw)]
-    return ", ".join(f"{name}: {round(v)}{unit}" for (name, unit), v in zip(POSE_FIELDS, values))
-
-
-def build_inputs(processor, instructions: list[str], rgb: torch.Tensor, tcp_pose: torch.Tensor, device):
-    """rgb (B, H, W, 3) uint8, tcp_pose (B, 7) -> model inputs (left-padded ids, mask, pixel_values)."""
-    prompts = []
-    for instruction, pose in zip(instructions, tcp_pose):
-        text = f"{instruction}\nEnd-effector state: {{{state_text(pose)}}}\nWhat action should the robot take?"
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-        prompts.append(processor.apply_chat_template(messages, add_generation_prompt=True))
-    inputs = processor(
-        text=prompts, images=list(rgb.permute(0, 3, 1, 2)), crop_to_patches=False, padding=True, return_tensors="pt"
-    )
-    return inputs.to(device)
-
-
-# ===================================================================================== ALGO LOGIC: the sampling distribution
+# ---------------------------------------------------------------------------------------------------------------
+# ALGO LOGIC: the sampling distribution (allowed tokens, temperature, top-k/top-p) and its log-prob
+# ---------------------------------------------------------------------------------------------------------------
 def sampling_support(scores: torch.Tensor, valid: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Allowed tokens that survive top-k then top-p of softmax(scores): bool, same shape as scores (..., S)."""
     scores = scores.masked_fill(~valid, -math.inf)
@@ -324,7 +198,11 @@ def sampling_support(scores: torch.Tensor, valid: torch.Tensor, top_k: int, top_
 def policy_logprobs(logits: torch.Tensor, support: torch.Tensor, temperature: float) -> torch.Tensor:
     """log pi(token) over the allowed-set logits (..., S): softmax(logits / T) renormalised on `support`."""
     return (logits.float() / temperature).masked_fill(~support, -math.inf).log_softmax(-1)
-# ===================================================================================== end ALGO LOGIC
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prefix-constrained decoding (rollout) and the teacher-forced forward (update)
+# ---------------------------------------------------------------------------------------------------------------
 
 
 class Sampled(NamedTuple):
@@ -336,7 +214,7 @@ class Sampled(NamedTuple):
 
 
 @torch.no_grad()
-def generate_actions(model, inputs, template: ActionTemplate, temperature: float, top_k: int, top_p: float) -> Sampled:
+def generate_actions(policy, inputs, template: ActionTemplate, temperature: float, top_k: int, top_p: float) -> Sampled:
     """Prefix-constrained sampling, batched with the KV cache. temperature 0 is greedy (eval).
 
     One forward per free slot: it feeds the previously sampled token plus the forced run before the
@@ -354,7 +232,7 @@ def generate_actions(model, inputs, template: ActionTemplate, temperature: float
         step_ids = torch.cat([step_ids, forced], dim=1)
         step_pos = torch.cat([step_pos, step_pos[:, -1:] + 1 + torch.arange(forced.size(1), device=device)], dim=1)
         mask = torch.cat([mask, mask.new_ones(batch, forced.size(1) + (f > 0))], dim=1)
-        out = model(
+        out = policy(
             input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=cache, use_cache=True,
             pixel_values=inputs["pixel_values"] if f == 0 else None, logits_to_keep=1,
         )
@@ -379,203 +257,140 @@ def generate_actions(model, inputs, template: ActionTemplate, temperature: float
     return Sampled(*(torch.stack(x, 1) for x in (choices, tokens, logps, supports, entropies)))
 
 
-def free_slot_logits(model, inputs, answer_ids: torch.Tensor, template: ActionTemplate) -> torch.Tensor:
+def free_slot_logits(policy, inputs, answer_ids: torch.Tensor, template: ActionTemplate) -> torch.Tensor:
     """One teacher-forced forward over prompt + answer -> logits of the allowed sets at the free slots (B, F, S)."""
     last_free = int(template.free_pos[-1])
     ids = torch.cat([inputs["input_ids"], answer_ids[:, :last_free]], dim=1)  # the last free token is never an input
     mask = torch.cat([inputs["attention_mask"], inputs["attention_mask"].new_ones(ids.size(0), last_free)], dim=1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     rows = inputs["input_ids"].size(1) - 1 + template.free_pos.to(ids.device)  # (F,) positions predicting the free tokens
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values=inputs["pixel_values"],
+    out = policy(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values=inputs["pixel_values"],
                 use_cache=False, logits_to_keep=rows)
     slot_ids = template.set_ids.to(ids.device)[template.free_set.to(ids.device)]  # (F, S)
     return out.logits.gather(2, slot_ids.expand(ids.size(0), -1, -1))  # (B, F, S)
 
 
-# ===================================================================================== ALGO LOGIC: GRPO
+# ---------------------------------------------------------------------------------------------------------------
+# ALGO LOGIC: GRPO advantages, dynamic sampling, clipped token-mean loss
+# ---------------------------------------------------------------------------------------------------------------
 def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """rewards (N,) of N // group_size consecutive groups -> A = (R - mean_group) / (std_group + 1e-6), (N,)."""
-    grouped = rewards.view(-1, group_size)  # (groups, G)
-    if group_size == 1:
-        return rewards.clone()  # a group of one has no baseline: A = R
-    advantages = (grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, unbiased=True, keepdim=True) + 1e-6)
-    return advantages.view(-1)
+    """rewards (N,) of N // group_size consecutive groups -> A = (R - group mean) / (unbiased group std + 1e-6), (N,).
+    Computed in float64; a group whose rewards are all equal gets exactly 0 (it carries no signal)."""
+    grouped = rewards.double().view(-1, group_size)  # (groups, group_size)
+    std = grouped.std(1, keepdim=True)
+    advantages = torch.where(std > 0, (grouped - grouped.mean(1, keepdim=True)) / (std + 1e-6), 0.0)
+    return advantages.view(-1).float()
 
 
-def groups_kept(success: torch.Tensor, group_size: int, low: float, high: float) -> torch.Tensor:
-    """Dynamic sampling: keep groups whose success mean lies in [low, high]; bool (N,) per episode."""
-    group_mean = success.float().view(-1, group_size).mean(1)  # (groups,)
-    keep = (group_mean >= low) & (group_mean <= high)
+def keep_groups(success: torch.Tensor, group_size: int, success_bounds: tuple[float, float]) -> torch.Tensor:
+    """Dynamic sampling: success (N,) -> (N,) bool, True for every episode of a group whose success rate lies in
+    [lower, upper]."""
+    rate = success.float().view(-1, group_size).mean(1)  # (groups,)
+    keep = (rate >= success_bounds[0]) & (rate <= success_bounds[1])
     return keep.repeat_interleave(group_size)
 
 
-def grpo_loss(logp, old_logp, advantages, ref_logp, clip_low: float, clip_high: float, kl_coef: float):
-    """Token-level clipped loss over free tokens. logp, old_logp, ref_logp (B, F); advantages (B,).
-
-    Returns the per-token loss (B, F) (the caller sums and divides by the global token count) and stats.
-    """
-    logratio = logp - old_logp
+def clipped_token_loss(new_logprob, old_logprob, advantages, token_mask, clip_low: float, clip_high: float,
+                       num_tokens: float):
+    """Token-level clipped surrogate with an asymmetric clip. new_logprob, old_logprob, token_mask (B, K);
+    advantages (B,), broadcast to every token of its sample. Returns loss, approx_kl (k3) and clipfrac, each summed
+    over the valid tokens and divided by num_tokens (the minibatch's token count over all ranks, so gradients summed
+    over micro-batches and ranks give the global token-mean)."""
+    logratio = new_logprob - old_logprob
     ratio = logratio.exp()
-    adv = advantages[:, None]  # broadcast the episode's advantage to its tokens
+    adv = advantages[:, None]
     pg_loss1 = -adv * ratio
     pg_loss2 = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
-    loss = torch.max(pg_loss1, pg_loss2)
-    stats = {"pg_loss": loss.detach()}
-    if kl_coef > 0:
-        ref_logratio = ref_logp - logp
-        kl = ref_logratio.exp() - ref_logratio - 1  # k3 estimator of KL(pi || pi_ref)
-        loss = loss + kl_coef * kl
-        stats["kl"] = kl.detach()
+    loss = (torch.max(pg_loss1, pg_loss2) * token_mask).sum() / num_tokens
     with torch.no_grad():
-        stats["approx_kl"] = (ratio - 1) - logratio  # k3 of KL(pi_old || pi)
-        stats["clipfrac"] = ((ratio < 1 - clip_low) | (ratio > 1 + clip_high)).float()
-        stats["ratio"] = ratio
-    return loss, stats
-# ===================================================================================== end ALGO LOGIC
+        approx_kl = (((ratio - 1) - logratio) * token_mask).sum() / num_tokens
+        clipfrac = (((ratio < 1 - clip_low) | (ratio > 1 + clip_high)).float() * token_mask).sum() / num_tokens
+    return loss, approx_kl, clipfrac
 
 
-# ===================================================================================== model
-def load_processor_and_template(model_path: str):
-    """Read only the config and tokenizer files: fail fast on a checkpoint that is not InternVL."""
-    try:
-        config = AutoConfig.from_pretrained(model_path)
-    except (OSError, ValueError) as e:
-        raise ValueError(
-            f"--model-path {model_path!r} is not a transformers-native checkpoint (use an InternVL `-hf` one, e.g. "
-            f"OpenGVLab/InternVL3-1B-hf): {e}"
-        ) from e
-    if config.model_type != "internvl":
-        raise ValueError(
-            f"--model-path {model_path!r} has model_type {config.model_type!r}, not 'internvl': use a "
-            "transformers-native InternVL checkpoint, e.g. OpenGVLab/InternVL3-1B-hf"
-        )
-    processor = AutoProcessor.from_pretrained(model_path)
-    return processor, ActionTemplate(processor.tokenizer)
+def kl_to_reference(logprob, ref_logprob, token_mask, num_tokens: float):
+    """k3 estimator of KL(pi || pi_ref) per token, summed over the valid tokens / num_tokens."""
+    ref_logratio = ref_logprob - logprob
+    return ((ref_logratio.exp() - ref_logratio - 1) * token_mask).sum() / num_tokens
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Model: InternVL with LoRA adapters (or fully trainable), and the frozen reference
+# ---------------------------------------------------------------------------------------------------------------
 def load_policy(args: Args, device: torch.device, checkpoint_dir: Optional[str]):
     """InternVL with LoRA adapters or fully trainable; flash-attention 2 when installed, else SDPA.
 
     On GPU everything runs under bf16 autocast; the frozen base of a LoRA model is stored in bf16 (peft keeps the
     adapters in fp32), fully trained weights stay fp32 so that lr 5e-6 updates are not rounded away.
     """
-    attn = "sdpa"
-    if device.type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
-
-            attn = "flash_attention_2"
-        except ImportError:
-            pass
     full_weights = checkpoint_dir if checkpoint_dir and args.lora_rank == 0 else args.model_path
-    dtype = torch.bfloat16 if device.type == "cuda" and args.lora_rank > 0 else torch.float32
-    model = InternVLForConditionalGeneration.from_pretrained(full_weights, dtype=dtype, attn_implementation=attn)
+    dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 and args.lora_rank > 0 else torch.float32
+    policy = InternVLForConditionalGeneration.from_pretrained(full_weights, dtype=dtype,
+                                                              attn_implementation=attn_implementation(device))
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.lora_rank > 0:
         if checkpoint_dir:
             if not os.path.exists(os.path.join(checkpoint_dir, "adapter_config.json")):
                 raise ValueError(f"{checkpoint_dir} holds no LoRA adapter: was it trained with --lora-rank 0?")
-            model = PeftModel.from_pretrained(model, checkpoint_dir, is_trainable=True)
+            policy = PeftModel.from_pretrained(policy, checkpoint_dir, is_trainable=True)
         else:
             lora = LoraConfig(
                 r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=0.0,
                 target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
             )
-            model = get_peft_model(model, lora)
-    return model.to(device)
+            policy = get_peft_model(policy, lora)
+    return policy.to(device)
 
 
 @torch.no_grad()
-def reference_logits(model, reference, inputs, answer_ids, template):
+def reference_logits(policy, reference, inputs, answer_ids, template):
     """Logits of the frozen initial policy: LoRA with its adapters switched off, or a frozen copy."""
     if reference is None:
-        with model.disable_adapter():
-            return free_slot_logits(model, inputs, answer_ids, template)
+        with policy.disable_adapter():
+            return free_slot_logits(policy, inputs, answer_ids, template)
     return free_slot_logits(reference, inputs, answer_ids, template)
 
 
-def update_policy(model, reference, optimizer, processor, template, ep, step_idx, env_idx, advantages, args, device,
-                  autocast):
-    """PPO-style epochs over the kept steps (step_idx, env_idx) (M,) of the rollout `ep`; returns actor/* metrics.
+# ---------------------------------------------------------------------------------------------------------------
+# Rollout: one episode per env, every step's free tokens stored in preallocated (T, N, ...) tensors
+# ---------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def rollout(policy, processor, template, envs, seeds, args, autocast, evaluation: bool = False) -> dict:
+    """One episode per env from the given reset seeds, sampled at --temperature (top-k/top-p) or, for evaluation,
+    at --eval-temperature without top-k/top-p. Steps of finished episodes are skipped.
 
-    Each minibatch is one optimizer step; micro-batches accumulate loss_sum / (free tokens of the minibatch
-    over all ranks), and gradients are summed over ranks, which gives the exact global token-mean.
+    Returns a dict of (T, N, ...) tensors on CPU: rgb, tcp_pose, choices, tokens, logprobs, entropy, support, alive,
+    plus instructions, success (N,), length (N,), the video frames of env 0 and the number of generated tokens.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    model.train()
-    stats: dict[str, list[torch.Tensor]] = {}
-    for _ in range(args.update_epochs):
-        order = torch.randperm(len(step_idx))
-        for minibatch in order.tensor_split(args.num_minibatches):
-            global_tokens = all_reduce_sum_(torch.tensor(float(len(minibatch) * template.num_free), device=device))
-            if global_tokens.item() == 0:
-                continue
-            for micro in minibatch.split(args.micro_batch_size):
-                t, n = step_idx[micro], env_idx[micro]
-                instructions = [ep["instructions"][i] for i in n]
-                inputs = build_inputs(processor, instructions, ep["rgb"][t, n], ep["tcp_pose"][t, n], device)
-                answer_ids = template.assemble(ep["tokens"][t, n]).to(device)
-                support = ep["support"][t, n].to(device)  # (b, F, S) the rollout's sampling support
-                choice = ep["choices"][t, n].to(device)[..., None]  # (b, F, 1)
-                with autocast:
-                    logits = free_slot_logits(model, inputs, answer_ids, template)
-                    ref_logp = None
-                    if args.kl_coef > 0:
-                        ref = reference_logits(model, reference, inputs, answer_ids, template)
-                        ref_logp = policy_logprobs(ref, support, args.temperature).gather(2, choice).squeeze(2)
-                # ALGO LOGIC: the log-prob under the same mask, temperature and top-k/top-p support as the rollout
-                logp = policy_logprobs(logits, support, args.temperature).gather(2, choice).squeeze(2)  # (b, F)
-                loss, micro_stats = grpo_loss(logp, ep["logp"][t, n].to(device), advantages[n].to(device), ref_logp,
-                                              args.clip_low, args.clip_high, args.kl_coef)
-                (loss.sum() / global_tokens).backward()
-                for key, value in micro_stats.items():
-                    stats.setdefault(key, []).append(value.flatten().cpu())
-            sum_gradients_(params)  # each rank's loss is already divided by the global token count
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-            stats.setdefault("grad_norm", []).append(grad_norm.detach().flatten().cpu())
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    # Token-weighted means over all ranks (a rank may have had no kept samples).
-    keys = ["pg_loss", "approx_kl", "clipfrac", "ratio", "grad_norm"] + (["kl"] if args.kl_coef > 0 else [])
-    totals = torch.tensor(
-        [[torch.cat(stats[k]).sum().item(), sum(v.numel() for v in stats[k])] if k in stats else [0.0, 0.0] for k in keys],
-        dtype=torch.float64, device=device,
-    )
-    all_reduce_sum_(totals)
-    return {f"actor/{k}": total / count for k, (total, count) in zip(keys, totals.tolist()) if count > 0}
-
-
-# ===================================================================================== rollout
-def run_episodes(envs, model, processor, template, seeds, temperature, top_k, top_p, device, autocast, video=False):
-    """One episode per env from the given reset seeds. Steps of finished episodes are skipped.
-
-    Returns a dict of (T, N, ...) tensors on CPU: rgb, tcp_pose, choices, tokens, logp, entropy, support, alive,
-    plus success (N,), length (N,), the video frames of env 0 and the number of generated tokens.
-    """
+    temperature, top_k, top_p = (args.eval_temperature, 0, 1.0) if evaluation else (args.temperature, args.top_k,
+                                                                                     args.top_p)
+    device = next(policy.parameters()).device
     T, N = envs.max_episode_steps, envs.num_envs
     F, S = template.num_free, template.set_ids.size(1)
     obs = envs.reset(seeds)
     H, W = obs["rgb"].shape[1:3]
-    rgb = torch.zeros(T, N, H, W, 3, dtype=torch.uint8)
-    tcp_pose = torch.zeros(T, N, 7)
-    choices = torch.zeros(T, N, F, dtype=torch.long)
-    tokens = torch.zeros(T, N, F, dtype=torch.long)
-    logp = torch.zeros(T, N, F)
-    entropy = torch.zeros(T, N, F)
-    support = torch.zeros(T, N, F, S, dtype=torch.bool)
-    alive = torch.zeros(T, N, dtype=torch.bool)  # step t of env n belongs to its first episode
+    rgb = torch.zeros(T, N, H, W, 3, dtype=torch.uint8)  # (T, N, H, W, 3)
+    tcp_pose = torch.zeros(T, N, 7)  # (T, N, 7)
+    choices = torch.zeros(T, N, F, dtype=torch.long)  # (T, N, F) index of each free token in its allowed set
+    tokens = torch.zeros(T, N, F, dtype=torch.long)  # (T, N, F) vocabulary ids
+    logprobs = torch.zeros(T, N, F)  # (T, N, F)
+    entropy = torch.zeros(T, N, F)  # (T, N, F)
+    support = torch.zeros(T, N, F, S, dtype=torch.bool)  # (T, N, F, S) the allowed tokens kept by top-k/top-p
+    alive = torch.zeros(T, N, dtype=torch.bool)  # (T, N) step t of env n belongs to its first episode
     running = torch.ones(N, dtype=torch.bool)
     success = torch.zeros(N, dtype=torch.bool)
     length = torch.full((N,), T)
-    frames = [obs["rgb"][0]] if video else []
+    record = evaluation and args.capture_video
+    frames = [obs["rgb"][0]] if record else []
     for t in range(T):
         rgb[t], tcp_pose[t], alive[t] = obs["rgb"], obs["tcp_pose"], running
         idx = running.nonzero().squeeze(1)
-        inputs = build_inputs(processor, [envs.instructions[i] for i in idx], obs["rgb"][idx], obs["tcp_pose"][idx], device)
+        instructions = [envs.instructions[i] for i in idx]
+        inputs = build_inputs(processor, instructions, obs["rgb"][idx], obs["tcp_pose"][idx], device)
         with autocast:
-            sampled = generate_actions(model, inputs, template, temperature, top_k, top_p)
-        choices[t, idx], tokens[t, idx], logp[t, idx] = sampled.choices.cpu(), sampled.tokens.cpu(), sampled.logp.cpu()
+            sampled = generate_actions(policy, inputs, template, temperature, top_k, top_p)
+        choices[t, idx], tokens[t, idx], logprobs[t, idx] = sampled.choices.cpu(), sampled.tokens.cpu(), sampled.logp.cpu()
         support[t, idx], entropy[t, idx] = sampled.support.cpu(), sampled.entropy.cpu()
         actions = torch.zeros(N, 7)
         actions[idx] = template.to_env_action(choices[t, idx])
@@ -584,148 +399,219 @@ def run_episodes(envs, model, processor, template, seeds, temperature, top_k, to
         success |= done & info["success"]
         length[done] = t + 1
         running &= ~done
-        if video and alive[t, 0]:
+        if record and alive[t, 0]:
             frames.append(info["final_obs"]["rgb"][0] if done[0] else obs["rgb"][0])
         if not running.any():
             break
     return dict(
-        instructions=envs.instructions, rgb=rgb, tcp_pose=tcp_pose, choices=choices, tokens=tokens, logp=logp,
-        entropy=entropy, support=support, alive=alive, success=success, length=length, frames=frames,
-        tokens_generated=int(alive.sum()) * template.answer_len,
+        instructions=list(envs.instructions), rgb=rgb, tcp_pose=tcp_pose, choices=choices, tokens=tokens,
+        logprobs=logprobs, entropy=entropy, support=support, alive=alive, success=success, length=length,
+        frames=frames, tokens_generated=int(alive.sum()) * template.answer_len,
     )
 
 
-def evaluate(envs, model, processor, template, args, dist, device, autocast):
+def evaluate(policy, processor, template, envs, args, dist, autocast):
     """Held-out initial states (seeds >= 2**31, never used in training), greedy unless --eval-temperature."""
     seeds = [2**31 + dist.rank * envs.num_envs + i for i in range(envs.num_envs)]  # the same set for every run
-    model.eval()
-    ep = run_episodes(envs, model, processor, template, seeds, args.eval_temperature, 0, 1.0, device, autocast,
-                      video=args.capture_video and dist.is_main)
-    metrics = all_reduce_mean({"eval/success_rate": ep["success"].float().mean().item(),
-                               "eval/episode_length": ep["length"].float().mean().item()})
-    return metrics, ep["frames"]
+    policy.eval()
+    out = rollout(policy, processor, template, envs, seeds, args, autocast, evaluation=True)
+    metrics = {"eval/success_rate": out["success"].float().mean().item(),
+               "eval/episode_length": out["length"].float().mean().item()}
+    return all_reduce_mean(metrics), out["frames"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Update: epochs x minibatches over the kept steps; token-mean over all ranks
+# ---------------------------------------------------------------------------------------------------------------
+def update_policy(policy, optimizer, processor, template, batch, args, autocast, reference=None) -> dict:
+    """PPO-style epochs over the training samples of `batch` (a rollout plus step_idx, env_idx (M,) and advantages
+    (N,)); returns actor/* metrics. Each minibatch is one optimizer step: micro-batches accumulate the loss summed over
+    tokens / (free tokens of the minibatch over all ranks), and gradients are summed over ranks, which gives the exact
+    global token-mean."""
+    device = next(policy.parameters()).device
+    params = [p for p in policy.parameters() if p.requires_grad]
+    step_idx, env_idx = batch["step_idx"], batch["env_idx"]
+    policy.train()
+    sums = {k: 0.0 for k in ("pg_loss", "approx_kl", "clipfrac", "kl", "grad_norm")}
+    num_updates = 0
+    for _ in range(args.update_epochs):
+        order = torch.randperm(len(step_idx))
+        for minibatch in order.tensor_split(args.num_minibatches):
+            num_tokens = all_reduce_sum_(torch.tensor(float(len(minibatch) * template.num_free), device=device)).item()
+            if num_tokens == 0:
+                continue
+            for micro in minibatch.split(args.micro_batch_size):
+                t, n = step_idx[micro], env_idx[micro]
+                instructions = [batch["instructions"][i] for i in n]
+                inputs = build_inputs(processor, instructions, batch["rgb"][t, n], batch["tcp_pose"][t, n], device)
+                answer_ids = template.assemble(batch["tokens"][t, n]).to(device)
+                support = batch["support"][t, n].to(device)  # (b, F, S) the rollout's sampling support
+                choice = batch["choices"][t, n].to(device)[..., None]  # (b, F, 1)
+                token_mask = torch.ones(len(micro), template.num_free, device=device)  # (b, F) every free token
+                with autocast:
+                    logits = free_slot_logits(policy, inputs, answer_ids, template)
+                # the log-prob under the same mask, temperature and top-k/top-p support as the rollout
+                new_logprob = policy_logprobs(logits, support, args.temperature).gather(2, choice).squeeze(2)  # (b, F)
+                loss, approx_kl, clipfrac = clipped_token_loss(
+                    new_logprob, batch["logprobs"][t, n].to(device), batch["advantages"][n].to(device), token_mask,
+                    args.clip_low, args.clip_high, num_tokens,
+                )
+                sums["pg_loss"] += loss.item()
+                if args.kl_coef > 0:
+                    with autocast:
+                        ref_logits = reference_logits(policy, reference, inputs, answer_ids, template)
+                    ref_logprob = policy_logprobs(ref_logits, support, args.temperature).gather(2, choice).squeeze(2)
+                    kl = kl_to_reference(new_logprob, ref_logprob, token_mask, num_tokens)
+                    loss = loss + args.kl_coef * kl
+                    sums["kl"] += kl.item()
+                loss.backward()
+                sums["approx_kl"] += approx_kl.item()
+                sums["clipfrac"] += clipfrac.item()
+            sum_gradients_(params)  # each rank's loss is already divided by the global token count
+            sums["grad_norm"] += torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            num_updates += 1
+    if num_updates == 0:
+        return {}
+    sums = all_reduce_mean(sums)  # token-mean parts summed over ranks; grad_norm identical on every rank
+    metrics = {f"actor/{k}": v * world_size() / num_updates for k, v in sums.items() if k != "grad_norm"}
+    metrics["actor/grad_norm"] = sums["grad_norm"] / num_updates
+    if args.kl_coef == 0:
+        del metrics["actor/kl"]
+    return metrics
 
 
 def main(args: Args) -> None:
+    # ---------------------------------------------------------------------------------------------------------------
+    # Setup: validation, distributed, seeds, model, optimizer, envs
+    # ---------------------------------------------------------------------------------------------------------------
     dist = init_dist()
     processor, template = validate(args, dist.world_size)
-    checkpoint_dir = args.resume or args.checkpoint
-
-    # ---------------------------------------------------------------- seeding, model, optimizer
     device = dist.device
+    run_path = os.path.join(args.run_dir, f"{args.exp_name}__s{args.seed}")
+    checkpoint_dir = args.resume or args.checkpoint
     torch.manual_seed(args.seed)  # identical initial LoRA weights on every rank (and broadcast below)
-    model = load_policy(args, device, checkpoint_dir)
-    broadcast_parameters(model)
+    autocast = bf16_autocast(device, args.bf16)
+    policy = load_policy(args, device, checkpoint_dir)
+    broadcast_parameters(policy)
     reference = None
     if args.kl_coef > 0 and args.lora_rank == 0:
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0)
+        reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=0.0)
     start_iteration = 0
     if checkpoint_dir:
         state = load_trainer_state(checkpoint_dir)
         start_iteration = state["step"]
         if args.resume:
             optimizer.load_state_dict(state["optimizer"])
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+            print0(f"resumed from {args.resume} at iteration {start_iteration}")
 
-    envs = ManiSkillVLAEnv(args.env_id, args.num_envs, image_size=args.image_size,
-                           instruction=args.instruction, max_episode_steps=args.max_episode_steps, reward_mode="sparse")
-    run_path = os.path.join(args.run_dir, f"{args.exp_name}__s{args.seed}")
+    envs = ManiSkillVLAEnv(args.env_id, args.num_envs, image_size=args.image_size, instruction=args.instruction,
+                           max_episode_steps=args.max_episode_steps)
     logger = Logger(run_path, args, enabled=dist.is_main)
-    print0(f"GRPO {args.env_id}: {dist.world_size} rank(s) x {args.num_envs} envs = {args.global_episodes} episodes per "
-           f"iteration, {args.num_groups} groups of {args.group_size} per rank; {sum(p.numel() for p in params):,} "
-           f"trainable parameters; {template.num_free} free tokens per action")
+    print0(f"run {run_path}: {dist.world_size} rank(s) x {args.num_envs} envs = {args.global_episodes} episodes per "
+           f"iteration, {args.num_groups} groups of {args.group_size} per rank; "
+           f"{sum(p.numel() for p in trainable):,} trainable parameters; {template.num_free} free tokens per action")
 
     if args.eval_only:
-        metrics, frames = evaluate(envs, model, processor, template, args, dist, device, autocast)
-        logger.log(metrics, start_iteration)
-        if frames:
-            logger.video("eval/video", torch.stack(frames).numpy(), start_iteration, fps=10)
+        metrics, frames = evaluate(policy, processor, template, envs, args, dist, autocast)
         print0(json.dumps(metrics))
-        envs.close()
+        if frames:
+            logger.video("eval/video", torch.stack(frames).numpy(), start_iteration)
         logger.close()
+        envs.close()
         cleanup()
         return
 
     def save(iteration: int) -> None:
         """LoRA adapter (or the full model) + processor + trainer state, written atomically by rank 0."""
-        def write(tmp_dir: str) -> None:
-            model.save_pretrained(tmp_dir)
-            processor.save_pretrained(tmp_dir)
-            save_trainer_state(tmp_dir, trainer_state(args, iteration, optimizer))
+        def write(directory: str) -> None:
+            policy.save_pretrained(directory)
+            processor.save_pretrained(directory)
+            save_trainer_state(directory, trainer_state(args, iteration, optimizer))
 
-        check_in_sync(params)  # the hand-summed gradients keep ranks identical; verify before writing rank 0's copy
+        check_in_sync(trainable)  # the hand-summed gradients keep ranks identical; verify before writing rank 0's copy
         if dist.is_main:
-            path = save_checkpoint(os.path.join(run_path, "checkpoints"), iteration, write, keep_last=args.keep_checkpoints)
+            path = save_checkpoint(os.path.join(run_path, "checkpoints"), iteration, write,
+                                   keep_last=args.keep_checkpoints)
             print0(f"saved {path}")
 
     for iteration in range(start_iteration + 1, args.total_iterations + 1):
-        t0 = time.time()
-        # ---------------------------------------------------------------- 1. rollout: group_size episodes per seed
-        # Sampling, shuffling and reset seeds derive from (seed, rank, iteration): a resume replays exactly.
+        # -----------------------------------------------------------------------------------------------------------
+        # 1. Rollout: group_size episodes per initial state; sampling, shuffling and reset seeds derive from
+        #    (seed, rank, iteration), so a resume replays exactly
+        # -----------------------------------------------------------------------------------------------------------
+        rollout_start = time.time()
         rng = np.random.default_rng([args.seed, dist.rank, iteration])
         torch.manual_seed(int(rng.integers(2**62)))
         group_seeds = rng.integers(0, 2**31, size=args.num_groups).tolist()
         seeds = [s for s in group_seeds for _ in range(args.group_size)]
-        model.eval()
-        ep = run_episodes(envs, model, processor, template, seeds, args.temperature, args.top_k, args.top_p, device,
-                          autocast)
-        rollout_time = time.time() - t0
+        policy.eval()
+        batch = rollout(policy, processor, template, envs, seeds, args, autocast)
+        rollout_time = time.time() - rollout_start
 
-        # ALGO LOGIC ------------------------------------------------------- 2. reward, 3. advantage
-        rewards = args.reward_coef * ep["success"].float()  # (N,) outcome reward at the final step
-        advantages = group_advantages(rewards, args.group_size)  # (N,)
-        kept = (groups_kept(ep["success"], args.group_size, *args.success_bounds)
-                if args.dynamic_sampling else torch.ones(args.num_envs, dtype=torch.bool))
-        step_idx, env_idx = (ep["alive"] & kept[None, :]).nonzero(as_tuple=True)  # (M,) training samples
-        # end ALGO LOGIC
+        # -----------------------------------------------------------------------------------------------------------
+        # 2. Reward: reward_coef x success at the end of the episode (outcome reward)
+        # -----------------------------------------------------------------------------------------------------------
+        rewards = args.reward_coef * batch["success"].float()  # (N,)
 
-        # ---------------------------------------------------------------- 4. update: epochs x minibatches
-        t1 = time.time()
-        update_metrics = update_policy(model, reference, optimizer, processor, template, ep, step_idx, env_idx,
-                                       advantages, args, device, autocast)
-        update_time = time.time() - t1
+        # -----------------------------------------------------------------------------------------------------------
+        # 3. Advantage: group-normalised, broadcast to every free token of the episode; dynamic sampling
+        # -----------------------------------------------------------------------------------------------------------
+        batch["advantages"] = group_advantages(rewards, args.group_size)  # (N,)
+        kept = (keep_groups(batch["success"], args.group_size, args.success_bounds) if args.dynamic_sampling
+                else torch.ones(args.num_envs, dtype=torch.bool))  # (N,)
+        batch["step_idx"], batch["env_idx"] = (batch["alive"] & kept[None, :]).nonzero(as_tuple=True)  # (M,) samples
 
-        # ---------------------------------------------------------------- 5. log, eval, save
-        group_success = ep["success"].float().view(-1, args.group_size).mean(1)
-        env_steps = int(ep["alive"].sum())
+        # -----------------------------------------------------------------------------------------------------------
+        # 4. Update: clipped token-mean surrogate over the free tokens
+        # -----------------------------------------------------------------------------------------------------------
+        update_start = time.time()
+        update_metrics = update_policy(policy, optimizer, processor, template, batch, args, autocast, reference)
+        update_time = time.time() - update_start
+
+        # -----------------------------------------------------------------------------------------------------------
+        # 5. Log, evaluate, checkpoint
+        # -----------------------------------------------------------------------------------------------------------
+        group_success = batch["success"].float().view(-1, args.group_size).mean(1)
+        env_steps = int(batch["alive"].sum())
+        num_samples = len(batch["step_idx"])
         metrics = {
+            "actor/lr": optimizer.param_groups[0]["lr"],
+            "actor/samples": float(num_samples),
             "rollout/reward_mean": rewards.mean().item(),
-            "rollout/group_success_mean": group_success.mean().item(),
-            "rollout/groups_kept_frac": kept.float().mean().item(),
+            "rollout/success_rate": batch["success"].float().mean().item(),
+            "rollout/episode_length": batch["length"].float().mean().item(),
+            "rollout/kept_groups_frac": kept.float().mean().item(),
             "rollout/groups_all_success_frac": (group_success == 1).float().mean().item(),
             "rollout/groups_all_fail_frac": (group_success == 0).float().mean().item(),
-            "rollout/logp_per_token": ep["logp"][ep["alive"]].mean().item(),
-            "rollout/entropy": ep["entropy"][ep["alive"]].mean().item(),
-            "env/success_rate": ep["success"].float().mean().item(),
-            "env/episode_length": ep["length"].float().mean().item(),
-            "actor/samples": float(len(step_idx)),
-            "actor/lr": optimizer.param_groups[0]["lr"],
+            "rollout/logprob_per_token": batch["logprobs"][batch["alive"]].mean().item(),
+            "rollout/entropy": batch["entropy"][batch["alive"]].mean().item(),
             "time/rollout_s": rollout_time,
             "time/update_s": update_time,
             # throughput of all ranks together (x world size, then averaged over ranks)
             "time/env_steps_per_s": env_steps / rollout_time * dist.world_size,
-            "time/decode_tokens_per_s": ep["tokens_generated"] / rollout_time * dist.world_size,
-            "time/update_samples_per_s": len(step_idx) * args.update_epochs / max(update_time, 1e-9) * dist.world_size,
+            "time/decode_tokens_per_s": batch["tokens_generated"] / rollout_time * dist.world_size,
+            "time/update_samples_per_s": num_samples * args.update_epochs / max(update_time, 1e-9) * dist.world_size,
         }
-        metrics.update(update_metrics)
-        metrics = all_reduce_mean(metrics)
-        if args.eval_interval and iteration % args.eval_interval == 0:
-            eval_metrics, frames = evaluate(envs, model, processor, template, args, dist, device, autocast)
-            metrics.update(eval_metrics)
+        metrics = all_reduce_mean(metrics) | update_metrics
+        if is_due(iteration, args.eval_interval, args.total_iterations):
+            eval_metrics, frames = evaluate(policy, processor, template, envs, args, dist, autocast)
+            metrics |= eval_metrics
             if frames:
-                logger.video("eval/video", torch.stack(frames).numpy(), iteration, fps=10)
-        metrics["time/iteration_s"] = time.time() - t0
+                logger.video("eval/video", torch.stack(frames).numpy(), iteration)
         logger.log(metrics, iteration)
-        print0(f"iter {iteration}: success {metrics['env/success_rate']:.3f}, kept groups "
-               f"{metrics['rollout/groups_kept_frac']:.2f}, {metrics['time/iteration_s']:.1f}s"
-               + (f", eval success {metrics['eval/success_rate']:.3f}" if "eval/success_rate" in metrics else ""))
-        if (args.save_interval and iteration % args.save_interval == 0) or iteration == args.total_iterations:
+        print0(f"iter {iteration}: success {metrics['rollout/success_rate']:.3f} "
+               f"reward {metrics['rollout/reward_mean']:.4f} kept {metrics['rollout/kept_groups_frac']:.2f} "
+               f"env steps/s {metrics['time/env_steps_per_s']:.1f}"
+               + (f" eval {metrics['eval/success_rate']:.3f}" if "eval/success_rate" in metrics else ""))
+        if is_due(iteration, args.save_interval, args.total_iterations):
             save(iteration)
 
-    envs.close()
     logger.close()
+    envs.close()
     cleanup()
 
 

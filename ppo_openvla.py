@@ -16,7 +16,8 @@ lr 1e-4 / value head 3e-3, LoRA rank 32, 80-step episodes, temperature 1.0). Dep
 Run:
     python ppo_openvla.py --model-path openvla/openvla-7b --unnorm-key bridge_orig --env-id PickCube-v1
     torchrun --nproc-per-node 8 ppo_openvla.py --model-path openvla/openvla-7b --unnorm-key bridge_orig \
-        --env-id PutCarrotOnPlateInScene-v1 --control-mode arm_pd_ee_target_delta_pose_align2_gripper_pd_joint_pos --num-envs 16
+        --env-id PutCarrotOnPlateInScene-v1 --num-envs 16 \
+        --control-mode arm_pd_ee_target_delta_pose_align2_gripper_pd_joint_pos
     python ppo_openvla.py --eval-only --checkpoint runs/NAME/checkpoints
 CPU quickstart (tiny random model, real simulator): see README.md.
 """
@@ -27,23 +28,26 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import DynamicCache
 
-from common.checkpoint import load_trainer_state, resolve_checkpoint, restore_rng, save_checkpoint, save_trainer_state, trainer_state
-from common.dist import all_reduce_mean, all_reduce_sum_, check_in_sync, cleanup, init_dist, print0
-from common.logger import Logger
-from common.maniskill_env import REWARD_MODES, ManiSkillVLAEnv, check_env_id, check_render_device
-from common.openvla import ActionTokenizer, action_stats, load_openvla, make_trainable, read_openvla_config, resolve_model_path, save_openvla
+from common.checkpoint import (load_trainer_state, resolve_checkpoint_flags, restore_rng, save_checkpoint,
+                               save_trainer_state, trainer_state)
+from common.dist import (all_reduce_mean, bf16_autocast, check_in_sync, cleanup,
+                         global_mean_std, init_dist, print0)
+from common.logger import Logger, is_due
+from common.maniskill_env import ManiSkillVLAEnv, check_env_id, check_render_device
+from common.openvla import (ActionTokenizer, action_stats, load_lora_adapter, load_openvla, make_trainable,
+                            read_openvla_config, resolve_model_path, save_lora_adapter, save_openvla)
 
 ACTION_DIM = 7
 
@@ -76,16 +80,16 @@ class Args:
     instruction: Optional[str] = None
     """override the task's language instruction"""
     control_mode: str = "pd_ee_delta_pose"
-    """ManiSkill controller; the Bridge "InScene" tasks only have arm_pd_ee_target_delta_pose_align2_gripper_pd_joint_pos"""
+    """ManiSkill controller (the Bridge "InScene" tasks: arm_pd_ee_target_delta_pose_align2_gripper_pd_joint_pos)"""
     num_envs: int = 16
     """parallel envs per rank (each rank owns its envs and rollouts)"""
     max_episode_steps: int = 80
     """episode length limit"""
-    reward_mode: str = "auto"
-    """auto (grasp-shaped where the task reports grasps, else sparse) | shaped | sparse | dense"""
+    reward_mode: Literal["auto", "shaped", "sparse", "dense"] = "auto"
+    """auto: grasp-shaped where the task reports grasps, else sparse; dense: ManiSkill's normalized dense reward"""
     image_size: int = 224
     """camera resolution (square); images are resized to the model's 224 if different"""
-    # --- PPO ---
+    # --- algorithm: PPO ---
     total_iterations: int = 500
     """number of rollout + update iterations"""
     num_steps: int = 80
@@ -122,15 +126,15 @@ class Args:
     """sampling temperature of training rollouts (the training log-prob uses the same one)"""
     # --- eval, logging, checkpoints ---
     eval_interval: int = 10
-    """evaluate every this many iterations (0 = never); also after the last one"""
+    """evaluate every this many iterations and after the last one (0: only after the last one)"""
     eval_temperature: float = 0.0
     """0 = greedy decoding at eval"""
     capture_video: bool = False
     """save an mp4 of env 0 of each evaluation"""
     save_interval: int = 10
-    """checkpoint every this many iterations (and after the last one)"""
+    """checkpoint every this many iterations and after the last one (0: only after the last one)"""
     keep_checkpoints: int = 3
-    """how many recent checkpoints to keep"""
+    """keep only the newest this many checkpoints (0: all)"""
     resume: Optional[str] = None
     """checkpoint step directory, or a checkpoints directory with a `latest` file, to continue from"""
     eval_only: bool = False
@@ -147,29 +151,19 @@ class Args:
 
 def validate(args: Args) -> dict:
     """Every check that can fail on user input, before envs or weights are loaded. Returns the model config."""
-    if args.reward_mode not in REWARD_MODES:
-        raise ValueError(f"--reward-mode {args.reward_mode!r}: choose one of {REWARD_MODES}")
     if args.image_size < 32:
         raise ValueError(f"--image-size must be at least 32 (pixels per side), got {args.image_size}")
     if args.lora_rank < 0:
         raise ValueError(f"--lora-rank must be >= 0 (0 = full fine-tuning), got {args.lora_rank}")
     args.batch_size = args.num_envs * args.num_steps
     if args.batch_size % args.num_minibatches:
-        raise ValueError(f"--num-envs x --num-steps ({args.batch_size}) is not divisible by --num-minibatches ({args.num_minibatches})")
+        raise ValueError(f"--num-envs x --num-steps ({args.batch_size}) is not divisible by "
+                         f"--num-minibatches ({args.num_minibatches})")
     args.minibatch_size = args.batch_size // args.num_minibatches
     if args.minibatch_size % args.micro_batch_size:
-        raise ValueError(f"minibatch size {args.minibatch_size} (= num_envs x num_steps / num_minibatches) is not divisible by --micro-batch-size ({args.micro_batch_size})")
-    if args.eval_only and args.resume:
-        raise ValueError("--eval-only evaluates --checkpoint; do not combine it with --resume")
-    if args.checkpoint and not args.eval_only:
-        raise ValueError("--checkpoint is for --eval-only; use --resume to continue training")
-    if args.resume:
-        args.resume = resolve_checkpoint(args.resume, "--resume")
-    if args.checkpoint:
-        args.checkpoint = resolve_checkpoint(args.checkpoint, "--checkpoint")
-        saved = load_trainer_state(args.checkpoint)["args"]  # evaluate the model the checkpoint was trained from
-        for key in ("model_path", "unnorm_key", "lora_rank", "lora_alpha"):
-            setattr(args, key, saved[key])
+        raise ValueError(f"minibatch size {args.minibatch_size} (= num_envs x num_steps / num_minibatches) is not "
+                         f"divisible by --micro-batch-size ({args.micro_batch_size})")
+    resolve_checkpoint_flags(args, inherited=("model_path", "unnorm_key", "lora_rank", "lora_alpha"))
     check_env_id(args.env_id)
     check_render_device()
     args.model_path = resolve_model_path(args.model_path)
@@ -179,21 +173,24 @@ def validate(args: Args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Policy: OpenVLA + value head
+# Policy: OpenVLA (actor) + value head (critic)
 # ---------------------------------------------------------------------------------------------------------------
-class Agent(nn.Module):
+class ActorCritic(nn.Module):
     def __init__(self, vla, action_tokenizer: ActionTokenizer):
         super().__init__()
         self.vla = vla
         self.first_action_token = action_tokenizer.first_token
         self.n_bins = action_tokenizer.n_bins
         hidden = vla.hidden_size
-        self.value_head = nn.Sequential(nn.Linear(hidden, 512), nn.GELU(), nn.Linear(512, 128), nn.GELU(), nn.Linear(128, 1))
+        self.value_head = nn.Sequential(
+            nn.Linear(hidden, 512), nn.GELU(), nn.Linear(512, 128), nn.GELU(), nn.Linear(128, 1)
+        )
 
     def action_logits(self, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
         """(..., D) -> (..., 256) float logits of the action tokens only, divided by the temperature: masking every
         other token to -inf and renormalising is the same distribution. Rollout and training both go through here."""
-        weight = self.vla.language_model.lm_head.weight[self.first_action_token : self.first_action_token + self.n_bins]
+        first = self.first_action_token
+        weight = self.vla.language_model.lm_head.weight[first : first + self.n_bins]
         return F.linear(hidden, weight).float() / max(temperature, 1e-6)
 
     def value(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -201,12 +198,13 @@ class Agent(nn.Module):
 
     @torch.no_grad()
     def act(self, pixel_values, input_ids, attention_mask, temperature: float):
-        """Sample 7 action tokens with the KV cache. Returns tokens (B, 7), log-prob (B,) summed over the 7, value (B,).
-        temperature 0 = greedy."""
+        """Sample 7 action tokens with the KV cache. Returns tokens (B, 7), log-prob (B,) summed over the 7,
+        value (B,). temperature 0 = greedy."""
         lm = self.vla.language_model
         embeds, mask, position_ids = self.vla.embed_multimodal(input_ids, attention_mask, pixel_values)
         cache = DynamicCache()
-        hidden = lm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+        hidden = lm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+                          use_cache=True).last_hidden_state[:, -1]
         value = self.value(hidden)
         tokens, logprob = [], torch.zeros(len(hidden), device=hidden.device)
         for i in range(ACTION_DIM):
@@ -221,21 +219,25 @@ class Agent(nn.Module):
             if i < ACTION_DIM - 1:
                 mask = torch.cat([mask, mask.new_ones(len(mask), 1)], 1)
                 position_ids = position_ids[:, -1:] + 1
-                hidden = lm.model(input_ids=token[:, None], attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+                hidden = lm.model(input_ids=token[:, None], attention_mask=mask, position_ids=position_ids,
+                                  past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
         return torch.stack(tokens, 1), logprob, value
 
     @torch.no_grad()
     def predict_value(self, pixel_values, input_ids, attention_mask):
         embeds, mask, position_ids = self.vla.embed_multimodal(input_ids, attention_mask, pixel_values)
-        hidden = self.vla.language_model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids).last_hidden_state[:, -1]
+        hidden = self.vla.language_model.model(inputs_embeds=embeds, attention_mask=mask,
+                                               position_ids=position_ids).last_hidden_state[:, -1]
         return self.value(hidden)
 
     def forward(self, pixel_values, input_ids, attention_mask, action_tokens, temperature: float):
-        """Training pass, teacher-forced on the sampled tokens. Returns log-prob (B,), per-token entropy (B,), value (B,)."""
+        """Training pass, teacher-forced on the sampled tokens. Returns log-prob (B,), per-token entropy (B,),
+        value (B,)."""
         ids = torch.cat([input_ids, action_tokens[:, :-1]], 1)
         mask = torch.cat([attention_mask, attention_mask.new_ones(len(ids), ACTION_DIM - 1)], 1)
         embeds, mask, position_ids = self.vla.embed_multimodal(ids, mask, pixel_values)
-        hidden = self.vla.language_model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids).last_hidden_state
+        hidden = self.vla.language_model.model(inputs_embeds=embeds, attention_mask=mask,
+                                               position_ids=position_ids).last_hidden_state
         hidden = hidden[:, -ACTION_DIM:]  # (B, 7, D): the positions that predict the 7 action tokens
         logp = self.action_logits(hidden, temperature).log_softmax(-1)  # (B, 7, 256)
         logprob = logp.gather(-1, (action_tokens - self.first_action_token)[..., None]).squeeze(-1).sum(-1)
@@ -244,8 +246,33 @@ class Agent(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ALGO LOGIC: advantages and losses
+# ALGO LOGIC: reward shaping, advantages and losses
 # ---------------------------------------------------------------------------------------------------------------
+class GraspShapedReward:
+    """RLinf / RL4VLA pick-and-place shaping: potential s_t = 0.1 grasped + 0.1 consecutive_grasp
+    + 1.0 (success and grasped), reward r_t = s_t - s_{t-1}. Tasks that do not report `consecutive_grasp` count it as
+    "grasped for 5 steps in a row" (1 s at the Bridge tasks' 5 Hz control)."""
+
+    def __init__(self, num_envs: int, consecutive_steps: int = 5):
+        self.consecutive_steps = consecutive_steps
+        self.prev_potential = torch.zeros(num_envs)
+        self.grasp_steps = torch.zeros(num_envs, dtype=torch.long)
+
+    def reset(self, done: torch.Tensor) -> None:
+        """Start the potential of the envs in `done` (N,) bool from zero (a new episode)."""
+        self.prev_potential[done] = 0.0
+        self.grasp_steps[done] = 0
+
+    def __call__(self, info: dict[str, torch.Tensor]) -> torch.Tensor:
+        grasped = info["grasped"]  # (N,) bool
+        self.grasp_steps = torch.where(grasped, self.grasp_steps + 1, torch.zeros_like(self.grasp_steps))
+        consecutive = info.get("consecutive_grasp", self.grasp_steps >= self.consecutive_steps)
+        potential = 0.1 * grasped.float() + 0.1 * consecutive.float() + 1.0 * (info["success"] & grasped).float()
+        reward = potential - self.prev_potential
+        self.prev_potential = potential
+        return reward
+
+
 def compute_gae(rewards, values, dones, next_value, gamma: float, lam: float):
     """rewards, values, dones: (T, N); dones[t] = the step t ended the episode; next_value (N,) = V(s_T).
     delta_t = r_t + gamma V_{t+1} (1 - d_t) - V_t;  A_t = delta_t + gamma lam (1 - d_t) A_{t+1};  returns = A + V."""
@@ -280,26 +307,25 @@ def ppo_losses(new_logprob, old_logprob, advantages, new_value, old_value, retur
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints: LoRA adapter (or full weights in the openvla layout) + value head + trainer state
 # ---------------------------------------------------------------------------------------------------------------
-def save_agent(agent: Agent, processor, lora_config: Optional[LoraConfig], directory: str) -> None:
+def save_policy(policy: ActorCritic, processor, lora_config: Optional[LoraConfig], directory: str) -> None:
     if lora_config is not None:
-        save_file(get_peft_model_state_dict(agent.vla), os.path.join(directory, "adapter_model.safetensors"))
-        lora_config.save_pretrained(directory)
+        save_lora_adapter(policy.vla, lora_config, directory)
     else:
-        save_openvla(agent.vla, processor, os.path.join(directory, "model"))
-    save_file(agent.value_head.state_dict(), os.path.join(directory, "value_head.safetensors"))
+        save_openvla(policy.vla, processor, os.path.join(directory, "model"))
+    save_file(policy.value_head.state_dict(), os.path.join(directory, "value_head.safetensors"))
 
 
-def load_agent_weights(agent: Agent, directory: str, lora: bool) -> None:
+def load_policy_weights(policy: ActorCritic, directory: str, lora: bool) -> None:
     if lora:
-        set_peft_model_state_dict(agent.vla, load_file(os.path.join(directory, "adapter_model.safetensors")))
-    agent.value_head.load_state_dict(load_file(os.path.join(directory, "value_head.safetensors")))
+        load_lora_adapter(policy.vla, directory)
+    policy.value_head.load_state_dict(load_file(os.path.join(directory, "value_head.safetensors")))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation: held-out seeds, low-temperature or greedy decoding, one episode per env
 # ---------------------------------------------------------------------------------------------------------------
-def evaluate(args, agent, env, processor, prompt, to_env_action, rank: int, device, autocast):
-    seeds = [10**9 + rank * args.num_envs + i for i in range(args.num_envs)]  # never used for training
+def evaluate(args, policy, env, processor, prompt_ids, prompt_mask, to_env_action, dist, autocast):
+    seeds = [10**9 + dist.rank * args.num_envs + i for i in range(args.num_envs)]  # never used for training
     obs = env.reset(seeds)
     finished = torch.zeros(env.num_envs, dtype=torch.bool)
     success = torch.zeros(env.num_envs, dtype=torch.bool)
@@ -307,7 +333,8 @@ def evaluate(args, agent, env, processor, prompt, to_env_action, rank: int, devi
     frames = [obs["rgb"][0].numpy()]
     for _ in range(env.max_episode_steps):
         with autocast:
-            tokens, _, _ = agent.act(processor.preprocess_images(obs["rgb"].to(device)), *prompt, args.eval_temperature)
+            pixel_values = processor.preprocess_images(obs["rgb"].to(dist.device))
+            tokens, _, _ = policy.act(pixel_values, prompt_ids, prompt_mask, args.eval_temperature)
         obs, _, terminated, truncated, info = env.step(to_env_action(tokens))
         length += (~finished).float()
         success |= info["success"] & ~finished
@@ -317,79 +344,91 @@ def evaluate(args, agent, env, processor, prompt, to_env_action, rank: int, devi
         finished |= done_now
         if finished.all():
             break
-    return {"eval/success_rate": success.float().mean().item(), "eval/episode_length": length.mean().item()}, np.stack(frames)
+    metrics = {"eval/success_rate": success.float().mean().item(), "eval/episode_length": length.mean().item()}
+    return all_reduce_mean(metrics), np.stack(frames)
 
 
 def main(args: Args) -> None:
-    # ------------------------------------------------------------------ setup: validation, distributed, seeds
-    dist_info = init_dist()
-    rank, world, device = dist_info.rank, dist_info.world_size, dist_info.device
+    # ---------------------------------------------------------------------------------------------------------------
+    # Setup: validation, distributed, seeds, envs, model, optimizer
+    # ---------------------------------------------------------------------------------------------------------------
+    dist = init_dist()
     config = validate(args)
-    run_name = f"{args.exp_name}__s{args.seed}"
-    run_path = os.path.join(args.run_dir, run_name)
-    print0(f"run {run_path}: {world} rank(s) x {args.num_envs} envs, {args.batch_size * world} samples per iteration")
+    device = dist.device
+    run_path = os.path.join(args.run_dir, f"{args.exp_name}__s{args.seed}")
+    print0(f"run {run_path}: {dist.world_size} rank(s) x {args.num_envs} envs, "
+           f"{args.batch_size * dist.world_size} samples per iteration")
 
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
+    random.seed(args.seed + dist.rank)
+    np.random.seed(args.seed + dist.rank)
     torch.manual_seed(args.seed)  # identical LoRA and value-head init on every rank (DDP also broadcasts rank 0's)
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if (on_gpu and args.bf16 and args.lora_rank > 0) else torch.float32
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (on_gpu and args.bf16) else contextlib.nullcontext()
+    autocast = bf16_autocast(device, args.bf16)
 
-    # ------------------------------------------------------------------ envs
-    env = ManiSkillVLAEnv(args.env_id, args.num_envs, image_size=args.image_size, reward_mode=args.reward_mode,
-                          instruction=args.instruction, max_episode_steps=args.max_episode_steps, control_mode=args.control_mode)
+    env = ManiSkillVLAEnv(args.env_id, args.num_envs, image_size=args.image_size,
+                          dense_reward=args.reward_mode == "dense", instruction=args.instruction,
+                          max_episode_steps=args.max_episode_steps, control_mode=args.control_mode)
 
-    # ------------------------------------------------------------------ model
     model_dir = args.model_path
-    if args.resume and args.lora_rank == 0:
-        model_dir = os.path.join(args.resume, "model")
-    if args.checkpoint and args.lora_rank == 0:
-        model_dir = os.path.join(args.checkpoint, "model")
+    if args.lora_rank == 0 and (args.resume or args.checkpoint):
+        model_dir = os.path.join(args.resume or args.checkpoint, "model")
     vla, processor = load_openvla(model_dir, device=device, dtype=dtype)
     if args.gradient_checkpointing:
         vla.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora_config = make_trainable(vla, args.lora_rank, args.lora_alpha)  # None = full fine-tuning
     action_tokenizer = ActionTokenizer(vla.vocab_size, vla.n_action_bins)
     stats = action_stats(config, args.unnorm_key)
-    agent = Agent(vla, action_tokenizer).to(device)
+    policy = ActorCritic(vla, action_tokenizer).to(device)
 
     def to_env_action(tokens: torch.Tensor) -> torch.Tensor:
         normalized = action_tokenizer.tokens_to_normalized(tokens).float()
         return ActionTokenizer.unnormalize(normalized, stats).cpu()  # (N, 7)
 
-    prompt = processor.prompt_ids(env.instructions, device=device)  # left-padded (N, L) ids and mask, fixed per env
-    trainable = [p for p in agent.parameters() if p.requires_grad]
-    policy_params = [p for p in agent.vla.parameters() if p.requires_grad]
+    prompt_ids, prompt_mask = processor.prompt_ids(env.instructions, device=device)  # (N, L) left-padded, per env
+    trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        [{"params": policy_params, "lr": args.learning_rate}, {"params": list(agent.value_head.parameters()), "lr": args.value_learning_rate}],
+        [{"params": [p for p in policy.vla.parameters() if p.requires_grad], "lr": args.learning_rate},
+         {"params": list(policy.value_head.parameters()), "lr": args.value_learning_rate}],
         eps=1e-5, weight_decay=0.0,
     )
-    print0(f"trainable parameters: {sum(p.numel() for p in trainable):,} of {sum(p.numel() for p in agent.parameters()):,}")
+    print0(f"trainable parameters: {sum(p.numel() for p in trainable):,} of "
+           f"{sum(p.numel() for p in policy.parameters()):,}")
 
-    start_iteration = 1
+    start_iteration = 0
     if args.resume or args.checkpoint:
-        source = args.resume or args.checkpoint
-        load_agent_weights(agent, source, lora=lora_config is not None)
-        if args.resume:
-            state = load_trainer_state(source)
-            optimizer.load_state_dict(state["optimizer"])
-            restore_rng(state)
-            start_iteration = state["step"] + 1
-            print0(f"resumed from {source} at iteration {state['step']}")
-    ddp_agent = DDP(agent) if world > 1 else agent  # DDP broadcasts rank 0's weights at construction
+        load_policy_weights(policy, args.resume or args.checkpoint, lora=lora_config is not None)
+    if args.resume:
+        state = load_trainer_state(args.resume)
+        optimizer.load_state_dict(state["optimizer"])
+        restore_rng(state)
+        start_iteration = state["step"]
+        print0(f"resumed from {args.resume} at iteration {start_iteration}")
+    ddp_policy = DDP(policy) if dist.world_size > 1 else policy  # DDP broadcasts rank 0's weights at construction
+    logger = Logger(run_path, args, enabled=dist.is_main)
 
-    logger = Logger(run_path, args, enabled=dist_info.is_main)
     if args.eval_only:
-        metrics, frames = evaluate(args, agent, env, processor, prompt, to_env_action, rank, device, autocast)
-        metrics = all_reduce_mean(metrics)
+        metrics, frames = evaluate(args, policy, env, processor, prompt_ids, prompt_mask, to_env_action, dist,
+                                   autocast)
         print0(json.dumps(metrics))
-        if args.capture_video and dist_info.is_main:
-            logger.video("eval/video", frames, 0)
+        if args.capture_video:
+            logger.video("eval/video", frames, start_iteration)
         logger.close()
         env.close()
         cleanup()
         return
+
+    def save(iteration: int) -> None:
+        """LoRA adapter (or the full model) + value head + trainer state, written atomically by rank 0."""
+        def write(directory: str) -> None:
+            save_policy(policy, processor, lora_config, directory)
+            save_trainer_state(directory, trainer_state(args, iteration, optimizer))
+
+        check_in_sync(trainable)  # DDP keeps ranks identical; verify before writing rank 0's copy
+        if dist.is_main:
+            path = save_checkpoint(os.path.join(run_path, "checkpoints"), iteration, write,
+                                   keep_last=args.keep_checkpoints)
+            print0(f"saved {path}")
 
     # Rollout storage, preallocated on CPU (images are stored as uint8 and preprocessed again at update time).
     T, N = args.num_steps, args.num_envs
@@ -400,36 +439,51 @@ def main(args: Args) -> None:
     dones = torch.zeros((T, N))
     values = torch.zeros((T, N))
     episode_return, episode_length = torch.zeros(N), torch.zeros(N)
+    shaped_reward = GraspShapedReward(N)
 
-    for iteration in range(start_iteration, args.total_iterations + 1):
-        # ---------------------------------------------------------- 1. rollout
+    for iteration in range(start_iteration + 1, args.total_iterations + 1):
+        # -----------------------------------------------------------------------------------------------------------
+        # 1. Rollout: fresh episodes from seeds derived from (seed, rank, iteration), so a resume replays exactly
+        # -----------------------------------------------------------------------------------------------------------
         rollout_start, policy_time = time.time(), 0.0
-        iteration_rng = np.random.default_rng([args.seed, rank, iteration])  # a resumed run replays the same draws
-        train_seeds = iteration_rng.integers(0, 10**9, N).tolist()
-        torch.manual_seed(int(iteration_rng.integers(2**62)))  # action sampling and minibatch order
-        obs = env.reset(train_seeds)
+        rng = np.random.default_rng([args.seed, dist.rank, iteration])
+        torch.manual_seed(int(rng.integers(2**62)))  # action sampling and minibatch order
+        obs = env.reset(rng.integers(0, 10**9, N).tolist())
+        shaped_reward.reset(torch.ones(N, dtype=torch.bool))
         episode_return.zero_()
         episode_length.zero_()
         finished_returns, finished_lengths, finished_success = [], [], []
-        agent.eval()
+        policy.eval()
         for t in range(T):
             images[t] = obs["rgb"]
             t0 = time.time()
             with autocast:
-                tokens, logprob, value = agent.act(processor.preprocess_images(obs["rgb"].to(device)), *prompt, args.temperature)
+                pixel_values = processor.preprocess_images(obs["rgb"].to(device))
+                tokens, logprob, value = policy.act(pixel_values, prompt_ids, prompt_mask, args.temperature)
             policy_time += time.time() - t0
             action_tokens[t], logprobs[t], values[t] = tokens.cpu(), logprob.cpu(), value.cpu()
             obs, reward, terminated, truncated, info = env.step(to_env_action(tokens))
 
-            # ------------------------------------------------------ 2. reward (+ bootstrap of truncated episodes)
+            # -------------------------------------------------------------------------------------------------------
+            # 2. Reward: the task's, or grasp-shaped; a truncated episode is bootstrapped with V(final observation)
+            # -------------------------------------------------------------------------------------------------------
+            done = terminated | truncated
+            mode = args.reward_mode if args.reward_mode != "auto" else ("shaped" if "grasped" in info else "sparse")
+            if mode == "shaped":
+                if "grasped" not in info:
+                    raise ValueError(f"--reward-mode shaped: {args.env_id} reports no grasp signal; use sparse/dense")
+                reward = shaped_reward(info)
+                shaped_reward.reset(done)
+            elif mode == "sparse":
+                reward = info["success"].float()
             bootstrap = truncated & ~terminated
             if bootstrap.any():
-                final = info["final_obs"]["rgb"][bootstrap].to(device)
+                rows = bootstrap.to(device)
                 with autocast:
-                    final_value = agent.predict_value(processor.preprocess_images(final), prompt[0][bootstrap.to(device)], prompt[1][bootstrap.to(device)])
+                    final_pixels = processor.preprocess_images(info["final_obs"]["rgb"][bootstrap].to(device))
+                    final_value = policy.predict_value(final_pixels, prompt_ids[rows], prompt_mask[rows])
                 reward = reward.clone()
                 reward[bootstrap] += args.gamma * final_value.cpu()
-            done = terminated | truncated
             rewards[t], dones[t] = reward, done.float()
             episode_return += reward
             episode_length += 1
@@ -439,58 +493,68 @@ def main(args: Args) -> None:
                 finished_success.append(float(info["success"][i]))
             episode_return[done], episode_length[done] = 0.0, 0.0
         with autocast:
-            next_value = agent.predict_value(processor.preprocess_images(obs["rgb"].to(device)), *prompt).cpu()
+            pixel_values = processor.preprocess_images(obs["rgb"].to(device))
+            next_value = policy.predict_value(pixel_values, prompt_ids, prompt_mask).cpu()
         rollout_time = time.time() - rollout_start
 
-        # ---------------------------------------------------------- 3. advantage
+        # -----------------------------------------------------------------------------------------------------------
+        # 3. Advantage: GAE, normalised over the samples of every rank
+        # -----------------------------------------------------------------------------------------------------------
         advantages, returns = compute_gae(rewards, values, dones, next_value, args.gamma, args.gae_lambda)
-        b_images, b_tokens = images.reshape(T * N, *images.shape[2:]), action_tokens.reshape(T * N, ACTION_DIM)
+        b_images = images.reshape(T * N, *images.shape[2:])  # (T * N, H, W, 3)
+        b_tokens = action_tokens.reshape(T * N, ACTION_DIM)  # (T * N, 7)
         b_logprobs, b_values = logprobs.reshape(-1), values.reshape(-1)
         b_advantages, b_returns = advantages.reshape(-1), returns.reshape(-1)
-        b_env = torch.arange(N).repeat(T)  # which env (prompt) each sample came from
-        if args.norm_adv:  # mean and std over every rank's samples
-            moments = all_reduce_sum_(torch.tensor([b_advantages.sum(), (b_advantages**2).sum(), b_advantages.numel()], dtype=torch.float64, device=device if on_gpu else "cpu")).cpu()
-            mean = moments[0] / moments[2]
-            std = (moments[1] / moments[2] - mean**2).clamp(min=0).sqrt()
-            b_advantages = ((b_advantages - mean) / (std + 1e-8)).float()
+        b_env = torch.arange(N).repeat(T)  # (T * N,) which env (prompt) each sample came from
+        if args.norm_adv:
+            mean, std = global_mean_std(b_advantages)
+            b_advantages = (b_advantages - mean) / (std + 1e-8)
 
-        # ---------------------------------------------------------- 4. update
+        # -----------------------------------------------------------------------------------------------------------
+        # 4. Update: epochs x minibatches, gradient accumulation over micro-batches
+        # -----------------------------------------------------------------------------------------------------------
         update_start = time.time()
-        agent.train()
+        policy.train()
         stats_sum: dict[str, float] = {}
-        n_updates = 0
-        for epoch in range(args.update_epochs):
+        num_updates = 0
+        for _ in range(args.update_epochs):
             order = torch.randperm(args.batch_size)
             for start in range(0, args.batch_size, args.minibatch_size):
                 minibatch = order[start : start + args.minibatch_size]
                 optimizer.zero_grad(set_to_none=True)
                 micro_batches = minibatch.split(args.micro_batch_size)
                 for k, mb in enumerate(micro_batches):
-                    sync = contextlib.nullcontext() if (world == 1 or k == len(micro_batches) - 1) else ddp_agent.no_sync()
+                    last = dist.world_size == 1 or k == len(micro_batches) - 1
+                    sync = contextlib.nullcontext() if last else ddp_policy.no_sync()
                     env_ids = b_env[mb].to(device)
                     with sync, autocast:
-                        # ALGO LOGIC: clipped PPO losses on this micro-batch
-                        new_logprob, entropy, new_value = ddp_agent(
-                            processor.preprocess_images(b_images[mb].to(device)), prompt[0][env_ids], prompt[1][env_ids], b_tokens[mb].to(device), args.temperature
+                        pixel_values = processor.preprocess_images(b_images[mb].to(device))
+                        new_logprob, entropy, new_value = ddp_policy(
+                            pixel_values, prompt_ids[env_ids], prompt_mask[env_ids], b_tokens[mb].to(device),
+                            args.temperature,
                         )
                         pg_loss, v_loss, approx_kl, clipfrac = ppo_losses(
                             new_logprob, b_logprobs[mb].to(device), b_advantages[mb].to(device), new_value,
-                            b_values[mb].to(device), b_returns[mb].to(device), args.clip_coef, args.value_clip, args.huber_delta,
+                            b_values[mb].to(device), b_returns[mb].to(device), args.clip_coef, args.value_clip,
+                            args.huber_delta,
                         )
                         loss = pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy.mean()
                         (loss * len(mb) / len(minibatch)).backward()
-                    for key, value in (("actor/loss", pg_loss), ("actor/value_loss", v_loss), ("actor/entropy", entropy.mean()),
-                                       ("actor/approx_kl", approx_kl), ("actor/clipfrac", clipfrac)):
+                    for key, value in (("actor/pg_loss", pg_loss), ("critic/value_loss", v_loss),
+                                       ("actor/entropy", entropy.mean()), ("actor/approx_kl", approx_kl),
+                                       ("actor/clipfrac", clipfrac)):
                         stats_sum[key] = stats_sum.get(key, 0.0) + value.item() * len(mb) / len(minibatch)
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
                 stats_sum["actor/grad_norm"] = stats_sum.get("actor/grad_norm", 0.0) + grad_norm.item()
                 optimizer.step()
-                n_updates += 1
+                num_updates += 1
         update_time = time.time() - update_start
 
-        # ---------------------------------------------------------- 5. log, eval, checkpoint
+        # -----------------------------------------------------------------------------------------------------------
+        # 5. Log, evaluate, checkpoint
+        # -----------------------------------------------------------------------------------------------------------
         explained_var = 1 - (b_returns - b_values).var() / b_returns.var().clamp(min=1e-8)
-        metrics = {k: v / n_updates for k, v in stats_sum.items()}
+        metrics = {k: v / num_updates for k, v in stats_sum.items()}
         metrics |= {
             "actor/lr": args.learning_rate,
             "critic/explained_variance": explained_var.item(),
@@ -503,34 +567,26 @@ def main(args: Args) -> None:
             "rollout/advantage_mean": advantages.mean().item(),
             "time/rollout_s": rollout_time,
             "time/update_s": update_time,
-            "time/env_steps_per_s": T * N / rollout_time,
-            "time/actions_per_s": T * N / policy_time,
-            "time/update_samples_per_s": args.update_epochs * args.batch_size / update_time,
+            # throughput of all ranks together (x world size, then averaged over ranks)
+            "time/env_steps_per_s": T * N / rollout_time * dist.world_size,
+            "time/actions_per_s": T * N / policy_time * dist.world_size,
+            "time/update_samples_per_s": args.update_epochs * args.batch_size / update_time * dist.world_size,
         }
         metrics = all_reduce_mean(metrics)
-        for key in ("time/env_steps_per_s", "time/actions_per_s", "time/update_samples_per_s"):
-            metrics[key] *= world  # throughput of all ranks together
-        if args.eval_interval and (iteration % args.eval_interval == 0 or iteration == args.total_iterations):
-            eval_metrics, frames = evaluate(args, agent, env, processor, prompt, to_env_action, rank, device, autocast)
-            metrics |= all_reduce_mean(eval_metrics)
-            if args.capture_video and dist_info.is_main:
+        if is_due(iteration, args.eval_interval, args.total_iterations):
+            eval_metrics, frames = evaluate(args, policy, env, processor, prompt_ids, prompt_mask, to_env_action,
+                                            dist, autocast)
+            metrics |= eval_metrics
+            if args.capture_video:
                 logger.video("eval/video", frames, iteration)
         logger.log(metrics, iteration)
-        print0(
-            f"iter {iteration}: success {metrics['rollout/success_rate']:.3f} reward {metrics['rollout/reward_mean']:.4f} "
-            f"pg {metrics['actor/loss']:.4f} v {metrics['actor/value_loss']:.4f} kl {metrics['actor/approx_kl']:.5f} "
-            f"env steps/s {metrics['time/env_steps_per_s']:.1f}" + (f" eval {metrics['eval/success_rate']:.3f}" if "eval/success_rate" in metrics else "")
-        )
-        if iteration % args.save_interval == 0 or iteration == args.total_iterations:
-            check_in_sync(trainable)  # DDP keeps ranks identical; verify before writing rank 0's copy
-        if dist_info.is_main and (iteration % args.save_interval == 0 or iteration == args.total_iterations):
-
-            def write(directory: str) -> None:
-                save_agent(agent, processor, lora_config, directory)
-                save_trainer_state(directory, trainer_state(args, iteration, optimizer))
-
-            path = save_checkpoint(os.path.join(run_path, "checkpoints"), iteration, write, keep_last=args.keep_checkpoints)
-            print0(f"saved {path}")
+        print0(f"iter {iteration}: success {metrics['rollout/success_rate']:.3f} "
+               f"reward {metrics['rollout/reward_mean']:.4f} pg {metrics['actor/pg_loss']:.4f} "
+               f"v {metrics['critic/value_loss']:.4f} kl {metrics['actor/approx_kl']:.5f} "
+               f"env steps/s {metrics['time/env_steps_per_s']:.1f}"
+               + (f" eval {metrics['eval/success_rate']:.3f}" if "eval/success_rate" in metrics else ""))
+        if is_due(iteration, args.save_interval, args.total_iterations):
+            save(iteration)
 
     logger.close()
     env.close()

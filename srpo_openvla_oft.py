@@ -3,21 +3,21 @@
 Paper: "SRPO: Self-Referential Policy Optimization for Vision-Language-Action Models" (arXiv 2511.15605);
 anchors: siiRL's SRPO (progress reward) and SimpleVLA-RL (GRPO on OpenVLA-OFT in LIBERO).
 
-Every update step: roll out `group_size` episodes for each of `tasks_per_step` (task, init state) pairs; the
+Every iteration: roll out `group_size` episodes for each of `tasks_per_iteration` (task, init state) pairs; the
 policy (OpenVLA-OFT "AC-PD") predicts a chunk of 8 actions x 7 dims = 56 action tokens in ONE forward pass
 (zero input embeddings at the action slots, bidirectional attention) and all 8 actions are executed. Groups whose
 success rate is outside [0.1, 0.9] are dropped (dynamic sampling). Successes get reward 1; each failure gets a
 progress reward in (0, 0.6) from how close its V-JEPA 2 video embedding is to the clusters of this batch's
-successful trajectories of the same task (common/progress_reward.py). GRPO turns rewards into group-normalised
-advantages, and a clipped (0.2 / 0.28) token-mean surrogate over the 56 per-token ratios updates the policy.
-`--reward sparse` gives every failure 0: plain GRPO, the SimpleVLA-RL baseline.
+successful trajectories of the same task (`progress_rewards` below: SRPO's contribution). GRPO turns rewards into
+group-normalised advantages, and a clipped (0.2 / 0.28) token-mean surrogate over the 56 per-token ratios updates
+the policy. `--reward sparse` gives every failure 0: plain GRPO, the SimpleVLA-RL baseline.
 
 Where this file departs from the anchors:
-- LoRA (rank 32) on every linear layer by default, gradients averaged over ranks by an all-reduce; the anchors
-  fully fine-tune 7B with FSDP. `--lora-rank 0` fully fine-tunes (fits a tiny model or a single-GPU 7B only with
-  very large memory; there is no FSDP here).
+- LoRA (rank 32) on every linear layer by default; the anchors fully fine-tune 7B with FSDP. `--lora-rank 0`
+  fully fine-tunes. The loss is a token-mean over the whole minibatch of all ranks: each rank divides its summed
+  loss by the global token count and gradients are SUMMED over ranks.
 - No KL-to-reference term (the anchors' coefficient is 0 too); no re-sampling to refill groups dropped by
-  dynamic sampling: the step trains on the groups that were kept (and skips the update when none was).
+  dynamic sampling: the iteration trains on the groups that were kept (and skips the update when none was).
 - The old log-probs are the rollout's own (one forward pass fewer); tests/test_srpo_logprob.py shows that the
   training forward reproduces them (same mask, temperature, bin slice; batch padding does not matter).
 - The 50 init states of a task serve both training (sampled) and evaluation (the first `eval_init_states`).
@@ -25,11 +25,11 @@ Where this file departs from the anchors:
 Run:
     python srpo_openvla_oft.py --help
     # CPU quickstart: tiny random models, real LIBERO simulation (about 2 minutes on 2 cores)
-    python -m common.openvla tiny-models/openvla && python -m common.progress_reward tiny-models/vjepa2
+    python -m common.tiny_models openvla tiny-models/openvla && python -m common.tiny_models vjepa2 tiny-models/vjepa2
     python srpo_openvla_oft.py --model-path tiny-models/openvla --world-model-path tiny-models/vjepa2 \\
-        --suite libero_spatial --task-ids 0 --num-envs 2 --group-size 2 --tasks-per-step 1 --no-dynamic-sampling \\
-        --max-episode-steps 32 --lora-rank 8 --total-steps 3 --eval-interval 3 --eval-init-states 2 --save-interval 3 \\
-        --exp-name srpo_quickstart
+        --suite libero_spatial --task-ids 0 --num-envs 2 --group-size 2 --tasks-per-iteration 1 \\
+        --no-dynamic-sampling --max-episode-steps 32 --lora-rank 8 --total-iterations 3 --eval-interval 3 \\
+        --eval-init-states 2 --save-interval 3 --exp-name srpo_quickstart
     # 8 GPUs, SRPO on LIBERO-Long from the 1-demo SFT model
     torchrun --nproc-per-node 8 srpo_openvla_oft.py --model-path Sylvest/OpenVLA-AC-PD-1traj-libero-long \\
         --suite libero_10 --world-model-path facebook/vjepa2-vitg-fpc64-384
@@ -46,28 +46,25 @@ import math
 import os
 import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal, Optional
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from peft import LoraConfig
 
-from common.checkpoint import (load_trainer_state, resolve_checkpoint, restore_rng, save_checkpoint,
+from common.checkpoint import (load_trainer_state, resolve_checkpoint_flags, restore_rng, save_checkpoint,
                                save_trainer_state, trainer_state)
-from common.dist import (all_reduce_mean, all_reduce_sum_, broadcast_parameters, check_in_sync, cleanup, init_dist,
-                         is_dist, print0, sum_gradients_)
+from common.dist import (all_gather_cat, all_reduce_mean, all_reduce_sum_, bf16_autocast, broadcast_parameters,
+                         check_in_sync, cleanup, init_dist, print0, sum_gradients_, world_size)
 from common.libero_env import LiberoVectorEnv, check_task_ids, configure_rendering, load_suite, to_libero_actions
-from common.logger import Logger
-from common.openvla import (ActionTokenizer, action_stats, load_openvla, make_trainable, read_openvla_config,
-                            resolve_model_path, save_openvla)
-from common.progress_reward import VideoEmbedder, check_world_model, progress_rewards
+from common.logger import Logger, is_due
+from common.openvla import (ActionTokenizer, action_stats, load_lora_adapter, load_openvla, make_trainable,
+                            read_openvla_config, resolve_model_path, save_lora_adapter, save_openvla)
+from common.vjepa2 import VideoEmbedder, check_world_model
 
 CHUNK_STEPS, ACTION_DIM = 8, 7  # OpenVLA-OFT LIBERO: 8 actions of 7 dims per query
 NUM_ACTION_TOKENS = CHUNK_STEPS * ACTION_DIM  # 56, predicted in one forward pass
@@ -76,22 +73,52 @@ N_BINS = 256
 
 @dataclass
 class Args:
+    # --- experiment ---
     exp_name: str = "srpo_openvla_oft"
     """name of the run; logs, videos and checkpoints go to {run_dir}/{exp_name}__s{seed}"""
     run_dir: str = "runs"
     """parent directory of all runs"""
     seed: int = 1
-    """seeds model init, task sampling and action sampling (offset by rank and step)"""
+    """seeds model init, task sampling and action sampling (offset by rank and iteration)"""
+    # --- model ---
     model_path: str = "Sylvest/OpenVLA-AC-PD-1traj-libero-long"
     """OpenVLA-OFT checkpoint: local directory or hub id (dataset_statistics.json beside the weights is used)"""
     unnorm_key: Optional[str] = None
     """action statistics key; default `{suite}_no_noops`, or the only key the checkpoint has"""
+    lora_rank: int = 32
+    """LoRA rank on every linear layer (0: full fine-tuning)"""
+    lora_alpha: int = 16
+    """LoRA scaling numerator (the adapter is scaled by alpha / rank)"""
+    gradient_checkpointing: bool = False
+    """recompute LLM activations in the backward pass (saves memory, costs ~30% time)"""
+    bf16: bool = True
+    """on GPU: bfloat16 weights for the frozen base under LoRA (and for V-JEPA 2), and bf16 autocast"""
+    # --- environment ---
     suite: str = "libero_10"
     """LIBERO suite: libero_spatial, libero_object, libero_goal, libero_10 (long) or libero_90"""
     task_ids: Optional[list[int]] = None
     """task ids of the suite to train and evaluate on (default: all)"""
+    num_envs: int = 16
+    """parallel LIBERO envs per rank (one subprocess each)"""
+    max_episode_steps: Optional[int] = None
+    """env steps per episode (default: the suite's 220/280/300/520/400)"""
+    camera_size: int = 256
+    """agentview render resolution before the resize to 224"""
+    env_workers: bool = True
+    """run each env in a subprocess (False: step them one after another in this process)"""
+    mujoco_gl: Optional[str] = None
+    """MuJoCo rendering backend: egl or osmesa (default: MUJOCO_GL, else egl with a GPU, osmesa without)"""
+    # --- algorithm: SRPO (GRPO with a world-model progress reward) ---
+    total_iterations: int = 300
+    """number of rollout + update iterations"""
+    tasks_per_iteration: int = 64
+    """(task, init state) groups per iteration, over all ranks"""
+    group_size: int = 8
+    """rollouts per (task, init state) group (GRPO's n); at least 2"""
     reward: Literal["progress", "sparse"] = "progress"
     """progress: SRPO's world-model progress reward for failures; sparse: success only (plain GRPO)"""
+    reward_coef: float = 5.0
+    """a success is worth reward_coef (progress rewards are scaled the same way)"""
     world_model_path: str = "facebook/vjepa2-vitg-fpc64-384"
     """V-JEPA 2 encoder for the progress reward (hub id or save_pretrained directory)"""
     world_model_frames: int = 64
@@ -102,55 +129,29 @@ class Args:
     """siirl: 0.6 sigmoid(10 (0.5 - min-max normalised distance)); paper: alpha sigmoid(-standardised distance)"""
     paper_alpha: float = 0.8
     """alpha of the paper variant"""
-
-    num_envs: int = 16
-    """parallel LIBERO envs per rank (one subprocess each)"""
-    group_size: int = 8
-    """rollouts per (task, init state) group (GRPO's n)"""
-    tasks_per_step: int = 64
-    """(task, init state) groups per update step, over all ranks"""
-    max_episode_steps: Optional[int] = None
-    """policy steps per episode (default: the suite's 220/280/300/520/400)"""
-    camera_size: int = 256
-    """agentview render resolution before the resize to 224"""
-    env_workers: bool = True
-    """run each env in a subprocess (False: step them one after another in this process)"""
-    mujoco_gl: Optional[str] = None
-    """MuJoCo rendering backend: egl or osmesa (default: MUJOCO_GL, else egl with a GPU, osmesa without)"""
-    temperature: float = 1.6
-    """sampling temperature of training rollouts (the training log-prob uses the same)"""
-
-    total_steps: int = 300
-    """update steps"""
     learning_rate: float = 5e-6
     """AdamW learning rate"""
-    reward_coef: float = 5.0
-    """a success is worth reward_coef (progress rewards are scaled the same way)"""
+    update_epochs: int = 1
+    """passes over each rollout"""
+    num_minibatches: int = 1
+    """optimizer steps per epoch (each rank's training samples split into this many minibatches)"""
+    micro_batch_size: int = 8
+    """samples (policy queries) per forward/backward; a minibatch accumulates gradients over micro-batches"""
     clip_low: float = 0.2
-    """ratio clip below 1"""
+    """ratio clipped below at 1 - clip_low"""
     clip_high: float = 0.28
-    """ratio clip above 1"""
+    """ratio clipped above at 1 + clip_high"""
     dynamic_sampling: bool = True
-    """drop groups whose success rate is outside success_bounds"""
+    """drop groups whose success rate lies outside success_bounds (they carry no signal)"""
     success_bounds: tuple[float, float] = (0.1, 0.9)
     """kept groups have lower <= success rate <= upper"""
-    num_minibatches: int = 1
-    """optimizer steps per update step (the rollout samples of each rank split evenly)"""
-    micro_batch_size: int = 8
-    """policy queries per forward/backward (gradient accumulation inside a minibatch)"""
     max_grad_norm: float = 1.0
-    """gradient clipping"""
-    lora_rank: int = 32
-    """LoRA rank on every linear layer (0: full fine-tuning)"""
-    lora_alpha: int = 16
-    """LoRA alpha"""
-    gradient_checkpointing: bool = False
-    """recompute the language model's activations in backward (less memory)"""
-    bf16: bool = True
-    """on GPU: bfloat16 weights for the frozen base under LoRA (and for V-JEPA 2), and bf16 autocast"""
-
+    """gradient clipping norm"""
+    temperature: float = 1.6
+    """sampling temperature of training rollouts (the training log-prob uses the same one)"""
+    # --- eval, logging, checkpoints ---
     eval_interval: int = 25
-    """evaluate every this many update steps (and after the last); 0 disables"""
+    """evaluate every this many iterations and after the last one (0: only after the last one)"""
     eval_init_states: int = 50
     """init states per task in evaluation (the suite's first ones)"""
     eval_temperature: float = 0.0
@@ -158,15 +159,49 @@ class Args:
     capture_video: bool = True
     """save one successful and one failed evaluation episode as mp4 per evaluation"""
     save_interval: int = 25
-    """checkpoint every this many update steps (and after the last); 0 disables"""
+    """checkpoint every this many iterations and after the last one (0: only after the last one)"""
     keep_checkpoints: int = 3
-    """keep only the newest this many checkpoints"""
+    """keep only the newest this many checkpoints (0: all)"""
     resume: Optional[str] = None
-    """checkpoint step directory or checkpoints directory (its `latest`) to continue from"""
+    """checkpoint step directory, or a checkpoints directory with a `latest` file, to continue from"""
     eval_only: bool = False
     """only evaluate --checkpoint (or the base model if none) and exit"""
     checkpoint: Optional[str] = None
     """checkpoint to evaluate with --eval-only"""
+
+    # derived from the flags above in validate()
+    groups_per_rank: tyro.conf.Suppress[int] = 0
+    """(task, init state) groups per rank per iteration (tasks_per_iteration / world size)"""
+    rollouts_per_rank: tyro.conf.Suppress[int] = 0
+    """episodes per rank per iteration (groups_per_rank x group_size), run in waves of num_envs"""
+
+
+def validate(args: Args, world_size: int):
+    """Every check that can fail on user input, before envs or weights are loaded. Returns the suite's tasks."""
+    if args.group_size < 2:
+        raise ValueError(f"--group-size must be >= 2 (GRPO normalises within a group), got {args.group_size}")
+    if args.tasks_per_iteration % world_size:
+        raise ValueError(f"--tasks-per-iteration {args.tasks_per_iteration} must be divisible by the world size "
+                         f"{world_size}")
+    args.groups_per_rank = args.tasks_per_iteration // world_size
+    args.rollouts_per_rank = args.groups_per_rank * args.group_size
+    if args.rollouts_per_rank % args.num_envs:
+        raise ValueError(f"--tasks-per-iteration / world size x --group-size = {args.rollouts_per_rank} rollouts per "
+                         f"rank must be divisible by --num-envs {args.num_envs}")
+    if not 0 <= args.success_bounds[0] <= args.success_bounds[1] <= 1:
+        raise ValueError(f"--success-bounds must satisfy 0 <= lower <= upper <= 1, got {args.success_bounds}")
+    if args.lora_rank < 0:
+        raise ValueError(f"--lora-rank must be >= 0 (0 = full fine-tuning), got {args.lora_rank}")
+    tasks = load_suite(args.suite)  # unknown suite / missing assets
+    args.task_ids = list(range(len(tasks))) if args.task_ids is None else args.task_ids
+    check_task_ids(tasks, args.task_ids, args.suite)
+    resolve_checkpoint_flags(args, inherited=("model_path", "unnorm_key", "lora_rank", "lora_alpha"))
+    args.model_path = resolve_model_path(args.model_path)
+    load_action_stats(args.model_path, read_openvla_config(args.model_path), args.suite, args.unnorm_key)
+    if args.reward == "progress" and not args.eval_only:
+        check_world_model(args.world_model_path)
+    configure_rendering(args.mujoco_gl)  # no rendering backend -> error now
+    return tasks
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -227,129 +262,228 @@ def load_action_stats(model_dir: str, config: dict, suite: str, unnorm_key: Opti
     return action_stats(config, unnorm_key)
 
 
-def all_gather_cat(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Concatenate equally-shaped tensors of all ranks along dim 0 (rank order)."""
-    if not is_dist():
-        return t
-    parts = [torch.empty_like(t, device=device) for _ in range(torch_dist.get_world_size())]
-    torch_dist.all_gather(parts, t.to(device))
-    return torch.cat(parts).cpu()
+# ---------------------------------------------------------------------------------------------------------------
+# ALGO LOGIC: SRPO's world-model progress reward (siiRL's implementation; the paper's variant by flag)
+# ---------------------------------------------------------------------------------------------------------------
+def progress_rewards(embeddings: np.ndarray, success: np.ndarray, task_ids: np.ndarray,
+                     variant: str = "siirl", alpha: float = 0.8, eps: float = 0.5,
+                     min_samples: int = 2) -> tuple[np.ndarray, int]:
+    """embeddings (N, D), success (N,) bool, task_ids (N,) -> rewards (N,), number of success clusters.
+
+    Per task: successes get 1. The success embeddings are standardised and clustered with DBSCAN(eps 0.5,
+    min_samples 2); cluster centres are the cluster means in the raw embedding space (all noise -> the mean of all
+    successes). A failure's distance d is its L2 distance to the nearest centre; over the task's failures
+    n = (d - min d) / (max d - min d) (0.5 when the range is < 1e-6) and its reward is 0.6 sigmoid(10 (0.5 - n)),
+    in (0, 0.6). A task with no success gives its failures 0 (nothing to refer to). variant "paper":
+    alpha sigmoid(-z) with z the failure distances standardised over the task (our reading of the paper)."""
+    from sklearn.cluster import DBSCAN
+    from sklearn.preprocessing import StandardScaler
+
+    embeddings = np.asarray(embeddings, dtype=np.float64)
+    success, task_ids = np.asarray(success, dtype=bool), np.asarray(task_ids)
+    rewards = success.astype(np.float64)  # successes 1, failures 0 unless shaped below
+    num_clusters = 0
+    for task in np.unique(task_ids):
+        succ_idx = np.flatnonzero((task_ids == task) & success)
+        fail_idx = np.flatnonzero((task_ids == task) & ~success)
+        if len(succ_idx) == 0 or len(fail_idx) == 0:
+            continue
+        succ = embeddings[succ_idx]
+        labels = DBSCAN(eps=eps, min_samples=min_samples).fit(StandardScaler().fit_transform(succ)).labels_
+        clusters = sorted(set(labels) - {-1})
+        centres = np.stack([succ[labels == c].mean(0) for c in clusters]) if clusters else succ.mean(0, keepdims=True)
+        num_clusters += len(centres)
+        dist = np.linalg.norm(embeddings[fail_idx, None, :] - centres[None], axis=-1).min(axis=1)  # (num_fail,)
+        if variant == "siirl":
+            span = dist.max() - dist.min()
+            normed = np.full_like(dist, 0.5) if span < 1e-6 else (dist - dist.min()) / span
+            rewards[fail_idx] = 0.6 / (1.0 + np.exp(-10.0 * (0.5 - normed)))
+        elif variant == "paper":
+            std = dist.std()
+            z = (dist - dist.mean()) / (std if std > 1e-6 else 1.0)
+            rewards[fail_idx] = alpha / (1.0 + np.exp(z))
+        else:
+            raise ValueError(f"Unknown progress reward variant {variant!r}; choose 'siirl' or 'paper'")
+    return rewards, num_clusters
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ALGO LOGIC: dynamic sampling, GRPO advantages, clipped token-mean loss
+# ALGO LOGIC: GRPO advantages, dynamic sampling, clipped token-mean loss
 # ---------------------------------------------------------------------------------------------------------------
-def keep_groups(success: np.ndarray, group_size: int, bounds: tuple[float, float]) -> np.ndarray:
-    """success (R,) with R = G x group_size -> (G,) True where lower <= group success rate <= upper."""
-    rate = success.reshape(-1, group_size).mean(1)
-    return (rate >= bounds[0]) & (rate <= bounds[1])
+def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """rewards (N,) of N // group_size consecutive groups -> A = (R - group mean) / (unbiased group std + 1e-6), (N,).
+    Computed in float64; a group whose rewards are all equal gets exactly 0 (it carries no signal)."""
+    grouped = rewards.double().view(-1, group_size)  # (groups, group_size)
+    std = grouped.std(1, keepdim=True)
+    advantages = torch.where(std > 0, (grouped - grouped.mean(1, keepdim=True)) / (std + 1e-6), 0.0)
+    return advantages.view(-1).float()
 
 
-def grpo_advantages(scores: torch.Tensor) -> torch.Tensor:
-    """scores (G, n) -> (G, n): (R - group mean) / (unbiased group std + 1e-6); a group of one keeps A = R."""
-    if scores.shape[1] == 1:
-        return scores.clone()
-    return (scores - scores.mean(1, keepdim=True)) / (scores.std(1, keepdim=True) + 1e-6)
+def keep_groups(success: torch.Tensor, group_size: int, success_bounds: tuple[float, float]) -> torch.Tensor:
+    """Dynamic sampling: success (N,) -> (N,) bool, True for every episode of a group whose success rate lies in
+    [lower, upper]."""
+    rate = success.float().view(-1, group_size).mean(1)  # (groups,)
+    keep = (rate >= success_bounds[0]) & (rate <= success_bounds[1])
+    return keep.repeat_interleave(group_size)
 
 
 def clipped_token_loss(new_logprob, old_logprob, advantages, token_mask, clip_low: float, clip_high: float,
                        num_tokens: float):
-    """Per-token PPO surrogate with asymmetric clipping, summed over valid tokens / num_tokens (the token count of
-    the whole minibatch over all ranks, so the gradients summed over micro-batches and ranks are a token-mean).
-    new_logprob, old_logprob, token_mask (b, 56); advantages (b, 1)."""
+    """Token-level clipped surrogate with an asymmetric clip. new_logprob, old_logprob, token_mask (B, K);
+    advantages (B,), broadcast to every token of its sample. Returns loss, approx_kl (k3) and clipfrac, each summed
+    over the valid tokens and divided by num_tokens (the minibatch's token count over all ranks, so gradients summed
+    over micro-batches and ranks give the global token-mean)."""
     logratio = new_logprob - old_logprob
     ratio = logratio.exp()
-    pg_loss1 = -advantages * ratio
-    pg_loss2 = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
-    pg_loss = torch.max(pg_loss1, pg_loss2)
-    loss = (pg_loss * token_mask).sum() / num_tokens
+    adv = advantages[:, None]
+    pg_loss1 = -adv * ratio
+    pg_loss2 = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
+    loss = (torch.max(pg_loss1, pg_loss2) * token_mask).sum() / num_tokens
     with torch.no_grad():
-        approx_kl = (((ratio - 1) - logratio) * token_mask).sum() / num_tokens  # k3 estimator
-        clipfrac = ((((ratio < 1 - clip_low) | (ratio > 1 + clip_high)).float()) * token_mask).sum() / num_tokens
+        approx_kl = (((ratio - 1) - logratio) * token_mask).sum() / num_tokens
+        clipfrac = (((ratio < 1 - clip_low) | (ratio > 1 + clip_high)).float() * token_mask).sum() / num_tokens
     return loss, approx_kl, clipfrac
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Rollout: run N episodes to the end, storing every policy query
+# Rollout: N episodes to the end, every policy query stored in preallocated (Q, N, ...) tensors
 # ---------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def rollout(policy, processor, envs, task_ids, init_ids, temperature, stats, action_tokenizer, device, autocast,
-            record_frames):
-    N, max_queries = envs.num_envs, math.ceil(envs.max_steps / CHUNK_STEPS)
-    images, instructions = envs.reset(task_ids, init_ids, record_frames)  # (N, 224, 224, 3) uint8
-    input_ids, attention_mask = processor.prompt_ids(instructions, device)  # (N, L)
-    obs_images = np.zeros((max_queries, N, *images.shape[1:]), dtype=np.uint8)  # (Q, N, 224, 224, 3)
-    action_bins = torch.zeros((max_queries, N, NUM_ACTION_TOKENS), dtype=torch.long)  # (Q, N, 56)
-    logprobs = torch.zeros((max_queries, N, NUM_ACTION_TOKENS))  # (Q, N, 56)
-    token_mask = torch.zeros((max_queries, N, NUM_ACTION_TOKENS), dtype=torch.bool)  # executed actions only
-    success, done, lengths = np.zeros(N, bool), np.zeros(N, bool), np.zeros(N, int)
+def rollout(policy, processor, envs, episodes, to_env_actions, args, autocast, evaluation: bool = False,
+            record_frames: bool = False) -> dict:
+    """One episode per env from `episodes` [(task id, init state id)] * N, sampled at --temperature, or for evaluation
+    at --eval-temperature (0 = greedy). Returns (Q, N, ...) tensors (Q = max policy queries per episode): images,
+    bins, logprobs, token_mask (the tokens of executed actions), plus instructions, success (N,), length (N,) in env
+    steps, and the policy's wall time."""
+    temperature = args.eval_temperature if evaluation else args.temperature
+    device = next(policy.parameters()).device
+    N, Q = envs.num_envs, math.ceil(envs.max_steps / CHUNK_STEPS)
+    images_now, instructions = envs.reset([t for t, _ in episodes], [i for _, i in episodes], record_frames)
+    prompt_ids, prompt_mask = processor.prompt_ids(instructions, device)  # (N, L)
+    images = torch.zeros((Q, N, *images_now.shape[1:]), dtype=torch.uint8)  # (Q, N, 224, 224, 3)
+    bins = torch.zeros((Q, N, NUM_ACTION_TOKENS), dtype=torch.long)  # (Q, N, 56)
+    logprobs = torch.zeros((Q, N, NUM_ACTION_TOKENS))  # (Q, N, 56)
+    token_mask = torch.zeros((Q, N, NUM_ACTION_TOKENS), dtype=torch.bool)  # (Q, N, 56) executed actions only
+    success, done, length = np.zeros(N, bool), np.zeros(N, bool), np.zeros(N, int)
     policy_s = 0.0
-    for q in range(max_queries):
-        live = np.flatnonzero(~done)  # only envs still running are queried
+    for q in range(Q):
+        live = torch.from_numpy(np.flatnonzero(~done))  # only envs still running are queried
         if len(live) == 0:
             break
         t_policy = time.time()
-        pixel_values = processor.preprocess_images(torch.from_numpy(images[live]).to(device))
+        pixel_values = processor.preprocess_images(torch.from_numpy(images_now[live.numpy()]).to(device))
         with autocast:
-            logits = policy(input_ids[live], attention_mask[live], pixel_values).float()  # (n, 56, 256)
-        # ALGO LOGIC: sample each of the 56 tokens from softmax(bin logits / T); its log-prob under the same law
+            logits = policy(prompt_ids[live], prompt_mask[live], pixel_values).float()  # (n, 56, 256)
+        # sample each of the 56 tokens from softmax(bin logits / T); its log-prob under the same law
         logp_all = bin_logprobs(logits, temperature if temperature > 0 else 1.0)
-        bins = torch.distributions.Categorical(logits=logp_all).sample() if temperature > 0 else logits.argmax(-1)
+        sampled = torch.distributions.Categorical(logits=logp_all).sample() if temperature > 0 else logits.argmax(-1)
         env_actions = np.zeros((N, CHUNK_STEPS, ACTION_DIM))
-        env_actions[live] = to_libero_actions(bins_to_actions(bins, policy, action_tokenizer, stats))
+        env_actions[live.numpy()] = to_env_actions(sampled)
         policy_s += time.time() - t_policy
-        obs_images[q] = images
-        action_bins[q, live] = bins.cpu()
-        logprobs[q, live] = logp_all.gather(-1, bins[..., None]).squeeze(-1).cpu()
-        images, success, done, executed = envs.step(env_actions)  # all 8 actions of the chunk, unless it ends
+        images[q] = torch.from_numpy(images_now)
+        bins[q, live] = sampled.cpu()
+        logprobs[q, live] = logp_all.gather(-1, sampled[..., None]).squeeze(-1).cpu()
+        images_now, success, done, executed = envs.step(env_actions)  # all 8 actions of the chunk, unless it ends
         token_mask[q] = torch.arange(NUM_ACTION_TOKENS)[None] // ACTION_DIM < torch.from_numpy(executed)[:, None]
-        lengths += executed
-    return dict(images=obs_images, bins=action_bins, logprobs=logprobs, token_mask=token_mask,
-                instructions=instructions, success=success.copy(), lengths=lengths, policy_s=policy_s)
+        length += executed
+    return dict(images=images, bins=bins, logprobs=logprobs, token_mask=token_mask, instructions=instructions,
+                success=torch.from_numpy(success.copy()), length=torch.from_numpy(length), policy_s=policy_s)
 
 
-def evaluate(policy, processor, envs, tasks, args, stats, action_tokenizer, dist, autocast, logger, step) -> dict:
+def evaluate(policy, processor, envs, to_env_actions, args, dist, autocast, logger, iteration) -> dict:
     """Every task x its first `eval_init_states` init states, split over ranks; per-task and suite success."""
     episodes = [(t, i) for t in args.task_ids for i in range(args.eval_init_states)]
-    mine = episodes[dist.rank::dist.world_size]
-    successes = torch.zeros(len(tasks), dtype=torch.float64)
-    counts = torch.zeros(len(tasks), dtype=torch.float64)
-    lengths = torch.zeros(len(tasks), dtype=torch.float64)
+    mine = episodes[dist.rank :: dist.world_size]
+    num_tasks = max(args.task_ids) + 1
+    totals = torch.zeros(3, num_tasks, dtype=torch.float64)  # (successes, env steps, episodes) per task
     videos = {}
+    policy.eval()
     for start in range(0, len(mine), envs.num_envs):
-        wave = mine[start:start + envs.num_envs]
+        wave = mine[start : start + envs.num_envs]
         padded = wave + [wave[-1]] * (envs.num_envs - len(wave))  # idle envs repeat the last episode
-        out = rollout(policy, processor, envs, [t for t, _ in padded], [i for _, i in padded], args.eval_temperature,
-                      stats, action_tokenizer, dist.device, autocast,
-                      record_frames=dist.is_main and args.capture_video and len(videos) < 2)
+        record = dist.is_main and args.capture_video and len(videos) < 2
+        out = rollout(policy, processor, envs, padded, to_env_actions, args, autocast, evaluation=True,
+                      record_frames=record)
         for k, (task_id, _) in enumerate(wave):
-            successes[task_id] += float(out["success"][k])
-            lengths[task_id] += float(out["lengths"][k])
-            counts[task_id] += 1
-        if dist.is_main and args.capture_video and len(videos) < 2:
+            totals[:, task_id] += torch.tensor([float(out["success"][k]), float(out["length"][k]), 1.0])
+        if record:
             wave_videos = envs.videos()
             for k in range(len(wave)):
                 videos.setdefault("success" if out["success"][k] else "failure", wave_videos[k])
-    totals = torch.stack([successes, lengths, counts]).to(dist.device)  # (3, num_tasks)
-    successes, lengths, counts = all_reduce_sum_(totals).cpu()
+    successes, lengths, counts = all_reduce_sum_(totals.to(dist.device)).cpu()
     suite_success = (successes.sum() / counts.sum()).item()
     metrics = {"eval/success_rate": suite_success, "eval/episode_length": (lengths.sum() / counts.sum()).item(),
                f"eval/{args.suite}/success_rate": suite_success}
     for task_id in args.task_ids:
         metrics[f"eval/{args.suite}/task_{task_id:02d}_success_rate"] = (successes[task_id] / counts[task_id]).item()
     for key, frames in videos.items():
-        logger.video(f"eval/video_{key}", frames, step, fps=20)
+        logger.video(f"eval/video_{key}", frames, iteration, fps=20)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Update: epochs x minibatches over the kept policy queries; token-mean over all ranks
+# ---------------------------------------------------------------------------------------------------------------
+def update_policy(policy, optimizer, processor, batch, args, autocast) -> dict:
+    """PPO-style epochs over the training samples of `batch` (the rollouts plus query_idx, episode_idx (M,) and
+    advantages (R,)); returns actor/* metrics. Each minibatch is one optimizer step: micro-batches accumulate the
+    loss summed over tokens / (executed action tokens of the minibatch over all ranks), and gradients are summed
+    over ranks, which gives the exact global token-mean."""
+    device = next(policy.parameters()).device
+    params = [p for p in policy.parameters() if p.requires_grad]
+    query_idx, episode_idx = batch["query_idx"], batch["episode_idx"]
+    sums = {k: 0.0 for k in ("pg_loss", "approx_kl", "clipfrac", "entropy", "grad_norm")}
+    num_updates = 0
+    for _ in range(args.update_epochs):
+        order = torch.randperm(len(query_idx))
+        for minibatch in order.tensor_split(args.num_minibatches):
+            token_mask = batch["token_mask"][query_idx[minibatch], episode_idx[minibatch]]  # (m, 56)
+            num_tokens = all_reduce_sum_(token_mask.sum().double().to(device)).item()
+            if num_tokens == 0:
+                continue
+            for p in params:  # zeros, not None: a rank without samples still joins the gradient sum
+                p.grad = torch.zeros_like(p)
+            for micro in minibatch.split(args.micro_batch_size):
+                q, r = query_idx[micro], episode_idx[micro]
+                prompt_ids, prompt_mask = processor.prompt_ids([batch["instructions"][i] for i in r], device)
+                pixel_values = processor.preprocess_images(batch["images"][q, r].to(device))
+                bins = batch["bins"][q, r].to(device)  # (b, 56)
+                with autocast:
+                    logits = policy(prompt_ids, prompt_mask, pixel_values).float()  # (b, 56, 256)
+                # the per-token log-prob under the rollout's law (bin slice, temperature)
+                logp_all = bin_logprobs(logits, args.temperature)  # (b, 56, 256)
+                new_logprob = logp_all.gather(-1, bins[..., None]).squeeze(-1)  # (b, 56)
+                micro_mask = batch["token_mask"][q, r].to(device).float()  # (b, 56)
+                loss, approx_kl, clipfrac = clipped_token_loss(
+                    new_logprob, batch["logprobs"][q, r].to(device), batch["advantages"][r].to(device), micro_mask,
+                    args.clip_low, args.clip_high, num_tokens,
+                )
+                loss.backward()
+                with torch.no_grad():
+                    entropy = -(logp_all.exp() * logp_all).sum(-1)  # (b, 56)
+                sums["pg_loss"] += loss.item()
+                sums["approx_kl"] += approx_kl.item()
+                sums["clipfrac"] += clipfrac.item()
+                sums["entropy"] += ((entropy * micro_mask).sum() / num_tokens).item()
+            sum_gradients_(params)  # each rank's loss is already divided by the global token count
+            sums["grad_norm"] += nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
+            optimizer.step()
+            num_updates += 1
+    if num_updates == 0:
+        return {}
+    sums = all_reduce_mean(sums)  # token-mean parts summed over ranks; grad_norm identical on every rank
+    metrics = {f"actor/{k}": v * world_size() / num_updates for k, v in sums.items() if k != "grad_norm"}
+    metrics["actor/grad_norm"] = sums["grad_norm"] / num_updates
     return metrics
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints: LoRA adapter (or the full model in the OFT layout) + trainer state
 # ---------------------------------------------------------------------------------------------------------------
-def save_policy(policy: OFTPolicy, processor, lora_config: Optional[LoraConfig], model_dir: str, directory: str) -> None:
+def save_policy(policy: OFTPolicy, processor, lora_config: Optional[LoraConfig], model_dir: str, directory: str):
     """LoRA: adapter_model.safetensors + adapter_config.json; full fine-tuning: the OFT layout under model/."""
     if lora_config is not None:
-        save_file(get_peft_model_state_dict(policy.vla), os.path.join(directory, "adapter_model.safetensors"))
-        lora_config.save_pretrained(directory)
+        save_lora_adapter(policy.vla, lora_config, directory)
     else:
         save_openvla(policy.vla, processor, os.path.join(directory, "model"))
         stats_file = os.path.join(model_dir, "dataset_statistics.json")
@@ -357,258 +491,195 @@ def save_policy(policy: OFTPolicy, processor, lora_config: Optional[LoraConfig],
             shutil.copy(stats_file, os.path.join(directory, "model"))
 
 
-def validate(args: Args):
-    """Every check that can fail on user input, before envs or weights are loaded. Returns the suite's tasks."""
-    tasks = load_suite(args.suite)  # unknown suite / missing assets
-    args.task_ids = list(range(len(tasks))) if args.task_ids is None else args.task_ids
-    check_task_ids(tasks, args.task_ids, args.suite)
-    if args.lora_rank < 0:
-        raise ValueError(f"--lora-rank must be >= 0 (0 = full fine-tuning), got {args.lora_rank}")
-    if args.eval_only and args.resume:
-        raise ValueError("--eval-only evaluates --checkpoint; do not combine it with --resume")
-    if args.checkpoint and not args.eval_only:
-        raise ValueError("--checkpoint is for --eval-only; use --resume to continue training")
-    if args.resume:
-        args.resume = resolve_checkpoint(args.resume, "--resume")
-    if args.checkpoint:
-        args.checkpoint = resolve_checkpoint(args.checkpoint, "--checkpoint")
-        saved = load_trainer_state(args.checkpoint)["args"]  # evaluate the model the checkpoint was trained from
-        for key in ("model_path", "unnorm_key", "lora_rank", "lora_alpha"):
-            setattr(args, key, saved[key])
-    args.model_path = resolve_model_path(args.model_path)
-    load_action_stats(args.model_path, read_openvla_config(args.model_path), args.suite, args.unnorm_key)
-    if args.reward == "progress" and not args.eval_only:
-        check_world_model(args.world_model_path)
-    configure_rendering(args.mujoco_gl)  # no rendering backend -> error now
-    return tasks
-
-
 def main(args: Args) -> None:
-    # ------------------------------------------------------------------------------------------------------------
-    # Setup: distributed, sizes, seeds, env, model, reward model, optimizer
-    # ------------------------------------------------------------------------------------------------------------
+    # ---------------------------------------------------------------------------------------------------------------
+    # Setup: validation, distributed, seeds, model, reward model, optimizer, envs
+    # ---------------------------------------------------------------------------------------------------------------
     dist = init_dist()
-    tasks = validate(args)
-    if args.tasks_per_step % dist.world_size:
-        raise ValueError(f"--tasks-per-step {args.tasks_per_step} must be divisible by the world size {dist.world_size}")
-    groups_per_rank = args.tasks_per_step // dist.world_size
-    rollouts_per_rank = groups_per_rank * args.group_size
-    if rollouts_per_rank % args.num_envs:
-        raise ValueError(f"--tasks-per-step / world size x --group-size = {rollouts_per_rank} rollouts per rank must be "
-                         f"divisible by --num-envs {args.num_envs}")
+    tasks = validate(args, dist.world_size)
+    device = dist.device
     run_path = os.path.join(args.run_dir, f"{args.exp_name}__s{args.seed}")
-    print0(f"run {run_path}: {dist.world_size} rank(s) x {args.num_envs} envs, {args.tasks_per_step} groups x "
-           f"{args.group_size} rollouts per step")
+    print0(f"run {run_path}: {dist.world_size} rank(s) x {args.num_envs} envs, {args.tasks_per_iteration} groups x "
+           f"{args.group_size} rollouts per iteration")
 
     torch.manual_seed(args.seed)  # identical initial weights (LoRA) on every rank
     np.random.seed(args.seed + dist.rank)
-    on_gpu = dist.device.type == "cuda"
+    on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if (on_gpu and args.bf16 and args.lora_rank > 0) else torch.float32
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (on_gpu and args.bf16) else nullcontext()
+    autocast = bf16_autocast(device, args.bf16)
     model_dir = args.model_path
     if args.lora_rank == 0 and (args.resume or args.checkpoint):
         model_dir = os.path.join(args.resume or args.checkpoint, "model")
-    vla, processor = load_openvla(model_dir, device=dist.device, dtype=dtype, attn_implementation="sdpa")
+    # SDPA: the bidirectional mask below is not expressible in flash-attention's causal kernel
+    vla, processor = load_openvla(model_dir, device=device, dtype=dtype, attn_implementation="sdpa")
     stats = load_action_stats(model_dir, vla.config, args.suite, args.unnorm_key)
     action_tokenizer = ActionTokenizer(vla.vocab_size, N_BINS)
     lora_config = make_trainable(vla, args.lora_rank, args.lora_alpha)  # None = full fine-tuning
     if args.gradient_checkpointing:
         vla.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy = OFTPolicy(vla, processor.tokenizer.eos_token_id).to(dist.device).eval()  # no dropout anywhere
+    policy = OFTPolicy(vla, processor.tokenizer.eos_token_id).to(device).eval()  # no dropout anywhere
     trainable = [p for p in policy.parameters() if p.requires_grad]
     broadcast_parameters(policy)
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=0.0)
-    print0(f"trainable parameters: {sum(p.numel() for p in trainable):,} of {sum(p.numel() for p in policy.parameters()):,}")
+    print0(f"trainable parameters: {sum(p.numel() for p in trainable):,} of "
+           f"{sum(p.numel() for p in policy.parameters()):,}")
+
+    def to_env_actions(bins: torch.Tensor) -> np.ndarray:
+        """(n, 56) bins -> (n, 8, 7) LIBERO commands (gripper -sign(2 g - 1))."""
+        return to_libero_actions(bins_to_actions(bins, policy, action_tokenizer, stats))
 
     embedder = None
     if args.reward == "progress" and not args.eval_only:
-        embedder = VideoEmbedder(args.world_model_path, dist.device, torch.bfloat16 if on_gpu and args.bf16 else torch.float32,
+        embedder = VideoEmbedder(args.world_model_path, device, torch.bfloat16 if on_gpu and args.bf16 else torch.float32,
                                  args.world_model_frames, args.world_model_offload)
 
-    start_step = 0
+    start_iteration = 0
     if lora_config is not None and (args.resume or args.checkpoint):
-        set_peft_model_state_dict(vla, load_file(os.path.join(args.resume or args.checkpoint, "adapter_model.safetensors")))
+        load_lora_adapter(vla, args.resume or args.checkpoint)
     if args.resume:
         state = load_trainer_state(args.resume)
         optimizer.load_state_dict(state["optimizer"])
         restore_rng(state)
-        start_step = state["step"]
-        print0(f"resumed from {args.resume} at step {start_step}")
+        start_iteration = state["step"]
+        print0(f"resumed from {args.resume} at iteration {start_iteration}")
     logger = Logger(run_path, args, enabled=dist.is_main)
-
     envs = LiberoVectorEnv(args.suite, args.num_envs, camera_size=args.camera_size, max_steps=args.max_episode_steps,
                            use_workers=args.env_workers, gpu_id=dist.local_rank if on_gpu else -1,
                            seed=args.seed + dist.rank * args.num_envs)
 
     if args.eval_only:
-        metrics = evaluate(policy, processor, envs, tasks, args, stats, action_tokenizer, dist, autocast, logger, start_step)
+        metrics = evaluate(policy, processor, envs, to_env_actions, args, dist, autocast, logger, start_iteration)
         print0(json.dumps(metrics))
         logger.close()
         envs.close()
         cleanup()
         return
 
-    def save(step: int) -> None:
-        check_in_sync(trainable)  # the gradient all-reduce keeps ranks identical; verify before writing rank 0's copy
-        if dist.is_main:
-            def write(directory: str) -> None:
-                save_policy(policy, processor, lora_config, model_dir, directory)
-                save_trainer_state(directory, trainer_state(args, step, optimizer))
-            path = save_checkpoint(os.path.join(run_path, "checkpoints"), step, write, keep_last=args.keep_checkpoints)
-            print0(f"saved {path}")
-        if is_dist():
-            torch_dist.barrier()
+    def save(iteration: int) -> None:
+        """LoRA adapter (or the full model) + trainer state, written atomically by rank 0."""
+        def write(directory: str) -> None:
+            save_policy(policy, processor, lora_config, model_dir, directory)
+            save_trainer_state(directory, trainer_state(args, iteration, optimizer))
 
-    for step in range(start_step + 1, args.total_steps + 1):
-        t_step = time.time()
-        # --------------------------------------------------------------------------------------------------------
-        # 1. Rollout: this rank's groups, `group_size` episodes each, in waves of num_envs envs
-        # --------------------------------------------------------------------------------------------------------
-        task_rng = np.random.default_rng([args.seed, step])  # the same global draw on every rank
+        check_in_sync(trainable)  # the hand-summed gradients keep ranks identical; verify before writing rank 0's copy
+        if dist.is_main:
+            path = save_checkpoint(os.path.join(run_path, "checkpoints"), iteration, write,
+                                   keep_last=args.keep_checkpoints)
+            print0(f"saved {path}")
+
+    # Rollout storage for this rank's R episodes, preallocated on CPU (filled wave by wave, num_envs at a time).
+    R, Q = args.rollouts_per_rank, math.ceil(envs.max_steps / CHUNK_STEPS)
+    batch = dict(
+        images=torch.zeros((Q, R, 224, 224, 3), dtype=torch.uint8),  # (Q, R, 224, 224, 3) what the policy saw
+        bins=torch.zeros((Q, R, NUM_ACTION_TOKENS), dtype=torch.long),  # (Q, R, 56) sampled action bins
+        logprobs=torch.zeros((Q, R, NUM_ACTION_TOKENS)),  # (Q, R, 56) their log-probs at rollout time
+        token_mask=torch.zeros((Q, R, NUM_ACTION_TOKENS), dtype=torch.bool),  # (Q, R, 56) executed actions
+        success=torch.zeros(R, dtype=torch.bool),  # (R,)
+        length=torch.zeros(R, dtype=torch.long),  # (R,) env steps
+        task=torch.zeros(R, dtype=torch.long),  # (R,) task id
+        instructions=[""] * R,
+    )
+
+    for iteration in range(start_iteration + 1, args.total_iterations + 1):
+        # -----------------------------------------------------------------------------------------------------------
+        # 1. Rollout: this rank's groups, group_size episodes each, in waves of num_envs envs; the (task, init state)
+        #    draw is the same on every rank, action sampling derives from (seed, rank, iteration)
+        # -----------------------------------------------------------------------------------------------------------
+        rollout_start = time.time()
+        task_rng = np.random.default_rng([args.seed, iteration])
         groups = [(int(task_rng.choice(args.task_ids)), int(task_rng.integers(len(tasks[0].init_states))))
-                  for _ in range(args.tasks_per_step)][dist.rank * groups_per_rank:(dist.rank + 1) * groups_per_rank]
-        episodes = [g for g in groups for _ in range(args.group_size)]  # (R,) rollout r belongs to group r // group_size
-        torch.manual_seed(args.seed * 1_000_003 + step * 1009 + dist.rank)  # action sampling, reproducible on resume
-        waves, embeddings, env_steps = [], [], 0
-        for start in range(0, rollouts_per_rank, args.num_envs):
-            wave = episodes[start:start + args.num_envs]
-            out = rollout(policy, processor, envs, [t for t, _ in wave], [i for _, i in wave], args.temperature,
-                          stats, action_tokenizer, dist.device, autocast, record_frames=embedder is not None)
-            env_steps += int(out["lengths"].sum())
+                  for _ in range(args.tasks_per_iteration)]
+        groups = groups[dist.rank * args.groups_per_rank : (dist.rank + 1) * args.groups_per_rank]
+        episodes = [g for g in groups for _ in range(args.group_size)]  # (R,) episode r belongs to group r // n
+        torch.manual_seed(int(np.random.default_rng([args.seed, dist.rank, iteration]).integers(2**62)))
+        policy.eval()
+        embeddings, policy_s = [], 0.0
+        for start in range(0, R, args.num_envs):
+            wave = slice(start, start + args.num_envs)
+            out = rollout(policy, processor, envs, episodes[wave], to_env_actions, args, autocast,
+                          record_frames=embedder is not None)
+            for key in ("images", "bins", "logprobs", "token_mask"):
+                batch[key][:, wave] = out[key]
+            batch["success"][wave], batch["length"][wave] = out["success"], out["length"]
+            batch["instructions"][wave] = out["instructions"]
+            policy_s += out["policy_s"]
             if embedder is not None:
                 embeddings.append(embedder(envs.videos()))  # (num_envs, hidden)
-            waves.append(out)
-        success = np.concatenate([w["success"] for w in waves])  # (R,)
-        lengths = np.concatenate([w["lengths"] for w in waves])
-        t_rollout = time.time() - t_step
+        batch["task"] = torch.tensor([t for t, _ in episodes])
+        rollout_time = time.time() - rollout_start
 
-        # --------------------------------------------------------------------------------------------------------
-        # 2. Reward: dynamic sampling over groups, then success 1 / progress reward (global per-task pools)
-        # --------------------------------------------------------------------------------------------------------
-        t_reward = time.time()
-        keep_group = (keep_groups(success, args.group_size, args.success_bounds) if args.dynamic_sampling
-                      else np.ones(groups_per_rank, bool))  # (G,)
-        keep = np.repeat(keep_group, args.group_size)  # (R,)
-        task_of = np.array([t for t, _ in episodes])
-        rewards = success.astype(np.float64)  # failures 0 unless shaped
+        # -----------------------------------------------------------------------------------------------------------
+        # 2. Reward: success 1; failures of kept groups get the progress reward (per-task pools over all ranks)
+        # -----------------------------------------------------------------------------------------------------------
+        reward_start = time.time()
+        kept = (keep_groups(batch["success"], args.group_size, args.success_bounds) if args.dynamic_sampling
+                else torch.ones(R, dtype=torch.bool))  # (R,)
+        rewards = batch["success"].double()  # (R,) failures 0 unless shaped
         num_clusters, progress_mean = 0, 0.0
         if embedder is not None:
-            all_emb = all_gather_cat(torch.cat(embeddings), dist.device).numpy()  # (world * R, hidden)
-            all_success = all_gather_cat(torch.from_numpy(success.astype(np.int64)), dist.device).numpy().astype(bool)
-            all_task = all_gather_cat(torch.from_numpy(task_of), dist.device).numpy()
-            all_keep = all_gather_cat(torch.from_numpy(keep.astype(np.int64)), dist.device).numpy().astype(bool)
-            pooled = np.flatnonzero(all_keep)  # the reward sees only kept groups, as the anchor does
+            all_embeddings = all_gather_cat(torch.cat(embeddings)).numpy()  # (world x R, hidden)
+            all_success, all_task, all_kept = (all_gather_cat(x.long()).numpy()
+                                               for x in (batch["success"], batch["task"], kept))
+            pooled = np.flatnonzero(all_kept)  # the reward sees only kept groups, as the anchor does
             all_rewards = np.zeros(len(all_success))
             all_rewards[pooled], num_clusters = progress_rewards(
-                all_emb[pooled], all_success[pooled], all_task[pooled], args.progress_variant, args.paper_alpha)
-            rewards = np.where(keep, all_rewards[dist.rank * rollouts_per_rank:(dist.rank + 1) * rollouts_per_rank], rewards)
-            failed = pooled[~all_success[pooled]]
+                all_embeddings[pooled], all_success[pooled].astype(bool), all_task[pooled], args.progress_variant,
+                args.paper_alpha)
+            mine = torch.from_numpy(all_rewards[dist.rank * R : (dist.rank + 1) * R])
+            rewards = torch.where(kept, mine, rewards)
+            failed = pooled[all_success[pooled] == 0]
             progress_mean = float(all_rewards[failed].mean()) if len(failed) else 0.0
-        t_reward = time.time() - t_reward
+        reward_time = time.time() - reward_start
 
-        # --------------------------------------------------------------------------------------------------------
-        # 3. Advantage: GRPO, group-normalised, broadcast to every action token of the rollout
-        # --------------------------------------------------------------------------------------------------------
-        scores = torch.from_numpy(args.reward_coef * rewards).view(groups_per_rank, args.group_size)  # (G, n)
-        advantages = grpo_advantages(scores).flatten().float()  # (R,)
+        # -----------------------------------------------------------------------------------------------------------
+        # 3. Advantage: group-normalised, broadcast to every action token of the episode; samples = the kept
+        #    episodes' policy queries
+        # -----------------------------------------------------------------------------------------------------------
+        batch["advantages"] = group_advantages(args.reward_coef * rewards, args.group_size)  # (R,)
+        queried = batch["token_mask"].any(-1)  # (Q, R) query q of episode r happened
+        batch["query_idx"], batch["episode_idx"] = (queried & kept[None, :]).nonzero(as_tuple=True)  # (M,) samples
 
-        # Flatten the kept rollouts' policy queries into training samples (query q of rollout r)
-        samples = []
-        for w, out in enumerate(waves):
-            for n in range(args.num_envs):
-                r = w * args.num_envs + n
-                if keep[r]:
-                    for q in np.flatnonzero(out["token_mask"][:, n].any(-1).numpy()):
-                        samples.append((w, int(q), n, r))
-        num_kept = torch.tensor([float(len(samples))], device=dist.device)
-        all_reduce_sum_(num_kept)
-
-        # --------------------------------------------------------------------------------------------------------
+        # -----------------------------------------------------------------------------------------------------------
         # 4. Update: clipped token-mean surrogate over the 56 per-token ratios
-        # --------------------------------------------------------------------------------------------------------
-        t_update = time.time()
-        stats_sum = {k: 0.0 for k in ("loss", "entropy", "approx_kl", "clipfrac", "ratio_max")}
-        grad_norm, num_updates = 0.0, 0
-        if num_kept.item() > 0:
-            order = torch.randperm(len(samples)).tolist()
-            for mb in range(args.num_minibatches):
-                mb_samples = [samples[i] for i in order[mb::args.num_minibatches]]
-                tokens = torch.tensor([float(sum(int(waves[w]["token_mask"][q, n].sum()) for w, q, n, _ in mb_samples))],
-                                      device=dist.device)
-                all_reduce_sum_(tokens)  # global token count: the loss is a token-mean over all ranks
-                for p in trainable:  # zeros, not None: a rank without samples still joins the all-reduce
-                    p.grad = torch.zeros_like(p)
-                for mstart in range(0, len(mb_samples), args.micro_batch_size):
-                    micro = mb_samples[mstart:mstart + args.micro_batch_size]
-                    images = torch.from_numpy(np.stack([waves[w]["images"][q, n] for w, q, n, _ in micro])).to(dist.device)
-                    input_ids, attention_mask = processor.prompt_ids([waves[w]["instructions"][n] for w, _, n, _ in micro], dist.device)
-                    bins = torch.stack([waves[w]["bins"][q, n] for w, q, n, _ in micro]).to(dist.device)  # (b, 56)
-                    old_logprob = torch.stack([waves[w]["logprobs"][q, n] for w, q, n, _ in micro]).to(dist.device)
-                    tmask = torch.stack([waves[w]["token_mask"][q, n] for w, q, n, _ in micro]).to(dist.device).float()
-                    adv = advantages[[r for _, _, _, r in micro]].to(dist.device)[:, None]  # (b, 1)
-                    with autocast:
-                        logits = policy(input_ids, attention_mask, processor.preprocess_images(images)).float()
-                    # ALGO LOGIC: per-token ratio under the rollout's law (bin slice, temperature)
-                    logp_all = bin_logprobs(logits, args.temperature)  # (b, 56, 256)
-                    new_logprob = logp_all.gather(-1, bins[..., None]).squeeze(-1)  # (b, 56)
-                    loss, approx_kl, clipfrac = clipped_token_loss(new_logprob, old_logprob, adv, tmask, args.clip_low,
-                                                                   args.clip_high, tokens.item())
-                    loss.backward()
-                    with torch.no_grad():
-                        entropy = -(logp_all.exp() * logp_all).sum(-1)  # (b, 56)
-                        stats_sum["loss"] += loss.item()
-                        stats_sum["entropy"] += (entropy * tmask).sum().item() / tokens.item()
-                        stats_sum["approx_kl"] += approx_kl.item()
-                        stats_sum["clipfrac"] += clipfrac.item()
-                        ratio = (new_logprob - old_logprob).exp()
-                        stats_sum["ratio_max"] = max(stats_sum["ratio_max"], (ratio * tmask).max().item())
-                sum_gradients_(trainable)  # over ranks (DDP-equivalent; ranks may hold different sample counts)
-                grad_norm += nn.utils.clip_grad_norm_(trainable, args.max_grad_norm).item()
-                optimizer.step()
-                num_updates += 1
-        t_update = time.time() - t_update
+        # -----------------------------------------------------------------------------------------------------------
+        update_start = time.time()
+        update_metrics = update_policy(policy, optimizer, processor, batch, args, autocast)
+        update_time = time.time() - update_start
 
-        # --------------------------------------------------------------------------------------------------------
+        # -----------------------------------------------------------------------------------------------------------
         # 5. Log, evaluate, checkpoint
-        # --------------------------------------------------------------------------------------------------------
-        num_updates = max(num_updates, 1)
-        policy_s = sum(w["policy_s"] for w in waves)
+        # -----------------------------------------------------------------------------------------------------------
+        env_steps = int(batch["length"].sum())
+        num_samples = len(batch["query_idx"])
         metrics = {
-            "actor/loss": stats_sum["loss"] / num_updates,
-            "actor/entropy": stats_sum["entropy"] / num_updates,
-            "actor/approx_kl": stats_sum["approx_kl"] / num_updates,
-            "actor/clipfrac": stats_sum["clipfrac"] / num_updates,
-            "actor/ratio_max": stats_sum["ratio_max"],
-            "actor/grad_norm": grad_norm / num_updates,
             "actor/lr": optimizer.param_groups[0]["lr"],
-            "rollout/success_rate": float(success.mean()),
-            "rollout/reward_mean": float(rewards.mean()),
-            "rollout/episode_length": float(lengths.mean()),
-            "rollout/episodes": float(len(success)),
-            "rollout/kept_groups_frac": float(keep_group.mean()),
-            "rollout/advantage_abs_mean": float(advantages[torch.from_numpy(keep)].abs().mean()) if keep.any() else 0.0,
+            "actor/samples": float(num_samples),
+            "rollout/reward_mean": rewards.mean().item(),
+            "rollout/success_rate": batch["success"].float().mean().item(),
+            "rollout/episode_length": batch["length"].float().mean().item(),
+            "rollout/episodes": float(R),
+            "rollout/kept_groups_frac": kept.float().mean().item(),
+            "rollout/advantage_abs_mean": batch["advantages"][kept].abs().mean().item() if kept.any() else 0.0,
             "reward/progress_mean": progress_mean,
             "reward/num_clusters": float(num_clusters),
-            "time/rollout_s": t_rollout,
-            "time/reward_s": t_reward,
-            "time/update_s": t_update,
-            "time/env_steps_per_s": env_steps / t_rollout,
-            "time/actions_per_s": env_steps / max(policy_s, 1e-9),
-            "time/update_samples_per_s": len(samples) / max(t_update, 1e-9),
+            "time/rollout_s": rollout_time,
+            "time/reward_s": reward_time,
+            "time/update_s": update_time,
+            # throughput of all ranks together (x world size, then averaged over ranks)
+            "time/env_steps_per_s": env_steps / rollout_time * dist.world_size,
+            "time/actions_per_s": env_steps / max(policy_s, 1e-9) * dist.world_size,
+            "time/update_samples_per_s": num_samples * args.update_epochs / max(update_time, 1e-9) * dist.world_size,
         }
-        metrics = all_reduce_mean(metrics)
-        for key in ("time/env_steps_per_s", "time/actions_per_s", "time/update_samples_per_s",  # totals over ranks
-                    "actor/loss", "actor/entropy", "actor/approx_kl", "actor/clipfrac"):  # rank shares of global means
-            metrics[key] *= dist.world_size
-        if args.eval_interval and (step % args.eval_interval == 0 or step == args.total_steps):
-            metrics.update(evaluate(policy, processor, envs, tasks, args, stats, action_tokenizer, dist, autocast, logger, step))
-        logger.log(metrics, step)
-        print0(f"step {step}: success {metrics['rollout/success_rate']:.3f} reward {metrics['rollout/reward_mean']:.3f} "
-               f"kept {metrics['rollout/kept_groups_frac']:.2f} loss {metrics['actor/loss']:.4f} "
-               f"env steps/s {metrics['time/env_steps_per_s']:.1f} step {time.time() - t_step:.1f}s"
+        metrics = all_reduce_mean(metrics) | update_metrics
+        if is_due(iteration, args.eval_interval, args.total_iterations):
+            metrics |= evaluate(policy, processor, envs, to_env_actions, args, dist, autocast, logger, iteration)
+        logger.log(metrics, iteration)
+        print0(f"iter {iteration}: success {metrics['rollout/success_rate']:.3f} "
+               f"reward {metrics['rollout/reward_mean']:.4f} kept {metrics['rollout/kept_groups_frac']:.2f} "
+               f"env steps/s {metrics['time/env_steps_per_s']:.1f}"
                + (f" eval {metrics['eval/success_rate']:.3f}" if "eval/success_rate" in metrics else ""))
-        if args.save_interval and (step % args.save_interval == 0 or step == args.total_steps):
-            save(step)
+        if is_due(iteration, args.save_interval, args.total_iterations):
+            save(iteration)
 
     logger.close()
     envs.close()

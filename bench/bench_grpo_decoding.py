@@ -21,7 +21,7 @@ from transformers import AutoProcessor, InternVLForConditionalGeneration, Logits
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import grpo_internvl as grpo  # noqa: E402
-from common.internvl_tiny import build_tiny_internvl  # noqa: E402
+from common.tiny_models import make_tiny_internvl  # noqa: E402
 
 
 class TemplateLogitsProcessor(LogitsProcessor):
@@ -53,7 +53,7 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        path = args.model_path or build_tiny_internvl(os.path.join(tmp, "internvl"), digits=args.digits)
+        path = args.model_path or make_tiny_internvl(os.path.join(tmp, "internvl"), digits=args.digits)
         processor, template = grpo.load_processor_and_template(path)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model = InternVLForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()

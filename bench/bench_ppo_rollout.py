@@ -1,4 +1,4 @@
-"""Throughput and peak memory of the PPO rollout policy step (`Agent.act`: prefill + 7 cached decodes).
+"""Throughput and peak memory of the PPO rollout policy step (`ActorCritic.act`: prefill + 7 cached decodes).
 
     python bench/bench_ppo_rollout.py --size 7b --batch-sizes 16 64      # GPU: openvla-7b shapes, random weights
     python bench/bench_ppo_rollout.py --size tiny --batch-sizes 2 8      # CPU smoke run with the tiny model
@@ -16,10 +16,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.openvla import OpenVLA, OpenVLAProcessor, build_tiny_tokenizer, load_openvla, make_tiny_openvla, preprocessor_config  # noqa: E402
+from common.openvla import OpenVLA, OpenVLAProcessor, load_openvla  # noqa: E402
+from common.tiny_models import build_tiny_tokenizer, make_tiny_openvla, preprocessor_config  # noqa: E402
 from common.openvla import ActionTokenizer  # noqa: E402
 from common.openvla import make_trainable  # noqa: E402
-from ppo_openvla import Agent  # noqa: E402
+from ppo_openvla import ActorCritic  # noqa: E402
 
 OPENVLA_7B = {
     "model_type": "openvla", "vision_backbone_id": "dinosiglip-vit-so-224px", "pad_to_multiple_of": 64, "n_action_bins": 256,
@@ -40,7 +41,7 @@ def build(size: str, device: torch.device, tmp: str):
         vla.language_model.model.rotary_emb = type(vla.language_model.model.rotary_emb)(vla.language_model.config).to(device)
         processor = OpenVLAProcessor(build_tiny_tokenizer(os.path.join(tmp, "tok")), preprocessor_config())
     make_trainable(vla, 32, 16)
-    return Agent(vla, ActionTokenizer(vla.vocab_size, 256)).to(device).eval(), processor
+    return ActorCritic(vla, ActionTokenizer(vla.vocab_size, 256)).to(device).eval(), processor
 
 
 def main():

@@ -38,6 +38,10 @@ def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
 def print0(*args, **kwargs) -> None:
     if not is_dist() or dist.get_rank() == 0:
         print(*args, **kwargs, flush=True)

@@ -24,6 +24,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from common.dist import attn_implementation as choose_attn_implementation
+
 # vision_backbone_id -> (timm model ids, image size); the ids OpenVLA checkpoints use.
 VISION_BACKBONES = {
     "dinosiglip-vit-so-224px": (["vit_large_patch14_reg4_dinov2.lvd142m", "vit_so400m_patch14_siglip_224"], 224),
@@ -308,21 +310,14 @@ def load_state_dict_files(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_openvla(path: str, device="cpu", dtype=torch.float32, attn_implementation: Optional[str] = None, flag: str = "--model-path"):
-    """Load config, weights, tokenizer and image preprocessing from an openvla-7b style directory or hub id."""
+def load_openvla(path: str, device="cpu", dtype=torch.float32, attn_implementation: Optional[str] = None,
+                 flag: str = "--model-path"):
+    """Load config, weights, tokenizer and image preprocessing from an openvla-7b style directory or hub id.
+    attn_implementation None: flash-attention 2 on a GPU when installed, else SDPA."""
     path = resolve_model_path(path, flag)
     config = read_openvla_config(path, flag)
-    if attn_implementation is None:
-        attn_implementation = "sdpa"
-        if torch.device(device).type == "cuda":
-            try:
-                import flash_attn  # noqa: F401
-
-                attn_implementation = "flash_attention_2"
-            except ImportError:
-                pass
     with torch.device("meta"):
-        model = OpenVLA(config, attn_implementation)
+        model = OpenVLA(config, attn_implementation or choose_attn_implementation(torch.device(device)))
     state = {_from_checkpoint_key(k): v for k, v in load_state_dict_files(path).items()}
     model.load_state_dict(state, strict=True, assign=True)
     llm = model.language_model.model

@@ -9,7 +9,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from common.internvl_tiny import build_tiny_internvl
+from common.tiny_models import make_tiny_internvl
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = ["--env-id", "PushCube-v1", "--num-envs", "2", "--group-size", "2", "--max-episode-steps", "3",
@@ -18,7 +18,7 @@ TINY_RUN = ["--env-id", "PushCube-v1", "--num-envs", "2", "--group-size", "2", "
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory) -> str:
-    return build_tiny_internvl(str(tmp_path_factory.mktemp("internvl")))
+    return make_tiny_internvl(str(tmp_path_factory.mktemp("internvl")))
 
 
 def run(*args: str, launcher=(sys.executable,), timeout: int = 400) -> str:

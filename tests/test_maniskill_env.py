@@ -38,19 +38,6 @@ def test_truncation_auto_resets_and_keeps_final_obs(env):
     assert not torch.equal(info["final_obs"]["rgb"], obs["rgb"])  # obs is already the next episode's first frame
 
 
-def test_shaped_reward_is_a_potential_difference(env):
-    env.reset([1, 2])
-    grasp = lambda g, s: {"is_grasped": torch.tensor(g), "success": torch.tensor(s)}
-    env.reward_mode = "shaped"
-    r1 = env._reward(torch.zeros(2), grasp([True, False], [False, False]))
-    r2 = env._reward(torch.zeros(2), grasp([True, True], [True, False]))
-    r3 = env._reward(torch.zeros(2), grasp([False, False], [False, False]))
-    env.reward_mode = "auto"
-    torch.testing.assert_close(r1, torch.tensor([0.1, 0.0]))
-    torch.testing.assert_close(r2, torch.tensor([1.0, 0.1]))  # success while grasped: +1
-    torch.testing.assert_close(r1 + r2 + r3, torch.zeros(2))  # dropping everything returns the potential
-
-
 def test_unknown_env_id_lists_the_valid_ones():
     with pytest.raises(ValueError, match="PushCube-v1"):
         check_env_id("PushKube-v1")

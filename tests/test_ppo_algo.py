@@ -7,7 +7,7 @@ import torch
 
 from common.openvla import ActionTokenizer, load_openvla
 from common.openvla import make_trainable
-from ppo_openvla import Agent, compute_gae, ppo_losses
+from ppo_openvla import ActorCritic, GraspShapedReward, compute_gae, ppo_losses
 
 
 def test_gae_hand_worked_with_termination_and_truncation():
@@ -45,7 +45,7 @@ def agent_and_inputs(tiny_openvla):
         for name, p in vla.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    agent = Agent(vla, ActionTokenizer(vla.vocab_size)).eval()
+    agent = ActorCritic(vla, ActionTokenizer(vla.vocab_size)).eval()
     ids, mask = processor.prompt_ids(["push the cube to the goal region", "pick up the cube", "stack the red cube on top of the green cube"])
     pixels = processor.preprocess_images(torch.randint(0, 256, (3, 224, 224, 3), dtype=torch.uint8))
     return agent, pixels, ids, mask
@@ -97,7 +97,7 @@ def test_every_trainable_parameter_gets_a_gradient(tiny_openvla, lora_rank):
     """DDP (find_unused_parameters=False) fails on trainable parameters the forward never reaches."""
     vla, processor = load_openvla(tiny_openvla)
     make_trainable(vla, lora_rank=lora_rank, lora_alpha=8)
-    agent = Agent(vla, ActionTokenizer(vla.vocab_size))
+    agent = ActorCritic(vla, ActionTokenizer(vla.vocab_size))
     ids, mask = processor.prompt_ids(["push the cube"])
     pixels = processor.preprocess_images(torch.randint(0, 256, (1, 224, 224, 3), dtype=torch.uint8))
     tokens = torch.full((1, 7), agent.first_action_token + 3)
@@ -105,3 +105,19 @@ def test_every_trainable_parameter_gets_a_gradient(tiny_openvla, lora_rank):
     (logprob.sum() + value.sum()).backward()
     missing = [n for n, p in agent.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, missing[:5]
+
+
+def test_grasp_shaped_reward_is_a_potential_difference():
+    shaped = GraspShapedReward(num_envs=2)
+    info = lambda g, s: {"grasped": torch.tensor(g), "success": torch.tensor(s)}
+    r1 = shaped(info([True, False], [False, False]))
+    r2 = shaped(info([True, True], [True, False]))
+    r3 = shaped(info([False, False], [False, False]))
+    torch.testing.assert_close(r1, torch.tensor([0.1, 0.0]))
+    torch.testing.assert_close(r2, torch.tensor([1.0, 0.1]))  # success while grasped: +1
+    torch.testing.assert_close(r1 + r2 + r3, torch.zeros(2))  # dropping everything returns the potential
+    for _ in range(5):  # held for 5 steps: + 0.1 consecutive-grasp bonus on the 5th
+        r = shaped(info([True, False], [False, False]))
+    torch.testing.assert_close(r, torch.tensor([0.1, 0.0]))
+    shaped.reset(torch.tensor([True, False]))  # a new episode starts from potential 0
+    torch.testing.assert_close(shaped(info([True, False], [False, False])), torch.tensor([0.1, 0.0]))

@@ -30,7 +30,7 @@ def test_train_checkpoint_resume_and_eval(tiny_openvla, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tags = set(EventAccumulator(str(tmp_path / "t__s1")).Reload().Tags()["scalars"])
-    expected = {"actor/loss", "actor/value_loss", "actor/entropy", "actor/grad_norm", "actor/approx_kl", "actor/clipfrac",
+    expected = {"actor/pg_loss", "critic/value_loss", "actor/entropy", "actor/grad_norm", "actor/approx_kl", "actor/clipfrac",
                 "actor/lr", "rollout/reward_mean", "rollout/success_rate", "rollout/episode_length", "eval/success_rate",
                 "time/env_steps_per_s", "time/actions_per_s", "time/update_samples_per_s"}
     assert expected <= tags, expected - tags

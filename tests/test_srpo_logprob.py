@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.openvla import ActionTokenizer, load_openvla, make_tiny_openvla
+from common.openvla import ActionTokenizer, load_openvla
+from common.tiny_models import make_tiny_openvla
 from srpo_openvla_oft import (NUM_ACTION_TOKENS, OFTPolicy, bin_logprobs, bins_to_actions, load_action_stats,
                               rollout)
 

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.progress_reward import (VideoEmbedder, make_tiny_vjepa2, preprocess_video, progress_rewards,
-                                    subsample_frame_indices)
+from common.tiny_models import make_tiny_vjepa2
+from common.vjepa2 import VideoEmbedder, preprocess_video, subsample_frame_indices
+from srpo_openvla_oft import progress_rewards
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,13 @@ from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_RUN = ["--suite", "libero_spatial", "--task-ids", "0", "--num-envs", "2", "--group-size", "2",
-            "--tasks-per-step", "1", "--no-dynamic-sampling", "--max-episode-steps", "8", "--camera-size", "64",
+            "--tasks-per-iteration", "1", "--no-dynamic-sampling", "--max-episode-steps", "8", "--camera-size", "64",
             "--world-model-frames", "8", "--lora-rank", "4", "--micro-batch-size", "2", "--eval-init-states", "1"]
 
 
 @pytest.fixture(scope="module")
 def tiny_models(tiny_openvla, tmp_path_factory):
-    from common.progress_reward import make_tiny_vjepa2
+    from common.tiny_models import make_tiny_vjepa2
 
     oft = str(tmp_path_factory.mktemp("tiny_oft") / "model")
     shutil.copytree(tiny_openvla, oft)
@@ -38,8 +38,8 @@ def test_train_checkpoint_resume_and_eval(tiny_models, tmp_path):
     oft, vjepa = tiny_models
     base = [sys.executable, "srpo_openvla_oft.py", "--model-path", oft, "--world-model-path", vjepa,
             "--run-dir", str(tmp_path), "--exp-name", "t", *TINY_RUN]
-    out = run(base + ["--total-steps", "2", "--save-interval", "1", "--eval-interval", "2"])
-    assert "step 2:" in out and "eval" in out
+    out = run(base + ["--total-iterations", "2", "--save-interval", "1", "--eval-interval", "2"])
+    assert "iter 2:" in out and "eval" in out
     run_path = tmp_path / "t__s1"
     ckpts = run_path / "checkpoints"
     assert sorted(os.listdir(ckpts)) == ["latest", "step_00000001", "step_00000002"]
@@ -48,8 +48,8 @@ def test_train_checkpoint_resume_and_eval(tiny_models, tmp_path):
     assert os.listdir(run_path / "videos")
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(run_path))
 
-    out = run(base + ["--total-steps", "3", "--eval-interval", "0", "--no-env-workers", "--resume", str(ckpts)])
-    assert "at step 2" in out and "step 3:" in out and "step 1:" not in out and "step 2:" not in out
+    out = run(base + ["--total-iterations", "3", "--eval-interval", "0", "--no-env-workers", "--resume", str(ckpts)])
+    assert "at iteration 2" in out and "iter 3:" in out and "iter 1:" not in out and "iter 2:" not in out
     assert (ckpts / "latest").read_text().strip() == "step_00000003"
 
     out = run([sys.executable, "srpo_openvla_oft.py", "--eval-only", "--checkpoint", str(ckpts),
@@ -78,8 +78,8 @@ def test_torchrun_two_ranks_full_finetuning(tiny_models, tmp_path):
     oft, vjepa = tiny_models
     cmd = ["torchrun", "--standalone", "--nproc-per-node", "2", "srpo_openvla_oft.py", "--model-path", oft,
            "--world-model-path", vjepa, "--run-dir", str(tmp_path), "--exp-name", "ddp", *TINY_RUN,
-           "--tasks-per-step", "2", "--no-env-workers", "--total-steps", "1", "--eval-interval", "0", "--lora-rank", "0"]
+           "--tasks-per-iteration", "2", "--no-env-workers", "--total-iterations", "1", "--eval-interval", "0", "--lora-rank", "0"]
     out = run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert "2 rank(s)" in out and "step 1:" in out  # the save raises if the ranks' weights differ after the update
+    assert "2 rank(s)" in out and "iter 1:" in out  # the save raises if the ranks' weights differ after the update
     model = tmp_path / "ddp__s1" / "checkpoints" / "step_00000001" / "model"  # full fine-tuning: the OFT layout
     assert (model / "config.json").exists() and (model / "dataset_statistics.json").exists()

@@ -1,18 +1,8 @@
-"""SRPO's world-model progress reward (arXiv 2511.15605; the siiRL implementation, SPEC 3.3).
+"""V-JEPA 2 video embeddings for SRPO's world-model progress reward (the reward itself is in srpo_openvla_oft.py).
 
-1. Each trajectory's agentview video -> one V-JEPA 2 embedding: 64 frames picked with
-   linspace (a shorter video is tiled cyclically), short side resized to 256/224 of the
-   encoder size, center-cropped to the encoder size, ImageNet mean/std, encoder output
-   averaged over all tokens.
-2. Per task: successes get reward 1. The success embeddings are standardised and
-   clustered with DBSCAN(eps 0.5, min_samples 2); cluster centres are the cluster means in
-   the raw embedding space (no cluster, i.e. all noise -> the mean of all successes).
-3. A failure's distance d is its L2 distance to the nearest centre; over the task's
-   failures n = (d - min d) / (max d - min d) (0.5 when the range is < 1e-6) and the reward
-   is g = 0.6 sigmoid(10 (0.5 - n)), in (0, 0.6). A task with no success gives its
-   failures 0 (nothing to refer to).
-   `variant="paper"`: g = alpha sigmoid(-z) with z the failure distances standardised over
-   the task (our reading of the paper's formula; alpha 0.8).
+Each trajectory's agentview video -> one embedding, as siiRL's SRPO computes it: 64 frames picked with linspace
+(a shorter video is tiled cyclically), short side resized to 256/224 of the encoder size, center-cropped to the
+encoder size, ImageNet mean/std, encoder output averaged over all tokens.
 """
 
 from __future__ import annotations
@@ -92,38 +82,3 @@ class VideoEmbedder:
         if self.offload:
             self.model.to("cpu")
         return torch.cat(embeddings)
-
-
-def progress_rewards(embeddings: np.ndarray, success: np.ndarray, task_ids: np.ndarray,
-                     variant: str = "siirl", alpha: float = 0.8, eps: float = 0.5,
-                     min_samples: int = 2) -> tuple[np.ndarray, int]:
-    """embeddings (N, D), success (N,) bool, task_ids (N,) -> rewards (N,), number of success clusters."""
-    from sklearn.cluster import DBSCAN
-    from sklearn.preprocessing import StandardScaler
-
-    embeddings = np.asarray(embeddings, dtype=np.float64)
-    success, task_ids = np.asarray(success, dtype=bool), np.asarray(task_ids)
-    rewards = success.astype(np.float64)  # successes 1, failures 0 unless shaped below
-    num_clusters = 0
-    for task in np.unique(task_ids):
-        succ_idx = np.flatnonzero((task_ids == task) & success)
-        fail_idx = np.flatnonzero((task_ids == task) & ~success)
-        if len(succ_idx) == 0 or len(fail_idx) == 0:
-            continue
-        succ = embeddings[succ_idx]
-        labels = DBSCAN(eps=eps, min_samples=min_samples).fit(StandardScaler().fit_transform(succ)).labels_
-        clusters = sorted(set(labels) - {-1})
-        centres = np.stack([succ[labels == c].mean(0) for c in clusters]) if clusters else succ.mean(0, keepdims=True)
-        num_clusters += len(centres)
-        dist = np.linalg.norm(embeddings[fail_idx, None, :] - centres[None], axis=-1).min(axis=1)  # (num_fail,)
-        if variant == "siirl":
-            span = dist.max() - dist.min()
-            normed = np.full_like(dist, 0.5) if span < 1e-6 else (dist - dist.min()) / span
-            rewards[fail_idx] = 0.6 / (1.0 + np.exp(-10.0 * (0.5 - normed)))
-        elif variant == "paper":
-            std = dist.std()
-            z = (dist - dist.mean()) / (std if std > 1e-6 else 1.0)
-            rewards[fail_idx] = alpha / (1.0 + np.exp(z))
-        else:
-            raise ValueError(f"Unknown progress reward variant {variant!r}; choose 'siirl' or 'paper'")
-    return rewards, num_clusters
