@@ -1,0 +1,134 @@
+"""Demonstrations from the scripted experts (common/experts.py), recorded as the VLA policies see the task.
+
+What it does: for seeds seed, seed+1, ... it resets one ManiSkill3 env on the CPU sim, lets the task's scripted expert
+act from the privileged simulator state in the `pd_ee_delta_pose` controller, and records per step the camera image
+and TCP pose that ManiSkillVLAEnv gives the RL scripts (same env construction and observation wrapper, same image
+size), the instruction and the expert's action. Episodes that succeed are written until `--num-episodes` are on disk
+(`--keep-failed` writes every episode). The format is documented in common/demos.py; `load_demos` reads it back and
+`action_norm_stats` gives the statistics OpenVLA normalises actions with (also stored in meta.json).
+
+Run:
+    python collect_demos.py --env-id PickCube-v1 --num-episodes 100
+    python collect_demos.py --env-id StackCube-v1 --num-episodes 50 --image-size 256 --out-dir demos/stack
+"""
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import gymnasium as gym
+import numpy as np
+import tyro
+
+from common.demos import action_norm_stats, save_episode
+from common.experts import EXPERTS
+from common.maniskill_env import INSTRUCTIONS, _make_single_cpu_env, check_env_id, check_render_device
+
+CONTROL_MODE = "pd_ee_delta_pose"  # the experts' action space
+
+
+@dataclass
+class Args:
+    env_id: str = "PickCube-v1"
+    """ManiSkill3 task with a scripted expert (PushCube-v1, PullCube-v1, PickCube-v1, StackCube-v1)"""
+    num_episodes: int = 100
+    """episodes to write"""
+    seed: int = 0
+    """env reset seed of the first episode; episode i is tried with seed + i"""
+    out_dir: Optional[str] = None
+    """output folder (default demos/{env_id})"""
+    image_size: int = 224
+    """camera image height and width, as --image-size of the RL scripts"""
+    max_episode_steps: Optional[int] = None
+    """episode length limit (default: the task's registered one)"""
+    keep_failed: bool = False
+    """also write episodes in which the expert failed"""
+    max_attempts: Optional[int] = None
+    """give up after this many episodes (default 2 * num_episodes + 10)"""
+
+
+def make_env(env_id: str, image_size: int, max_episode_steps: Optional[int]):
+    """One CPU env built exactly as ManiSkillVLAEnv builds each of its workers: obs {"rgb", "tcp_pose"} in numpy."""
+    make_kwargs = dict(
+        obs_mode="rgb",
+        control_mode=CONTROL_MODE,
+        reward_mode="sparse",
+        render_mode="rgb_array",
+        sensor_configs=dict(width=image_size, height=image_size),
+    )
+    if max_episode_steps:
+        make_kwargs["max_episode_steps"] = max_episode_steps
+    return _make_single_cpu_env(env_id, make_kwargs)()
+
+
+def record_episode(env, expert, seed: int, instruction: str) -> dict:
+    """Run the expert from the reset with `seed` until the env terminates (success) or truncates."""
+    obs, _ = env.reset(seed=seed)
+    expert.reset()
+    rgb, tcp_pose, actions = [], [], []
+    done, success = False, False
+    while not done:
+        action = expert.act(env.unwrapped)
+        rgb.append(obs["rgb"])
+        tcp_pose.append(obs["tcp_pose"])
+        actions.append(action)
+        obs, _, terminated, truncated, info = env.step(action)
+        done, success = bool(terminated or truncated), bool(info["success"])
+    return dict(
+        rgb=np.stack(rgb).astype(np.uint8),  # (T, H, W, 3)
+        tcp_pose=np.stack(tcp_pose).astype(np.float32),  # (T, 7)
+        action=np.stack(actions).astype(np.float32),  # (T, 7)
+        instruction=instruction,
+        success=success,
+        seed=seed,
+    )
+
+
+def main(args: Args) -> None:
+    check_env_id(args.env_id)
+    if args.env_id not in EXPERTS:
+        raise ValueError(f"--env-id {args.env_id}: scripted experts exist for {', '.join(EXPERTS)}")
+    check_render_device()
+    out_dir = args.out_dir or os.path.join("demos", args.env_id)
+    os.makedirs(out_dir, exist_ok=True)
+    max_attempts = args.max_attempts or 2 * args.num_episodes + 10
+
+    env = make_env(args.env_id, args.image_size, args.max_episode_steps)
+    instruction = env.language_instruction or INSTRUCTIONS[args.env_id]
+    expert = EXPERTS[args.env_id]()
+    kept, successes, tried, start = [], 0, 0, time.time()
+    while len(kept) < args.num_episodes and tried < max_attempts:
+        episode = record_episode(env, expert, args.seed + tried, instruction)
+        tried += 1
+        successes += episode["success"]
+        if episode["success"] or args.keep_failed:
+            save_episode(os.path.join(out_dir, f"episode_{len(kept):06d}.npz"), episode)
+            kept.append({"action": episode["action"]})
+        print(f"seed {episode['seed']}: success={episode['success']} steps={len(episode['action'])} kept={len(kept)}")
+    env.close()
+    if len(kept) < args.num_episodes:
+        raise RuntimeError(f"only {len(kept)} of --num-episodes {args.num_episodes} in {tried} tries (--max-attempts)")
+
+    meta = dict(
+        env_id=args.env_id,
+        control_mode=CONTROL_MODE,
+        instruction=instruction,
+        image_size=args.image_size,
+        max_episode_steps=args.max_episode_steps or gym.spec(args.env_id).max_episode_steps,
+        first_seed=args.seed,
+        episodes_tried=tried,
+        num_episodes=len(kept),
+        keep_failed=args.keep_failed,
+        expert_success_rate=successes / tried,
+        action_norm_stats=action_norm_stats(kept),
+    )
+    with open(os.path.join(out_dir, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    seconds = time.time() - start
+    print(f"wrote {len(kept)} episodes to {out_dir} ({successes}/{tried} expert successes, {seconds:.0f} s)")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

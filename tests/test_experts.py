@@ -1,0 +1,93 @@
+"""Scripted experts, the demo writer and its reader (CPU physics; the demo tests render with lavapipe)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from common.demos import action_norm_stats, load_demos
+from common.experts import EXPERTS
+from common.maniskill_env import INSTRUCTIONS, ManiSkillVLAEnv
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("env_id", sorted(EXPERTS))
+def test_expert_succeeds_within_the_default_episode(env_id):
+    import mani_skill.envs  # noqa: F401
+
+    env = gym.make(env_id, num_envs=1, sim_backend="physx_cpu", obs_mode="state", control_mode="pd_ee_delta_pose")
+    expert = EXPERTS[env_id]()
+    for seed in range(4):
+        env.reset(seed=seed)
+        expert.reset()
+        success = False
+        for _ in range(gym.spec(env_id).max_episode_steps):
+            action = expert.act(env.unwrapped)
+            assert action.shape == (7,) and np.all(np.abs(action) <= 1)
+            success = bool(env.step(action)[4]["success"][0])
+            if success:
+                break
+        assert success, f"{env_id} seed {seed}"
+    env.close()
+
+
+@pytest.fixture(scope="module")
+def push_demos(tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("demos"))
+    cmd = [sys.executable, "collect_demos.py", "--env-id", "PushCube-v1", "--num-episodes", "2", "--image-size", "64",
+           "--out-dir", out]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    return out
+
+
+def test_collect_demos_writes_the_documented_format(push_demos):
+    with open(os.path.join(push_demos, "meta.json")) as f:
+        meta = json.load(f)
+    assert meta["env_id"] == "PushCube-v1" and meta["control_mode"] == "pd_ee_delta_pose"
+    assert meta["num_episodes"] == 2 and meta["image_size"] == 64 and meta["max_episode_steps"] == 50
+    assert sorted(os.listdir(push_demos)) == ["episode_000000.npz", "episode_000001.npz", "meta.json"]
+    episodes = load_demos(push_demos)
+    assert [e["seed"] for e in episodes] == [0, 1] and all(e["success"] for e in episodes)
+    for e in episodes:
+        steps = len(e["action"])
+        assert 0 < steps <= 50 and e["instruction"] == INSTRUCTIONS["PushCube-v1"]
+        assert e["rgb"].shape == (steps, 64, 64, 3) and e["rgb"].dtype == np.uint8
+        assert e["tcp_pose"].shape == (steps, 7) and e["tcp_pose"].dtype == np.float32
+        assert e["action"].shape == (steps, 7) and e["action"].dtype == np.float32
+        assert np.all(np.abs(e["action"]) <= 1)
+    assert meta["action_norm_stats"] == json.loads(json.dumps(action_norm_stats(episodes)))
+
+
+def test_demo_frames_are_what_the_vla_env_shows(push_demos):
+    """Same seed, same actions: ManiSkillVLAEnv returns the recorded images and TCP poses."""
+    episode = load_demos(push_demos)[0]
+    env = ManiSkillVLAEnv("PushCube-v1", num_envs=1, image_size=64, sim_backend="physx_cpu")
+    try:
+        obs = env.reset([episode["seed"]])
+        for t in range(3):
+            np.testing.assert_array_equal(obs["rgb"][0].numpy(), episode["rgb"][t])
+            np.testing.assert_allclose(obs["tcp_pose"][0].numpy(), episode["tcp_pose"][t], atol=1e-6)
+            obs = env.step(torch.as_tensor(episode["action"][t : t + 1]))[0]
+    finally:
+        env.close()
+
+
+def test_action_norm_stats_on_a_hand_example():
+    actions = np.zeros((101, 7), dtype=np.float32)
+    actions[:, 0] = np.arange(101) / 100  # 0.00, 0.01, ..., 1.00
+    actions[:, 6] = np.where(np.arange(101) < 50, -1.0, 1.0)
+    stats = action_norm_stats([{"action": actions[:60]}, {"action": actions[60:]}])
+    action = stats["action"]
+    assert stats["num_transitions"] == 101 and stats["num_trajectories"] == 2
+    assert action["mask"] == [True] * 6 + [False]
+    np.testing.assert_allclose(action["q01"][0], 0.01, atol=1e-6)
+    np.testing.assert_allclose(action["q99"][0], 0.99, atol=1e-6)
+    np.testing.assert_allclose([action["min"][0], action["max"][0], action["mean"][0]], [0.0, 1.0, 0.5], atol=1e-6)
+    np.testing.assert_allclose(action["std"][0], np.std(np.arange(101) / 100), atol=1e-6)
+    assert action["q01"][6] == -1.0 and action["q99"][6] == 1.0 and action["std"][1] == 0.0
