@@ -78,15 +78,24 @@ def step_dirs(ckpt_root: str) -> list[str]:
     return sorted(d for d in names if d.startswith("step_") and os.path.isdir(os.path.join(ckpt_root, d)))
 
 
+def _steps_on_disk(ckpt_root: str) -> list[str]:
+    """Published steps plus the complete `.old_` copies a crashed re-save would put back (see `_clean_leftovers`)."""
+    names = set(step_dirs(ckpt_root))
+    if os.path.isdir(ckpt_root):
+        names |= {d.removeprefix(OLD_PREFIX) for d in os.listdir(ckpt_root)
+                  if d.startswith(OLD_PREFIX + "step_") and _is_complete(os.path.join(ckpt_root, d))}
+    return sorted(names)
+
+
 def _clean_leftovers(ckpt_root: str) -> None:
     """Undo what a crashed save left behind: partial `.tmp_*` directories and stray `latest.tmp*` files are removed;
     an `.old_step_*` copy is removed when its step is published again, or put back when the crash came between the
     two renames of a re-save (see `resolve_checkpoint`)."""
     for entry in os.listdir(ckpt_root):
         path = os.path.join(ckpt_root, entry)
-        if (entry.startswith(TMP_PREFIX) or entry.startswith("latest.tmp")) and os.path.isdir(path):
+        if entry.startswith((TMP_PREFIX, "latest.tmp")) and os.path.isdir(path):
             shutil.rmtree(path)
-        elif entry.startswith(TMP_PREFIX) or entry.startswith("latest.tmp"):
+        elif entry.startswith((TMP_PREFIX, "latest.tmp")):
             os.remove(path)
         elif entry.startswith(OLD_PREFIX):
             final = os.path.join(ckpt_root, entry[len(OLD_PREFIX):])
@@ -96,14 +105,23 @@ def _clean_leftovers(ckpt_root: str) -> None:
                 os.replace(path, final)
 
 
-def _write_error(error: OSError, final: str) -> OSError:
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+def _disk_full(error: BaseException, directory: str) -> bool:
+    """A write failed for lack of space: ENOSPC/EDQUOT, or a library's own error (torch.save reports a full disk as
+    "unexpected pos", safetensors as "os error 28") while next to no space is left."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error).lower()
+    return "no space left" in text or "os error 28" in text or shutil.disk_usage(directory).free < 16 * 2**20
+
+
+def _write_error(error: BaseException, final: str, full: bool) -> OSError:
+    if full:
         free = shutil.disk_usage(os.path.dirname(final)).free / 2**30
-        message = (f"no space left on device while writing checkpoint {final} ({free:.1f} GiB free): free space or "
-                   f"change --run-dir. The previous checkpoint is intact.")
-    else:
-        message = f"could not write checkpoint {final}: {error}. The previous checkpoint is intact."
-    return OSError(error.errno, message)
+        message = (f"no space left on device while writing checkpoint {final} ({free:.1f} GiB free after removing "
+                   f"the partial copy): free space or change --run-dir. The previous checkpoint is intact.")
+        return OSError(errno.ENOSPC, message)
+    return OSError(getattr(error, "errno", None), f"could not write checkpoint {final}: {error}. The previous "
+                                                  f"checkpoint is intact.")
 
 
 def save_checkpoint(ckpt_root: str, step: int, write_fn: Callable[[str], None], keep_last: Optional[int] = None) -> str:
@@ -121,16 +139,19 @@ def save_checkpoint(ckpt_root: str, step: int, write_fn: Callable[[str], None], 
     try:
         os.makedirs(tmp)
         write_fn(tmp)
-    except OSError as e:
+    except Exception as e:
+        full = _disk_full(e, ckpt_root)
         shutil.rmtree(tmp, ignore_errors=True)  # do not keep the space a partial checkpoint holds
-        raise _write_error(e, final) from e
+        if full or isinstance(e, OSError):
+            raise _write_error(e, final, full) from e
+        raise
     if os.path.exists(final):  # re-saving the same step (e.g. after a resume): the old copy stays until the new is in
         os.replace(final, old)
     os.replace(tmp, final)
     try:
         _write_text_atomic(os.path.join(ckpt_root, "latest"), name + "\n")
     except OSError as e:
-        raise _write_error(e, os.path.join(ckpt_root, "latest")) from e
+        raise _write_error(e, os.path.join(ckpt_root, "latest"), _disk_full(e, ckpt_root)) from e
     shutil.rmtree(old, ignore_errors=True)
     if keep_last:
         steps = step_dirs(ckpt_root)
@@ -163,6 +184,9 @@ def resolve_checkpoint(path: str, flag: str = "--resume") -> str:
     (deleted by hand), the newest complete step is used, with a warning."""
     if _is_complete(path):
         return path
+    parent, name = os.path.split(os.path.normpath(path))
+    if name.startswith("step_") and _recover(parent, name) is not None:  # a re-save crashed between its renames
+        return _recover(parent, name)
     latest = _read_latest(path)
     if latest is not None:
         found = _recover(path, latest)
@@ -245,10 +269,11 @@ def load_trainer_state(directory: str) -> dict[str, Any]:
     written before the RNG state was stored as plain lists needs the full unpickler."""
     path = os.path.join(directory, STATE_FILE)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError) as e:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            return torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise CheckpointError(_damaged(path, e)) from e
 
 
@@ -269,7 +294,7 @@ def read_checkpoint_info(step_dir: str) -> dict[str, Any]:
 # Checks before any expensive work: the run directory, the checkpoint's settings, damaged weight files
 # ---------------------------------------------------------------------------------------------------------------
 def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", 0)) == 0
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _is_inside(path: str, directory: str) -> bool:
@@ -286,16 +311,18 @@ def check_run_dir(run_path: str, resume: Optional[str], overwrite: bool, eval_on
     With `overwrite` the checkpoints in the way are deleted instead (by rank 0). --eval-only writes no checkpoints:
     only the writability check applies. Call it on every rank (it reads RANK from the environment)."""
     ckpt_root = os.path.join(run_path, "checkpoints")
-    steps = step_dirs(ckpt_root)
-    in_the_way: list[str] = []
+    steps = _steps_on_disk(ckpt_root)
+    in_the_way, replace_all = [], False
     if steps and not eval_only:
+        if resume and not os.path.basename(os.path.normpath(resume)).startswith(("step_", OLD_PREFIX)):
+            resume = resolve_checkpoint(resume)
         if not resume:
-            in_the_way, reason = steps, (
+            in_the_way, replace_all, reason = steps, True, (
                 f"{run_path} already holds checkpoints of an earlier run ({len(steps)}, newest {steps[-1]}): pass "
                 f"--resume {ckpt_root} to continue it, a new --exp-name to start another run, or --overwrite to "
                 f"delete them and start over")
         elif not _is_inside(resume, ckpt_root):
-            in_the_way, reason = steps, (
+            in_the_way, replace_all, reason = steps, True, (
                 f"--resume {resume} would continue into {run_path}, which holds checkpoints of another run "
                 f"({len(steps)}, newest {steps[-1]}): pass a new --exp-name, or --overwrite to delete them")
         else:
@@ -307,14 +334,14 @@ def check_run_dir(run_path: str, resume: Optional[str], overwrite: bool, eval_on
     if in_the_way and not overwrite:
         raise CheckpointError(reason)
     if in_the_way and _is_main_process():
-        for name in in_the_way:
-            shutil.rmtree(os.path.join(ckpt_root, name))
-        if not resume:
+        if replace_all:
+            shutil.rmtree(ckpt_root)
             for entry in os.listdir(run_path):  # the old run's TensorBoard curves would mix with the new ones
                 if entry.startswith("events.out.tfevents."):
                     os.remove(os.path.join(run_path, entry))
-            if os.path.exists(os.path.join(ckpt_root, "latest")):
-                os.remove(os.path.join(ckpt_root, "latest"))
+        for name in [] if replace_all else in_the_way:
+            for copy in (name, OLD_PREFIX + name):
+                shutil.rmtree(os.path.join(ckpt_root, copy), ignore_errors=True)
     probe = os.path.join(run_path, f".write_test_{os.getpid()}")
     try:
         os.makedirs(run_path, exist_ok=True)

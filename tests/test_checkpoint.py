@@ -13,13 +13,26 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from common.checkpoint import (STATE_FILE, CheckpointError, check_checkpoint_compatible, check_run_dir,
-                               load_safetensors, load_trainer_state, resolve_checkpoint, restore_rng, save_checkpoint,
-                               save_trainer_state, step_dirs, trainer_state, verify_safetensors_files)
+from common.checkpoint import (
+    STATE_FILE,
+    CheckpointError,
+    check_checkpoint_compatible,
+    check_run_dir,
+    load_safetensors,
+    load_trainer_state,
+    resolve_checkpoint,
+    restore_rng,
+    save_checkpoint,
+    save_trainer_state,
+    step_dirs,
+    trainer_state,
+    verify_safetensors_files,
+)
 from common.guards import NonFiniteGuard, check_finite_state, named_state_tensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,6 +109,14 @@ def run_until_killed(ckpt_root: str, phase: str) -> int:
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
+def check_run_dir_refuses(run_path: str) -> bool:
+    try:
+        check_run_dir(run_path, resume=None, overwrite=False)
+    except CheckpointError:
+        return True
+    return False
+
+
 # the copy a resume finds after a kill -9 in each phase of re-saving step 10
 EXPECTED_AFTER_CRASH = {"writing": "old", "after_rename_1": "old", "after_rename_2": "new", "after_rename_3": "new",
                         "removing_old": "new"}
@@ -108,6 +129,9 @@ def test_kill_during_resave_leaves_a_complete_step_and_the_next_save_cleans_up(t
     save_checkpoint(ckpt_root, 10, write_payload("old"))
     assert run_until_killed(ckpt_root, phase) == -signal.SIGKILL
     expected = EXPECTED_AFTER_CRASH[phase]
+    if phase == "after_rename_1":  # between the renames: the guard still sees the step, --resume STEP_DIR works
+        assert check_run_dir_refuses(str(tmp_path))
+        assert resolve_checkpoint(os.path.join(ckpt_root, "step_00000010")).endswith("step_00000010")
     step_dir = resolve_checkpoint(ckpt_root)
     assert os.path.basename(step_dir) == "step_00000010"
     assert read(os.path.join(step_dir, "payload")) == expected
@@ -150,7 +174,7 @@ def test_latest_naming_a_missing_step_falls_back_to_the_newest_complete(tmp_path
         assert resolve_checkpoint(root).endswith("step_00000001")
 
 
-def test_full_disk_removes_the_partial_copy_and_keeps_the_previous(tmp_path):
+def test_full_disk_removes_the_partial_copy_and_keeps_the_previous(tmp_path, monkeypatch):
     root = str(tmp_path / "checkpoints")
     save_checkpoint(root, 1, write_payload("one"))
 
@@ -163,6 +187,24 @@ def test_full_disk_removes_the_partial_copy_and_keeps_the_previous(tmp_path):
         save_checkpoint(root, 2, write_until_full)
     assert sorted(os.listdir(root)) == ["latest", "step_00000001"]
     assert read(os.path.join(resolve_checkpoint(root), "payload")) == "one"
+    def torch_save_on_a_full_disk(directory: str) -> None:  # torch.save does not say ENOSPC
+        os.makedirs(os.path.join(directory, "model"))
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    real_disk_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real_disk_usage(path)._replace(free=4096))
+    with pytest.raises(OSError, match="no space left on device while writing checkpoint .*step_00000002"):
+        save_checkpoint(root, 2, torch_save_on_a_full_disk)
+    monkeypatch.undo()
+    assert sorted(os.listdir(root)) == ["latest", "step_00000001"]
+
+    def bug(directory: str) -> None:
+        raise KeyError("a bug in write_fn")
+
+    with pytest.raises(KeyError, match="a bug"):  # not a disk problem: raised as it is, the partial copy removed
+        save_checkpoint(root, 2, bug)
+    assert sorted(os.listdir(root)) == ["latest", "step_00000001"]
+
     def write_denied(directory: str) -> None:
         raise PermissionError(errno.EACCES, "Permission denied")
 
@@ -259,6 +301,15 @@ def test_trainer_state_loads_with_weights_only_and_restores_rng(tmp_path):
     restore_rng(load_trainer_state(step_dir))
     torch.testing.assert_close(torch.rand(3), expected)
     torch.optim.AdamW(model.parameters()).load_state_dict(state["optimizer"])
+
+
+def test_older_trainer_state_with_numpy_objects_still_loads(tmp_path):
+    torch.save({"step": 1, "rng": {"numpy": np.random.get_state()}}, tmp_path / STATE_FILE)
+    assert load_trainer_state(str(tmp_path))["step"] == 1
+    with open(tmp_path / STATE_FILE, "r+b") as f:
+        f.truncate(20)
+    with pytest.raises(CheckpointError, match="trainer_state.pt: the checkpoint is damaged"):
+        load_trainer_state(str(tmp_path))
 
 
 # --------------------------------------------------------------------------------------------- damaged weights
