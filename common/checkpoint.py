@@ -185,8 +185,9 @@ def resolve_checkpoint(path: str, flag: str = "--resume") -> str:
     if _is_complete(path):
         return path
     parent, name = os.path.split(os.path.normpath(path))
-    if name.startswith("step_") and _recover(parent, name) is not None:  # a re-save crashed between its renames
-        return _recover(parent, name)
+    found = _recover(parent, name) if name.startswith("step_") else None  # a re-save crashed between its renames
+    if found is not None:
+        return found
     latest = _read_latest(path)
     if latest is not None:
         found = _recover(path, latest)
