@@ -4,20 +4,36 @@
       step_00000010/   trainer_state.pt (args, step, optimizer, RNG, git commit) + whatever the script writes
       step_00000020/
       latest           text file naming the newest complete step directory
+
+Nothing a user made is lost: re-saving a step renames the old copy aside (`.old_step_*`) until the new one is in
+place, pruning never removes the step `latest` names, a write error removes only the partial temporary directory,
+and `check_run_dir` refuses to start a new run over an earlier run's checkpoints.
 """
 
 import dataclasses
+import errno
 import json
 import os
+import pickle
 import random
 import shutil
+import struct
 import subprocess
-from typing import Any, Callable, Optional
+import sys
+import warnings
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import torch
 
 STATE_FILE = "trainer_state.pt"
+INFO_FILE = "args.json"  # args, step, script and git commit in plain JSON: read without loading the optimizer state
+TMP_PREFIX, OLD_PREFIX = ".tmp_", ".old_"
+WEIGHT_SETTINGS = ("model_path", "lora_rank", "lora_alpha")  # settings that shape or define the trained weights
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used as asked (damaged, from another script, or trained with other settings)."""
 
 
 def git_commit() -> Optional[str]:
@@ -31,44 +47,156 @@ def git_commit() -> Optional[str]:
 
 def _write_text_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _read_latest(ckpt_root: str) -> Optional[str]:
+    try:
+        with open(os.path.join(ckpt_root, "latest")) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _is_complete(step_dir: str) -> bool:
+    return os.path.isfile(os.path.join(step_dir, STATE_FILE))
+
+
+def step_dirs(ckpt_root: str) -> list[str]:
+    """Names of the published step directories, oldest first (an empty list when the root does not exist)."""
+    if not os.path.isdir(ckpt_root):
+        return []
+    names = os.listdir(ckpt_root)
+    return sorted(d for d in names if d.startswith("step_") and os.path.isdir(os.path.join(ckpt_root, d)))
+
+
+def _steps_on_disk(ckpt_root: str) -> list[str]:
+    """Published steps plus the complete `.old_` copies a crashed re-save would put back (see `_clean_leftovers`)."""
+    names = set(step_dirs(ckpt_root))
+    if os.path.isdir(ckpt_root):
+        names |= {d.removeprefix(OLD_PREFIX) for d in os.listdir(ckpt_root)
+                  if d.startswith(OLD_PREFIX + "step_") and _is_complete(os.path.join(ckpt_root, d))}
+    return sorted(names)
+
+
+def _clean_leftovers(ckpt_root: str) -> None:
+    """Undo what a crashed save left behind: partial `.tmp_*` directories and stray `latest.tmp*` files are removed;
+    an `.old_step_*` copy is removed when its step is published again, or put back when the crash came between the
+    two renames of a re-save (see `resolve_checkpoint`)."""
+    for entry in os.listdir(ckpt_root):
+        path = os.path.join(ckpt_root, entry)
+        if entry.startswith((TMP_PREFIX, "latest.tmp")) and os.path.isdir(path):
+            shutil.rmtree(path)
+        elif entry.startswith((TMP_PREFIX, "latest.tmp")):
+            os.remove(path)
+        elif entry.startswith(OLD_PREFIX):
+            final = os.path.join(ckpt_root, entry[len(OLD_PREFIX):])
+            if os.path.exists(final) or not _is_complete(path):
+                shutil.rmtree(path)
+            else:
+                os.replace(path, final)
+
+
+def _disk_full(error: BaseException, directory: str) -> bool:
+    """A write failed for lack of space: ENOSPC/EDQUOT, or a library's own error (torch.save reports a full disk as
+    "unexpected pos", safetensors as "os error 28") while next to no space is left."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error).lower()
+    return "no space left" in text or "os error 28" in text or shutil.disk_usage(directory).free < 16 * 2**20
+
+
+def _write_error(error: BaseException, final: str, full: bool) -> OSError:
+    if full:
+        free = shutil.disk_usage(os.path.dirname(final)).free / 2**30
+        message = (f"no space left on device while writing checkpoint {final} ({free:.1f} GiB free after removing "
+                   f"the partial copy): free space or change --run-dir. The previous checkpoint is intact.")
+        return OSError(errno.ENOSPC, message)
+    return OSError(getattr(error, "errno", None), f"could not write checkpoint {final}: {error}. The previous "
+                                                  f"checkpoint is intact.")
 
 
 def save_checkpoint(ckpt_root: str, step: int, write_fn: Callable[[str], None], keep_last: Optional[int] = None) -> str:
     """Call `write_fn(tmp_dir)` to write every file, then atomically publish it as `ckpt_root/step_XXXXXXXX`.
 
-    A crash at any point leaves either the previous checkpoint or the new one, never a half-written one."""
+    A crash at any point leaves the previous checkpoint or the new one, never a half-written one: a re-saved step is
+    renamed to `.old_step_*` and removed only after the new copy and `latest` are in place. A write error (a full
+    disk) removes the partial directory and raises an OSError that says what to do; `latest` is left unchanged.
+    Pruning keeps the `keep_last` newest steps by name and never the step `latest` names."""
     os.makedirs(ckpt_root, exist_ok=True)
+    _clean_leftovers(ckpt_root)
     name = f"step_{step:08d}"
-    final, tmp = os.path.join(ckpt_root, name), os.path.join(ckpt_root, f".tmp_{name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    write_fn(tmp)
-    if os.path.exists(final):  # re-saving the same step (e.g. after a resume): replace the old copy
-        shutil.rmtree(final)
+    final, tmp = os.path.join(ckpt_root, name), os.path.join(ckpt_root, TMP_PREFIX + name)
+    old = os.path.join(ckpt_root, OLD_PREFIX + name)
+    try:
+        os.makedirs(tmp)
+        write_fn(tmp)
+    except Exception as e:
+        full = _disk_full(e, ckpt_root)
+        shutil.rmtree(tmp, ignore_errors=True)  # do not keep the space a partial checkpoint holds
+        if full or isinstance(e, OSError):
+            raise _write_error(e, final, full) from e
+        raise
+    if os.path.exists(final):  # re-saving the same step (e.g. after a resume): the old copy stays until the new is in
+        os.replace(final, old)
     os.replace(tmp, final)
-    _write_text_atomic(os.path.join(ckpt_root, "latest"), name + "\n")
+    try:
+        _write_text_atomic(os.path.join(ckpt_root, "latest"), name + "\n")
+    except OSError as e:
+        raise _write_error(e, os.path.join(ckpt_root, "latest"), _disk_full(e, ckpt_root)) from e
+    shutil.rmtree(old, ignore_errors=True)
     if keep_last:
-        steps = sorted(d for d in os.listdir(ckpt_root) if d.startswith("step_"))
-        for old in steps[:-keep_last]:
-            shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
+        steps = step_dirs(ckpt_root)
+        keep = set(steps[-keep_last:]) | {name, _read_latest(ckpt_root)}
+        for stale in steps:
+            if stale not in keep:
+                shutil.rmtree(os.path.join(ckpt_root, stale), ignore_errors=True)
     return final
 
 
+def _recover(ckpt_root: str, name: str) -> Optional[str]:
+    """The complete copy of step `name`: the published one, or the `.old_` copy of a re-save that crashed between
+    its two renames, which is put back (when the directory is writable; otherwise it is used where it is)."""
+    final, old = os.path.join(ckpt_root, name), os.path.join(ckpt_root, OLD_PREFIX + name)
+    if _is_complete(final):
+        return final
+    if _is_complete(old):
+        try:
+            os.replace(old, final)
+        except FileNotFoundError:  # another rank put it back first
+            pass
+        except OSError:
+            return old
+        return final if _is_complete(final) else None
+    return None
+
+
 def resolve_checkpoint(path: str, flag: str = "--resume") -> str:
-    """A step directory, or a checkpoint root whose `latest` file names one."""
-    if os.path.isfile(os.path.join(path, STATE_FILE)):
+    """A step directory, or a checkpoint root whose `latest` file names one. When the step `latest` names is missing
+    (deleted by hand), the newest complete step is used, with a warning."""
+    if _is_complete(path):
         return path
-    latest = os.path.join(path, "latest")
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            step_dir = os.path.join(path, f.read().strip())
-        if os.path.isfile(os.path.join(step_dir, STATE_FILE)):
-            return step_dir
+    parent, name = os.path.split(os.path.normpath(path))
+    found = _recover(parent, name) if name.startswith("step_") else None  # a re-save crashed between its renames
+    if found is not None:
+        return found
+    latest = _read_latest(path)
+    if latest is not None:
+        found = _recover(path, latest)
+        if found is not None:
+            return found
+        for name in reversed(step_dirs(path)):
+            if _is_complete(os.path.join(path, name)):
+                warnings.warn(f"{flag} {path}: `latest` names {latest}, which is missing or incomplete; using {name}")
+                return os.path.join(path, name)
     raise FileNotFoundError(
         f"{flag} {path!r}: not a checkpoint. Pass a step directory containing {STATE_FILE} "
         f"(e.g. runs/NAME/checkpoints/step_00000010) or a checkpoints directory containing a `latest` file."
@@ -87,13 +215,15 @@ def resolve_checkpoint_flags(args, inherited: tuple[str, ...]) -> None:
         args.resume = resolve_checkpoint(args.resume, "--resume")
     if args.checkpoint:
         args.checkpoint = resolve_checkpoint(args.checkpoint, "--checkpoint")
-        saved = load_trainer_state(args.checkpoint)["args"]
+        saved = read_checkpoint_info(args.checkpoint)["args"]
         for key in inherited:
             setattr(args, key, saved[key])
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()  # plain lists: loadable with weights_only
+    numpy_state = (name, keys.tolist(), pos, has_gauss, cached_gaussian)
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -108,10 +238,18 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def trainer_state(args, step: int, optimizer: Optional[torch.optim.Optimizer], **extra) -> dict[str, Any]:
-    """Everything besides the weights that a resume needs, plus the settings and code version that produced it."""
+def script_name() -> str:
+    """The file name of the running script (under torchrun too): what `trainer_state` records as "script"."""
+    return os.path.basename(sys.argv[0])
+
+
+def trainer_state(args, step: int, optimizer: Optional[torch.optim.Optimizer], script: Optional[str] = None,
+                  **extra) -> dict[str, Any]:
+    """Everything besides the weights that a resume needs, plus the settings, script and code version that produced
+    it (`script` defaults to the running script's file name)."""
     return {
         "args": dataclasses.asdict(args),
+        "script": script or script_name(),
         "step": step,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "rng": rng_state(),
@@ -122,9 +260,222 @@ def trainer_state(args, step: int, optimizer: Optional[torch.optim.Optimizer], *
 
 def save_trainer_state(directory: str, state: dict[str, Any]) -> None:
     torch.save(state, os.path.join(directory, STATE_FILE))
-    with open(os.path.join(directory, "args.json"), "w") as f:
-        json.dump({"args": state["args"], "step": state["step"], "git_commit": state["git_commit"]}, f, indent=2, default=str)
+    info = {key: state.get(key) for key in ("script", "step", "git_commit", "args")}
+    with open(os.path.join(directory, INFO_FILE), "w") as f:
+        json.dump(info, f, indent=2, default=str)
 
 
 def load_trainer_state(directory: str) -> dict[str, Any]:
-    return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=False)
+    """The trainer state on the CPU. Loaded with weights_only (tensors and plain Python values only); a checkpoint
+    written before the RNG state was stored as plain lists needs the full unpickler."""
+    path = os.path.join(directory, STATE_FILE)
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            return torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise CheckpointError(_damaged(path, e)) from e
+
+
+def read_checkpoint_info(step_dir: str) -> dict[str, Any]:
+    """args, step, script, git_commit of a checkpoint, from args.json (cheap) or else from the trainer state."""
+    path = os.path.join(step_dir, INFO_FILE)
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(_damaged(path, e)) from e
+    state = load_trainer_state(step_dir)
+    return {key: state.get(key) for key in ("script", "step", "git_commit", "args")}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks before any expensive work: the run directory, the checkpoint's settings, damaged weight files
+# ---------------------------------------------------------------------------------------------------------------
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _is_inside(path: str, directory: str) -> bool:
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return os.path.commonpath([path, directory]) == directory
+
+
+def check_run_dir(run_path: str, resume: Optional[str], overwrite: bool, eval_only: bool = False) -> None:
+    """Refuse to start a run that would write over checkpoints a user made; check the run directory is writable.
+
+    - a new run (no --resume) whose run directory already holds checkpoints;
+    - --resume from another run into a run directory that holds checkpoints of its own;
+    - --resume from an older step of this run while later steps exist (continuing would replace them).
+    With `overwrite` the checkpoints in the way are deleted instead (by rank 0). --eval-only writes no checkpoints:
+    only the writability check applies. Call it on every rank (it reads RANK from the environment)."""
+    ckpt_root = os.path.join(run_path, "checkpoints")
+    steps = _steps_on_disk(ckpt_root)
+    in_the_way, replace_all = [], False
+    if steps and not eval_only:
+        if resume and not os.path.basename(os.path.normpath(resume)).startswith(("step_", OLD_PREFIX)):
+            resume = resolve_checkpoint(resume)
+        if not resume:
+            in_the_way, replace_all, reason = steps, True, (
+                f"{run_path} already holds checkpoints of an earlier run ({len(steps)}, newest {steps[-1]}): pass "
+                f"--resume {ckpt_root} to continue it, a new --exp-name to start another run, or --overwrite to "
+                f"delete them and start over")
+        elif not _is_inside(resume, ckpt_root):
+            in_the_way, replace_all, reason = steps, True, (
+                f"--resume {resume} would continue into {run_path}, which holds checkpoints of another run "
+                f"({len(steps)}, newest {steps[-1]}): pass a new --exp-name, or --overwrite to delete them")
+        else:
+            resumed = os.path.basename(os.path.normpath(os.path.realpath(resume))).removeprefix(OLD_PREFIX)
+            in_the_way = [name for name in steps if name > resumed]
+            reason = (f"--resume {resume} is not the newest checkpoint of {run_path}: continuing would replace the "
+                      f"later {', '.join(in_the_way)}. Pass --resume {ckpt_root} to continue from the newest, a new "
+                      f"--exp-name to branch into another run, or --overwrite to delete the later steps")
+    if in_the_way and not overwrite:
+        raise CheckpointError(reason)
+    if in_the_way and _is_main_process():
+        if replace_all:
+            shutil.rmtree(ckpt_root)
+            for entry in os.listdir(run_path):  # the old run's TensorBoard curves would mix with the new ones
+                if entry.startswith("events.out.tfevents."):
+                    os.remove(os.path.join(run_path, entry))
+        for name in [] if replace_all else in_the_way:
+            for copy in (name, OLD_PREFIX + name):
+                shutil.rmtree(os.path.join(ckpt_root, copy), ignore_errors=True)
+    probe = os.path.join(run_path, f".write_test_{os.getpid()}")
+    try:
+        os.makedirs(run_path, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise CheckpointError(f"cannot write to the run directory {run_path} ({e.strerror or e}): pass a writable "
+                              f"--run-dir") from e
+
+
+def _model_id(path: str) -> str:
+    """`org/name` of a Hugging Face cache snapshot path, else the directory's name: the same model stored
+    elsewhere (another machine, another cache) is still the same model."""
+    parts = os.path.normpath(str(path)).split(os.sep)
+    for part in parts:
+        if part.startswith("models--"):
+            return part.removeprefix("models--").replace("--", "/")
+    return parts[-1]
+
+
+def _same_setting(key: str, saved, current) -> bool:
+    if isinstance(saved, (list, tuple)) and isinstance(current, (list, tuple)):
+        return list(saved) == list(current)
+    if key == "model_path" and saved is not None and current is not None:
+        return str(saved) == str(current) or _model_id(saved) == _model_id(current)
+    return saved == current
+
+
+def check_checkpoint_compatible(step_dir: str, script: str, args, keys: Iterable[str] = WEIGHT_SETTINGS,
+                                flag: str = "--resume") -> None:
+    """Refuse a checkpoint of another script, or one trained with settings (`keys`: what shapes or defines the
+    weights) that differ from this run's, naming the setting, both values and the fix. Reads args.json only.
+    A checkpoint written before the script was recorded skips that check."""
+    info = read_checkpoint_info(step_dir)
+    saved_script = info.get("script")
+    if saved_script and saved_script != script:
+        raise CheckpointError(f"{flag} {step_dir} is a checkpoint of {saved_script}, not {script}: resume it with "
+                              f"`python {saved_script} {flag} {step_dir}`, or start a new run of {script} without "
+                              f"{flag}")
+    saved_args = info.get("args") or {}
+    for key in keys:
+        if key not in saved_args:
+            continue
+        saved, current = saved_args[key], getattr(args, key)
+        if not _same_setting(key, saved, current):
+            option = "--" + key.replace("_", "-")
+            raise CheckpointError(f"{option} {current} but the checkpoint {step_dir} was trained with {option} "
+                                  f"{saved}: pass {option} {saved} or start a new run without {flag}")
+
+
+def _earlier_checkpoint_hint(path: str) -> str:
+    """Which checkpoint to use instead of the damaged file's one."""
+    step_dir = os.path.dirname(os.path.abspath(path))
+    while step_dir != os.path.dirname(step_dir) and not os.path.basename(step_dir).startswith("step_"):
+        step_dir = os.path.dirname(step_dir)
+    if not os.path.basename(step_dir).startswith("step_"):
+        return "replace the file (download or copy it again)"
+    root, name = os.path.split(step_dir)
+    earlier = [d for d in step_dirs(root) if d < name and _is_complete(os.path.join(root, d))]
+    if earlier:
+        return f"resume from the earlier checkpoint {os.path.join(root, earlier[-1])}"
+    return f"no earlier checkpoint exists in {root}: start a new run"
+
+
+def _damaged(path: str, error) -> str:
+    return f"{path}: the checkpoint is damaged ({error}); {_earlier_checkpoint_hint(path)}"
+
+
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def _check_safetensors_header(path: str) -> None:
+    """Validate a .safetensors file from its header alone: the 8-byte header length, the JSON header, and the file
+    size against the end of the last tensor's data."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(_damaged(path, f"{size} bytes, shorter than a safetensors header"))
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(size - 8, 100 * 2**20):
+            raise CheckpointError(_damaged(path, f"header length {header_len} does not fit the file of {size} bytes"))
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError as e:
+            raise CheckpointError(_damaged(path, f"unreadable header: {e}")) from e
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        begin, stop = entry["data_offsets"]
+        numel = 1
+        for dim in entry["shape"]:
+            numel *= dim
+        if entry["dtype"] in _DTYPE_BYTES and stop - begin != numel * _DTYPE_BYTES[entry["dtype"]]:
+            shape = entry["shape"]
+            raise CheckpointError(_damaged(path, f"tensor {name!r} has {stop - begin} bytes for shape {shape}"))
+        end = max(end, stop)
+    if size != 8 + header_len + end:
+        raise CheckpointError(_damaged(path, f"truncated or padded: {size} bytes, the header describes "
+                                             f"{8 + header_len + end}"))
+
+
+def verify_safetensors_files(directory: str) -> int:
+    """Check every .safetensors file under `directory` (recursively) from its header and size, and that the shards
+    a `*.safetensors.index.json` names exist, without loading any weights. Returns the number of files checked."""
+    checked = 0
+    for root, _, files in os.walk(directory):
+        for file in sorted(files):
+            path = os.path.join(root, file)
+            if file.endswith(".safetensors"):
+                _check_safetensors_header(path)
+                checked += 1
+            elif file.endswith(".safetensors.index.json"):
+                with open(path) as f:
+                    shards = set(json.load(f).get("weight_map", {}).values())
+                missing = sorted(s for s in shards if not os.path.isfile(os.path.join(root, s)))
+                if missing:
+                    raise CheckpointError(_damaged(path, f"missing shard(s) {', '.join(missing)}"))
+    return checked
+
+
+def load_safetensors(path: str, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """safetensors.torch.load_file that names the file and the checkpoint to use instead when it is missing,
+    truncated or corrupted."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise CheckpointError(_damaged(path, "file missing"))
+    try:
+        return load_file(path, device=device)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(_damaged(path, e)) from e

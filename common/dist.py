@@ -66,6 +66,21 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_max_(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place maximum over ranks (a no-op in a 1-process world); the tensor is moved to the backend's device."""
+    if is_dist():
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        reduced = tensor.to(device)
+        dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+        tensor.copy_(reduced)
+    return tensor
+
+
+def any_rank(flag) -> bool:
+    """True on every rank when `flag` (a bool or a 0-d tensor) is true on at least one rank."""
+    return bool(all_reduce_max_(torch.as_tensor(flag, dtype=torch.float32).reshape(1).clone()).item())
+
+
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's equally-shaped tensor along dim 0, in rank order; returned on the CPU."""
     if not is_dist():
