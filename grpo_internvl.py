@@ -37,6 +37,9 @@ Run:
     python grpo_internvl.py --eval-only --checkpoint runs/grpo_internvl__s1/checkpoints --capture-video
 CPU quickstart (tiny random InternVL from `python -m common.tiny_models internvl`, real simulator): see README.md.
 The answer template and the prompt live in common/action_text.py, shared with the SFT script that warm-starts it.
+Stopping: SIGTERM (Slurm, Kubernetes) or Ctrl-C finishes the current iteration, writes a checkpoint and exits 0;
+continue with --resume. Give the job a grace period longer than one iteration plus a save (torchrun
+--shutdown-timeout, Slurm --signal=TERM@N, Kubernetes terminationGracePeriodSeconds).
 """
 
 import copy
@@ -54,10 +57,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import DynamicCache, InternVLForConditionalGeneration
 
 from common.action_text import ActionTemplate, build_inputs, load_processor_and_template
-from common.checkpoint import (load_trainer_state, resolve_checkpoint_flags, save_checkpoint, save_trainer_state,
+from common.checkpoint import (check_run_flags, load_trainer_state, save_checkpoint, save_trainer_state,
                                trainer_state)
 from common.dist import (all_reduce_mean, all_reduce_sum_, attn_implementation, bf16_autocast, broadcast_parameters,
                          check_in_sync, cleanup, init_dist, print0, sum_gradients_, world_size)
+from common.guards import NonFiniteGuard, StopRequest, check_finite_state, check_flags, named_state_tensors
 from common.logger import Logger, is_due
 from common.maniskill_env import ManiSkillVLAEnv, check_env_id, check_render_device
 
@@ -143,6 +147,9 @@ class Args:
     """only evaluate --checkpoint (or the base model if none) and exit"""
     checkpoint: Optional[str] = None
     """checkpoint to evaluate with --eval-only"""
+    overwrite: bool = False
+    """start over in a run directory that holds checkpoints, deleting them (or, with --resume from an older step,
+    delete the later steps)"""
 
     # derived from the flags above in validate()
     num_groups: tyro.conf.Suppress[int] = 0
@@ -152,7 +159,11 @@ class Args:
 
 
 def validate(args: Args, world_size: int):
-    """Every check that can fail on user input, before envs or weights are loaded. Returns (processor, template)."""
+    """Every check that can fail on user input, before envs or weights are loaded. Returns the processor, the action
+    template and the run directory."""
+    check_flags(args, positive=("num_envs", "num_minibatches", "micro_batch_size", "update_epochs", "total_iterations",
+                                "max_episode_steps"),
+                non_negative=("eval_interval", "save_interval", "keep_checkpoints", "eval_temperature", "top_k"))
     if args.group_size < 2:
         raise ValueError(f"--group-size must be >= 2 (GRPO normalises within a group), got {args.group_size}")
     if args.num_envs % args.group_size:
@@ -165,16 +176,14 @@ def validate(args: Args, world_size: int):
         raise ValueError(f"--top-p must be in (0, 1] and --top-k >= 0, got {args.top_p}, {args.top_k}")
     if not 0 <= args.success_bounds[0] <= args.success_bounds[1] <= 1:
         raise ValueError(f"--success-bounds must satisfy 0 <= lower <= upper <= 1, got {args.success_bounds}")
-    if min(args.num_minibatches, args.micro_batch_size, args.update_epochs, args.max_episode_steps) < 1:
-        raise ValueError("--num-minibatches, --micro-batch-size, --update-epochs, --max-episode-steps must be >= 1")
     if args.lora_rank < 0:
         raise ValueError(f"--lora-rank must be >= 0 (0 = full fine-tuning), got {args.lora_rank}")
     if args.image_size < 32:
         raise ValueError(f"--image-size must be at least 32 (pixels per side), got {args.image_size}")
-    resolve_checkpoint_flags(args, inherited=("model_path", "lora_rank", "lora_alpha"))
+    run_path = check_run_flags(args, "grpo_internvl.py", inherited=("model_path", "lora_rank", "lora_alpha"))
     check_env_id(args.env_id)
     check_render_device()
-    return load_processor_and_template(args.model_path)
+    return *load_processor_and_template(args.model_path), run_path
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -423,13 +432,14 @@ def evaluate(policy, processor, template, envs, args, dist, autocast):
 # ---------------------------------------------------------------------------------------------------------------
 # Update: epochs x minibatches over the kept steps; token-mean over all ranks
 # ---------------------------------------------------------------------------------------------------------------
-def update_policy(policy, optimizer, processor, template, batch, args, autocast, reference=None) -> dict:
+def update_policy(policy, optimizer, processor, template, batch, args, autocast, reference=None, guard=None) -> dict:
     """PPO-style epochs over the training samples of `batch` (a rollout plus step_idx, env_idx (M,) and advantages
     (N,)); returns actor/* metrics. Each minibatch is one optimizer step: micro-batches accumulate the loss summed over
     tokens / (free tokens of the minibatch over all ranks), and gradients are summed over ranks, which gives the exact
-    global token-mean."""
+    global token-mean. `guard` (a NonFiniteGuard) skips optimizer steps with a non-finite loss or gradient norm."""
     device = next(policy.parameters()).device
     params = [p for p in policy.parameters() if p.requires_grad]
+    guard = guard or NonFiniteGuard()
     step_idx, env_idx = batch["step_idx"], batch["env_idx"]
     policy.train()
     sums = {k: 0.0 for k in ("pg_loss", "approx_kl", "clipfrac", "kl", "grad_norm")}
@@ -440,6 +450,7 @@ def update_policy(policy, optimizer, processor, template, batch, args, autocast,
             num_tokens = all_reduce_sum_(torch.tensor(float(len(minibatch) * template.num_free), device=device)).item()
             if num_tokens == 0:
                 continue
+            minibatch_loss = 0.0
             for micro in minibatch.split(args.micro_batch_size):
                 t, n = step_idx[micro], env_idx[micro]
                 instructions = [batch["instructions"][i] for i in n]
@@ -465,11 +476,13 @@ def update_policy(policy, optimizer, processor, template, batch, args, autocast,
                     loss = loss + args.kl_coef * kl
                     sums["kl"] += kl.item()
                 loss.backward()
+                minibatch_loss += loss.detach()
                 sums["approx_kl"] += approx_kl.item()
                 sums["clipfrac"] += clipfrac.item()
             sum_gradients_(params)  # each rank's loss is already divided by the global token count
-            sums["grad_norm"] += torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
-            optimizer.step()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)  # the norm before clipping
+            if guard.step(optimizer, minibatch_loss, grad_norm):
+                sums["grad_norm"] += grad_norm.item()
             optimizer.zero_grad(set_to_none=True)
             num_updates += 1
     if num_updates == 0:
@@ -487,9 +500,8 @@ def main(args: Args) -> None:
     # Setup: validation, distributed, seeds, model, optimizer, envs
     # ---------------------------------------------------------------------------------------------------------------
     dist = init_dist()
-    processor, template = validate(args, dist.world_size)
+    processor, template, run_path = validate(args, dist.world_size)
     device = dist.device
-    run_path = os.path.join(args.run_dir, f"{args.exp_name}__s{args.seed}")
     checkpoint_dir = args.resume or args.checkpoint
     torch.manual_seed(args.seed)  # identical initial LoRA weights on every rank (and broadcast below)
     autocast = bf16_autocast(device, args.bf16)
@@ -533,11 +545,14 @@ def main(args: Args) -> None:
             save_trainer_state(directory, trainer_state(args, iteration, optimizer))
 
         check_in_sync(trainable)  # the hand-summed gradients keep ranks identical; verify before writing rank 0's copy
+        check_finite_state(named_state_tensors(policy, optimizer))  # never write NaN weights
         if dist.is_main:
             path = save_checkpoint(os.path.join(run_path, "checkpoints"), iteration, write,
                                    keep_last=args.keep_checkpoints)
             print0(f"saved {path}")
 
+    guard = NonFiniteGuard()  # skips an optimizer step with a non-finite loss or gradient norm
+    stop = StopRequest()  # SIGTERM / Ctrl-C: finish the iteration, save, exit 0
     for iteration in range(start_iteration + 1, args.total_iterations + 1):
         # -----------------------------------------------------------------------------------------------------------
         # 1. Rollout: group_size episodes per initial state; sampling, shuffling and reset seeds derive from
@@ -569,7 +584,7 @@ def main(args: Args) -> None:
         # 4. Update: clipped token-mean surrogate over the free tokens
         # -----------------------------------------------------------------------------------------------------------
         update_start = time.time()
-        update_metrics = update_policy(policy, optimizer, processor, template, batch, args, autocast, reference)
+        update_metrics = update_policy(policy, optimizer, processor, template, batch, args, autocast, reference, guard)
         update_time = time.time() - update_start
 
         # -----------------------------------------------------------------------------------------------------------
@@ -581,6 +596,7 @@ def main(args: Args) -> None:
         metrics = {
             "actor/lr": optimizer.param_groups[0]["lr"],
             "actor/samples": float(num_samples),
+            "actor/skipped_steps": float(guard.skipped_steps),
             "rollout/reward_mean": rewards.mean().item(),
             "rollout/success_rate": batch["success"].float().mean().item(),
             "rollout/episode_length": batch["length"].float().mean().item(),
@@ -597,7 +613,8 @@ def main(args: Args) -> None:
             "time/update_samples_per_s": num_samples * args.update_epochs / max(update_time, 1e-9) * dist.world_size,
         }
         metrics = all_reduce_mean(metrics) | update_metrics
-        if is_due(iteration, args.eval_interval, args.total_iterations):
+        stop_now = stop.should_stop()
+        if is_due(iteration, args.eval_interval, args.total_iterations) and not stop_now:
             eval_metrics, frames = evaluate(policy, processor, template, envs, args, dist, autocast)
             metrics |= eval_metrics
             if frames:
@@ -607,8 +624,12 @@ def main(args: Args) -> None:
                f"reward {metrics['rollout/reward_mean']:.4f} kept {metrics['rollout/kept_groups_frac']:.2f} "
                f"env steps/s {metrics['time/env_steps_per_s']:.1f}"
                + (f" eval {metrics['eval/success_rate']:.3f}" if "eval/success_rate" in metrics else ""))
-        if is_due(iteration, args.save_interval, args.total_iterations):
+        if is_due(iteration, args.save_interval, args.total_iterations) or stop_now:
             save(iteration)
+        if stop_now:
+            print0(f"stopped by {stop.signal_name} after iteration {iteration}; continue with --resume "
+                   f"{run_path}/checkpoints")
+            break
 
     logger.close()
     envs.close()

@@ -20,6 +20,9 @@ Run:
         --control-mode arm_pd_ee_target_delta_pose_align2_gripper_pd_joint_pos
     python ppo_openvla.py --eval-only --checkpoint runs/NAME/checkpoints
 CPU quickstart (tiny random model, real simulator): see README.md.
+Stopping: SIGTERM (Slurm, Kubernetes) or Ctrl-C finishes the current iteration, writes a checkpoint and exits 0;
+continue with --resume. Give the job a grace period longer than one iteration plus a save (torchrun
+--shutdown-timeout, Slurm --signal=TERM@N, Kubernetes terminationGracePeriodSeconds).
 """
 
 import contextlib
@@ -36,14 +39,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 from peft import LoraConfig
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import DynamicCache
 
-from common.checkpoint import (load_trainer_state, resolve_checkpoint_flags, restore_rng, save_checkpoint,
-                               save_trainer_state, trainer_state)
+from common.checkpoint import (check_run_flags, load_safetensors, load_trainer_state, restore_rng, save_checkpoint,
+                               save_trainer_state, trainer_state, verify_safetensors_files)
 from common.dist import (all_reduce_mean, bf16_autocast, check_in_sync, cleanup,
                          global_mean_std, init_dist, print0)
+from common.guards import NonFiniteGuard, StopRequest, check_finite_state, check_flags, named_state_tensors
 from common.logger import Logger, is_due
 from common.maniskill_env import ManiSkillVLAEnv, check_env_id, check_render_device
 from common.openvla import (ActionTokenizer, action_stats, load_lora_adapter, load_openvla, make_trainable,
@@ -141,6 +145,9 @@ class Args:
     """only evaluate --checkpoint (or the base model if none) and exit"""
     checkpoint: Optional[str] = None
     """checkpoint to evaluate with --eval-only"""
+    overwrite: bool = False
+    """start over in a run directory that holds checkpoints, deleting them (or, with --resume from an older step,
+    delete the later steps)"""
 
     # derived from the flags above in validate()
     batch_size: tyro.conf.Suppress[int] = 0
@@ -149,8 +156,15 @@ class Args:
     """samples per rank per optimizer step"""
 
 
-def validate(args: Args) -> dict:
-    """Every check that can fail on user input, before envs or weights are loaded. Returns the model config."""
+def validate(args: Args) -> tuple[dict, str]:
+    """Every check that can fail on user input, before envs or weights are loaded. Returns the model config and the
+    run directory."""
+    check_flags(args, positive=("num_envs", "num_steps", "num_minibatches", "micro_batch_size", "update_epochs",
+                                "total_iterations", "max_episode_steps"),
+                non_negative=("eval_interval", "save_interval", "keep_checkpoints", "eval_temperature"))
+    if not args.temperature > 0:
+        raise ValueError(f"--temperature must be > 0 for training rollouts, got {args.temperature} "
+                         "(--eval-temperature 0 is greedy evaluation)")
     if args.image_size < 32:
         raise ValueError(f"--image-size must be at least 32 (pixels per side), got {args.image_size}")
     if args.lora_rank < 0:
@@ -163,13 +177,14 @@ def validate(args: Args) -> dict:
     if args.minibatch_size % args.micro_batch_size:
         raise ValueError(f"minibatch size {args.minibatch_size} (= num_envs x num_steps / num_minibatches) is not "
                          f"divisible by --micro-batch-size ({args.micro_batch_size})")
-    resolve_checkpoint_flags(args, inherited=("model_path", "unnorm_key", "lora_rank", "lora_alpha"))
+    run_path = check_run_flags(args, "ppo_openvla.py", inherited=("model_path", "unnorm_key", "lora_rank", "lora_alpha"))
     check_env_id(args.env_id)
     check_render_device()
     args.model_path = resolve_model_path(args.model_path)
     config = read_openvla_config(args.model_path)
+    verify_safetensors_files(args.model_path)
     action_stats(config, args.unnorm_key)
-    return config
+    return config, run_path
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -318,7 +333,7 @@ def save_policy(policy: ActorCritic, processor, lora_config: Optional[LoraConfig
 def load_policy_weights(policy: ActorCritic, directory: str, lora: bool) -> None:
     if lora:
         load_lora_adapter(policy.vla, directory)
-    policy.value_head.load_state_dict(load_file(os.path.join(directory, "value_head.safetensors")))
+    policy.value_head.load_state_dict(load_safetensors(os.path.join(directory, "value_head.safetensors")))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -353,9 +368,8 @@ def main(args: Args) -> None:
     # Setup: validation, distributed, seeds, envs, model, optimizer
     # ---------------------------------------------------------------------------------------------------------------
     dist = init_dist()
-    config = validate(args)
+    config, run_path = validate(args)
     device = dist.device
-    run_path = os.path.join(args.run_dir, f"{args.exp_name}__s{args.seed}")
     print0(f"run {run_path}: {dist.world_size} rank(s) x {args.num_envs} envs, "
            f"{args.batch_size * dist.world_size} samples per iteration")
 
@@ -425,6 +439,7 @@ def main(args: Args) -> None:
             save_trainer_state(directory, trainer_state(args, iteration, optimizer))
 
         check_in_sync(trainable)  # DDP keeps ranks identical; verify before writing rank 0's copy
+        check_finite_state(named_state_tensors(policy, optimizer))  # never write NaN weights
         if dist.is_main:
             path = save_checkpoint(os.path.join(run_path, "checkpoints"), iteration, write,
                                    keep_last=args.keep_checkpoints)
@@ -440,6 +455,8 @@ def main(args: Args) -> None:
     values = torch.zeros((T, N))
     episode_return, episode_length = torch.zeros(N), torch.zeros(N)
     shaped_reward = GraspShapedReward(N)
+    guard = NonFiniteGuard()  # skips an optimizer step with a non-finite loss or gradient norm
+    stop = StopRequest()  # SIGTERM / Ctrl-C: finish the iteration, save, exit 0
 
     for iteration in range(start_iteration + 1, args.total_iterations + 1):
         # -----------------------------------------------------------------------------------------------------------
@@ -522,6 +539,7 @@ def main(args: Args) -> None:
             for start in range(0, args.batch_size, args.minibatch_size):
                 minibatch = order[start : start + args.minibatch_size]
                 optimizer.zero_grad(set_to_none=True)
+                minibatch_loss = 0.0
                 micro_batches = minibatch.split(args.micro_batch_size)
                 for k, mb in enumerate(micro_batches):
                     last = dist.world_size == 1 or k == len(micro_batches) - 1
@@ -540,13 +558,14 @@ def main(args: Args) -> None:
                         )
                         loss = pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy.mean()
                         (loss * len(mb) / len(minibatch)).backward()
+                    minibatch_loss += loss.detach() * len(mb) / len(minibatch)
                     for key, value in (("actor/pg_loss", pg_loss), ("critic/value_loss", v_loss),
                                        ("actor/entropy", entropy.mean()), ("actor/approx_kl", approx_kl),
                                        ("actor/clipfrac", clipfrac)):
                         stats_sum[key] = stats_sum.get(key, 0.0) + value.item() * len(mb) / len(minibatch)
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
-                stats_sum["actor/grad_norm"] = stats_sum.get("actor/grad_norm", 0.0) + grad_norm.item()
-                optimizer.step()
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)  # the norm before clipping
+                if guard.step(optimizer, minibatch_loss, grad_norm):
+                    stats_sum["actor/grad_norm"] = stats_sum.get("actor/grad_norm", 0.0) + grad_norm.item()
                 num_updates += 1
         update_time = time.time() - update_start
 
@@ -557,6 +576,7 @@ def main(args: Args) -> None:
         metrics = {k: v / num_updates for k, v in stats_sum.items()}
         metrics |= {
             "actor/lr": args.learning_rate,
+            "actor/skipped_steps": float(guard.skipped_steps),
             "critic/explained_variance": explained_var.item(),
             "critic/value_mean": b_values.mean().item(),
             "rollout/reward_mean": rewards.mean().item(),
@@ -573,7 +593,8 @@ def main(args: Args) -> None:
             "time/update_samples_per_s": args.update_epochs * args.batch_size / update_time * dist.world_size,
         }
         metrics = all_reduce_mean(metrics)
-        if is_due(iteration, args.eval_interval, args.total_iterations):
+        stop_now = stop.should_stop()
+        if is_due(iteration, args.eval_interval, args.total_iterations) and not stop_now:
             eval_metrics, frames = evaluate(args, policy, env, processor, prompt_ids, prompt_mask, to_env_action,
                                             dist, autocast)
             metrics |= eval_metrics
@@ -585,8 +606,12 @@ def main(args: Args) -> None:
                f"v {metrics['critic/value_loss']:.4f} kl {metrics['actor/approx_kl']:.5f} "
                f"env steps/s {metrics['time/env_steps_per_s']:.1f}"
                + (f" eval {metrics['eval/success_rate']:.3f}" if "eval/success_rate" in metrics else ""))
-        if is_due(iteration, args.save_interval, args.total_iterations):
+        if is_due(iteration, args.save_interval, args.total_iterations) or stop_now:
             save(iteration)
+        if stop_now:
+            print0(f"stopped by {stop.signal_name} after iteration {iteration}; continue with --resume "
+                   f"{run_path}/checkpoints")
+            break
 
     logger.close()
     env.close()

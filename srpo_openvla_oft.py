@@ -39,6 +39,9 @@ Run:
     # resume, evaluate
     torchrun --nproc-per-node 8 srpo_openvla_oft.py ... --resume runs/srpo_openvla_oft__s1/checkpoints
     python srpo_openvla_oft.py --eval-only --checkpoint runs/srpo_openvla_oft__s1/checkpoints --suite libero_10
+Stopping: SIGTERM (Slurm, Kubernetes) or Ctrl-C finishes the current iteration, writes a checkpoint and exits 0;
+continue with --resume. Give the job a grace period longer than one iteration plus a save (torchrun
+--shutdown-timeout, Slurm --signal=TERM@N, Kubernetes terminationGracePeriodSeconds).
 """
 
 import json
@@ -56,10 +59,11 @@ import torch.nn.functional as F
 import tyro
 from peft import LoraConfig
 
-from common.checkpoint import (load_trainer_state, resolve_checkpoint_flags, restore_rng, save_checkpoint,
-                               save_trainer_state, trainer_state)
+from common.checkpoint import (check_run_flags, load_trainer_state, restore_rng, save_checkpoint, save_trainer_state,
+                               trainer_state, verify_safetensors_files)
 from common.dist import (all_gather_cat, all_reduce_mean, all_reduce_sum_, bf16_autocast, broadcast_parameters,
                          check_in_sync, cleanup, init_dist, print0, sum_gradients_, world_size)
+from common.guards import NonFiniteGuard, StopRequest, check_finite_state, check_flags, named_state_tensors
 from common.libero_env import LiberoVectorEnv, check_task_ids, configure_rendering, load_suite, to_libero_actions
 from common.logger import Logger, is_due
 from common.openvla import (ActionTokenizer, action_stats, load_lora_adapter, load_openvla, make_trainable,
@@ -168,6 +172,9 @@ class Args:
     """only evaluate --checkpoint (or the base model if none) and exit"""
     checkpoint: Optional[str] = None
     """checkpoint to evaluate with --eval-only"""
+    overwrite: bool = False
+    """start over in a run directory that holds checkpoints, deleting them (or, with --resume from an older step,
+    delete the later steps)"""
 
     # derived from the flags above in validate()
     groups_per_rank: tyro.conf.Suppress[int] = 0
@@ -177,7 +184,15 @@ class Args:
 
 
 def validate(args: Args, world_size: int):
-    """Every check that can fail on user input, before envs or weights are loaded. Returns the suite's tasks."""
+    """Every check that can fail on user input, before envs or weights are loaded. Returns the suite's tasks and the
+    run directory."""
+    check_flags(args, positive=("num_envs", "tasks_per_iteration", "num_minibatches", "micro_batch_size",
+                                "update_epochs", "total_iterations", "max_episode_steps", "eval_init_states",
+                                "world_model_frames"),
+                non_negative=("eval_interval", "save_interval", "keep_checkpoints", "eval_temperature"))
+    if not args.temperature > 0:
+        raise ValueError(f"--temperature must be > 0 for training rollouts, got {args.temperature} "
+                         "(--eval-temperature 0 is greedy evaluation)")
     if args.group_size < 2:
         raise ValueError(f"--group-size must be >= 2 (GRPO normalises within a group), got {args.group_size}")
     if args.tasks_per_iteration % world_size:
@@ -195,13 +210,18 @@ def validate(args: Args, world_size: int):
     tasks = load_suite(args.suite)  # unknown suite / missing assets
     args.task_ids = list(range(len(tasks))) if args.task_ids is None else args.task_ids
     check_task_ids(tasks, args.task_ids, args.suite)
-    resolve_checkpoint_flags(args, inherited=("model_path", "unnorm_key", "lora_rank", "lora_alpha"))
+    run_path = check_run_flags(args, "srpo_openvla_oft.py",
+                               inherited=("model_path", "unnorm_key", "lora_rank", "lora_alpha"))
     args.model_path = resolve_model_path(args.model_path)
+    verify_safetensors_files(args.model_path)
     load_action_stats(args.model_path, read_openvla_config(args.model_path), args.suite, args.unnorm_key)
     if args.reward == "progress" and not args.eval_only:
         check_world_model(args.world_model_path)
+    if args.eval_init_states > min(len(task.init_states) for task in tasks):
+        raise ValueError(f"--eval-init-states {args.eval_init_states}: the {args.suite} tasks have "
+                         f"{min(len(task.init_states) for task in tasks)} init states")
     configure_rendering(args.mujoco_gl)  # no rendering backend -> error now
-    return tasks
+    return tasks, run_path
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -424,13 +444,15 @@ def evaluate(policy, processor, envs, to_env_actions, args, dist, autocast, logg
 # ---------------------------------------------------------------------------------------------------------------
 # Update: epochs x minibatches over the kept policy queries; token-mean over all ranks
 # ---------------------------------------------------------------------------------------------------------------
-def update_policy(policy, optimizer, processor, batch, args, autocast) -> dict:
+def update_policy(policy, optimizer, processor, batch, args, autocast, guard=None) -> dict:
     """PPO-style epochs over the training samples of `batch` (the rollouts plus query_idx, episode_idx (M,) and
     advantages (R,)); returns actor/* metrics. Each minibatch is one optimizer step: micro-batches accumulate the
     loss summed over tokens / (executed action tokens of the minibatch over all ranks), and gradients are summed
-    over ranks, which gives the exact global token-mean."""
+    over ranks, which gives the exact global token-mean. `guard` (a NonFiniteGuard) skips optimizer steps with a
+    non-finite loss or gradient norm."""
     device = next(policy.parameters()).device
     params = [p for p in policy.parameters() if p.requires_grad]
+    guard = guard or NonFiniteGuard()
     query_idx, episode_idx = batch["query_idx"], batch["episode_idx"]
     sums = {k: 0.0 for k in ("pg_loss", "approx_kl", "clipfrac", "entropy", "grad_norm")}
     num_updates = 0
@@ -443,6 +465,7 @@ def update_policy(policy, optimizer, processor, batch, args, autocast) -> dict:
                 continue
             for p in params:  # zeros, not None: a rank without samples still joins the gradient sum
                 p.grad = torch.zeros_like(p)
+            minibatch_loss = 0.0
             for micro in minibatch.split(args.micro_batch_size):
                 q, r = query_idx[micro], episode_idx[micro]
                 prompt_ids, prompt_mask = processor.prompt_ids([batch["instructions"][i] for i in r], device)
@@ -459,6 +482,7 @@ def update_policy(policy, optimizer, processor, batch, args, autocast) -> dict:
                     args.clip_low, args.clip_high, num_tokens,
                 )
                 loss.backward()
+                minibatch_loss += loss.detach()
                 with torch.no_grad():
                     entropy = -(logp_all.exp() * logp_all).sum(-1)  # (b, 56)
                 sums["pg_loss"] += loss.item()
@@ -466,8 +490,9 @@ def update_policy(policy, optimizer, processor, batch, args, autocast) -> dict:
                 sums["clipfrac"] += clipfrac.item()
                 sums["entropy"] += ((entropy * micro_mask).sum() / num_tokens).item()
             sum_gradients_(params)  # each rank's loss is already divided by the global token count
-            sums["grad_norm"] += nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
-            optimizer.step()
+            grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)  # the norm before clipping
+            if guard.step(optimizer, minibatch_loss, grad_norm):
+                sums["grad_norm"] += grad_norm.item()
             num_updates += 1
     if num_updates == 0:
         return {}
@@ -496,9 +521,8 @@ def main(args: Args) -> None:
     # Setup: validation, distributed, seeds, model, reward model, optimizer, envs
     # ---------------------------------------------------------------------------------------------------------------
     dist = init_dist()
-    tasks = validate(args, dist.world_size)
+    tasks, run_path = validate(args, dist.world_size)
     device = dist.device
-    run_path = os.path.join(args.run_dir, f"{args.exp_name}__s{args.seed}")
     print0(f"run {run_path}: {dist.world_size} rank(s) x {args.num_envs} envs, {args.tasks_per_iteration} groups x "
            f"{args.group_size} rollouts per iteration")
 
@@ -535,7 +559,7 @@ def main(args: Args) -> None:
 
     start_iteration = 0
     if lora_config is not None and (args.resume or args.checkpoint):
-        load_lora_adapter(vla, args.resume or args.checkpoint)
+        load_lora_adapter(vla, args.resume or args.checkpoint)  # the files were verified in validate()
     if args.resume:
         state = load_trainer_state(args.resume)
         optimizer.load_state_dict(state["optimizer"])
@@ -562,6 +586,7 @@ def main(args: Args) -> None:
             save_trainer_state(directory, trainer_state(args, iteration, optimizer))
 
         check_in_sync(trainable)  # the hand-summed gradients keep ranks identical; verify before writing rank 0's copy
+        check_finite_state(named_state_tensors(policy, optimizer))  # never write NaN weights
         if dist.is_main:
             path = save_checkpoint(os.path.join(run_path, "checkpoints"), iteration, write,
                                    keep_last=args.keep_checkpoints)
@@ -579,6 +604,8 @@ def main(args: Args) -> None:
         task=torch.zeros(R, dtype=torch.long),  # (R,) task id
         instructions=[""] * R,
     )
+    guard = NonFiniteGuard()  # skips an optimizer step with a non-finite loss or gradient norm
+    stop = StopRequest()  # SIGTERM / Ctrl-C: finish the iteration, save, exit 0
 
     for iteration in range(start_iteration + 1, args.total_iterations + 1):
         # -----------------------------------------------------------------------------------------------------------
@@ -643,7 +670,7 @@ def main(args: Args) -> None:
         # 4. Update: clipped token-mean surrogate over the 56 per-token ratios
         # -----------------------------------------------------------------------------------------------------------
         update_start = time.time()
-        update_metrics = update_policy(policy, optimizer, processor, batch, args, autocast)
+        update_metrics = update_policy(policy, optimizer, processor, batch, args, autocast, guard)
         update_time = time.time() - update_start
 
         # -----------------------------------------------------------------------------------------------------------
@@ -654,6 +681,7 @@ def main(args: Args) -> None:
         metrics = {
             "actor/lr": optimizer.param_groups[0]["lr"],
             "actor/samples": float(num_samples),
+            "actor/skipped_steps": float(guard.skipped_steps),
             "rollout/reward_mean": rewards.mean().item(),
             "rollout/success_rate": batch["success"].float().mean().item(),
             "rollout/episode_length": batch["length"].float().mean().item(),
@@ -671,15 +699,20 @@ def main(args: Args) -> None:
             "time/update_samples_per_s": num_samples * args.update_epochs / max(update_time, 1e-9) * dist.world_size,
         }
         metrics = all_reduce_mean(metrics) | update_metrics
-        if is_due(iteration, args.eval_interval, args.total_iterations):
+        stop_now = stop.should_stop()
+        if is_due(iteration, args.eval_interval, args.total_iterations) and not stop_now:
             metrics |= evaluate(policy, processor, envs, to_env_actions, args, dist, autocast, logger, iteration)
         logger.log(metrics, iteration)
         print0(f"iter {iteration}: success {metrics['rollout/success_rate']:.3f} "
                f"reward {metrics['rollout/reward_mean']:.4f} kept {metrics['rollout/kept_groups_frac']:.2f} "
                f"env steps/s {metrics['time/env_steps_per_s']:.1f}"
                + (f" eval {metrics['eval/success_rate']:.3f}" if "eval/success_rate" in metrics else ""))
-        if is_due(iteration, args.save_interval, args.total_iterations):
+        if is_due(iteration, args.save_interval, args.total_iterations) or stop_now:
             save(iteration)
+        if stop_now:
+            print0(f"stopped by {stop.signal_name} after iteration {iteration}; continue with --resume "
+                   f"{run_path}/checkpoints")
+            break
 
     logger.close()
     envs.close()

@@ -203,23 +203,6 @@ def resolve_checkpoint(path: str, flag: str = "--resume") -> str:
     )
 
 
-def resolve_checkpoint_flags(args, inherited: tuple[str, ...]) -> None:
-    """Check --resume / --eval-only / --checkpoint together and resolve them to step directories. For --eval-only
-    --checkpoint, the settings that define the trained model (`inherited`, e.g. model_path and lora_rank) are taken
-    from the checkpoint, so the evaluated model is the one that was trained."""
-    if args.eval_only and args.resume:
-        raise ValueError("--eval-only evaluates --checkpoint; do not combine it with --resume")
-    if args.checkpoint and not args.eval_only:
-        raise ValueError("--checkpoint is for --eval-only; use --resume to continue training")
-    if args.resume:
-        args.resume = resolve_checkpoint(args.resume, "--resume")
-    if args.checkpoint:
-        args.checkpoint = resolve_checkpoint(args.checkpoint, "--checkpoint")
-        saved = read_checkpoint_info(args.checkpoint)["args"]
-        for key in inherited:
-            setattr(args, key, saved[key])
-
-
 def rng_state() -> dict[str, Any]:
     name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()  # plain lists: loadable with weights_only
     numpy_state = (name, keys.tolist(), pos, has_gauss, cached_gaussian)
@@ -392,6 +375,34 @@ def check_checkpoint_compatible(step_dir: str, script: str, args, keys: Iterable
             option = "--" + key.replace("_", "-")
             raise CheckpointError(f"{option} {current} but the checkpoint {step_dir} was trained with {option} "
                                   f"{saved}: pass {option} {saved} or start a new run without {flag}")
+
+
+def check_run_flags(args, script: str, inherited: tuple[str, ...]) -> str:
+    """Every check on --resume / --eval-only / --checkpoint / --run-dir / --overwrite, before anything expensive;
+    returns the run directory {run_dir}/{exp_name}__s{seed}.
+
+    Resolves --resume and --checkpoint to step directories; for --eval-only --checkpoint, the settings that define the
+    trained model (`inherited`, e.g. model_path and lora_rank) are taken from the checkpoint, so the evaluated model
+    is the one that was trained. A --resume checkpoint must come from this script with the same weight settings, its
+    weight files must be intact, and a new run must not write over an earlier run's checkpoints."""
+    if args.eval_only and args.resume:
+        raise ValueError("--eval-only evaluates --checkpoint; do not combine it with --resume")
+    if args.checkpoint and not args.eval_only:
+        raise ValueError("--checkpoint is for --eval-only; use --resume to continue training")
+    if args.resume:
+        args.resume = resolve_checkpoint(args.resume, "--resume")
+        check_checkpoint_compatible(args.resume, script, args)
+        verify_safetensors_files(args.resume)
+    if args.checkpoint:
+        args.checkpoint = resolve_checkpoint(args.checkpoint, "--checkpoint")
+        check_checkpoint_compatible(args.checkpoint, script, args, keys=(), flag="--checkpoint")
+        verify_safetensors_files(args.checkpoint)
+        saved = read_checkpoint_info(args.checkpoint)["args"]
+        for key in inherited:
+            setattr(args, key, saved[key])
+    run_path = os.path.join(args.run_dir, f"{args.exp_name}__s{args.seed}")
+    check_run_dir(run_path, args.resume, args.overwrite, eval_only=args.eval_only)
+    return run_path
 
 
 def _earlier_checkpoint_hint(path: str) -> str:

@@ -11,6 +11,16 @@ import torch
 from common.dist import all_reduce_max_, any_rank
 
 
+def check_flags(args, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:
+    """Sizes must be >= 1 and intervals/counts >= 0: fail before any work, naming the flag (a None value is a
+    default and passes)."""
+    for names, low in ((positive, 1), (non_negative, 0)):
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and value < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+
+
 class NonFiniteGuard:
     """Skip an optimizer step whose loss or gradient norm is not finite, on every rank alike; raise after
     `max_in_a_row` skipped steps in a row.
