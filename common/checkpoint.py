@@ -91,12 +91,13 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def trainer_state(args, step: int, optimizer: Optional[torch.optim.Optimizer], **extra) -> dict[str, Any]:
-    """Everything besides the weights that a resume needs, plus the settings and code version that produced it."""
+def trainer_state(args, step: int, optimizer: Optional[torch.optim.Optimizer | dict], **extra) -> dict[str, Any]:
+    """Everything besides the weights that a resume needs, plus the settings and code version that produced it.
+    optimizer: an optimizer, or its state dict already gathered (common.fsdp.full_optimizer_state_dict)."""
     return {
         "args": dataclasses.asdict(args),
         "step": step,
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "optimizer": optimizer.state_dict() if isinstance(optimizer, torch.optim.Optimizer) else optimizer,
         "rng": rng_state(),
         "git_commit": git_commit(),
         **extra,
@@ -109,5 +110,7 @@ def save_trainer_state(directory: str, state: dict[str, Any]) -> None:
         json.dump({"args": state["args"], "step": state["step"], "git_commit": state["git_commit"]}, f, indent=2, default=str)
 
 
-def load_trainer_state(directory: str) -> dict[str, Any]:
-    return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=False)
+def load_trainer_state(directory: str, mmap: bool = False) -> dict[str, Any]:
+    """mmap: tensors are read on first use and ranks loading the same file share the page cache (for a gathered
+    full fine-tuning optimizer state, 8 bytes per parameter)."""
+    return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=False, mmap=mmap)
