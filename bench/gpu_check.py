@@ -54,10 +54,12 @@ _INTERNVIT_300M = dict(hidden_size=1024, intermediate_size=4096, num_attention_h
 INTERNVL3 = {
     "1B": dict(vision_config=_INTERNVIT_300M, text_config=dict(
         model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-        num_key_value_heads=2, vocab_size=151674, max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=True)),
+        num_key_value_heads=2, vocab_size=151674, max_position_embeddings=32768, rope_theta=1e6,
+        tie_word_embeddings=True)),
     "2B": dict(vision_config=_INTERNVIT_300M, text_config=dict(
         model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-        num_key_value_heads=2, vocab_size=151674, max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=True)),
+        num_key_value_heads=2, vocab_size=151674, max_position_embeddings=32768, rope_theta=1e6,
+        tie_word_embeddings=True)),
 }
 
 
@@ -81,7 +83,8 @@ class Context:
     def peak(self) -> dict:
         if self.cuda:
             return {"peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "peak_mem_kind": "cuda_allocated"}
-        return {"peak_mem_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "peak_mem_kind": "cpu_max_rss"}
+        rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+        return {"peak_mem_gib": rss_gib, "peak_mem_kind": "cpu_max_rss"}
 
     def peak_tflops(self):
         if self.args.peak_tflops:
@@ -122,7 +125,8 @@ def part_param_counts(ctx: Context) -> dict:
     with torch.device("meta"):
         out = {"openvla_7b_params": sum(p.numel() for p in OpenVLA(OPENVLA_7B).parameters())}
         for name, config in INTERNVL3.items():
-            model = InternVLForConditionalGeneration(InternVLConfig(**config, downsample_ratio=0.5, image_seq_length=256))
+            config = InternVLConfig(**config, downsample_ratio=0.5, image_seq_length=256)
+            model = InternVLForConditionalGeneration(config)
             out[f"internvl3_{name.lower()}_params"] = sum(p.numel() for p in model.parameters())
     return out
 
@@ -149,8 +153,9 @@ def part_ppo_rollout(ctx: Context) -> dict:
         prefill_tokens = batch * (prompt[0].shape[1] + 256)  # prompt + 256 image patches per sample
         tflops = prefill_tokens * 2 * params / seconds / 1e12
         peak = ctx.peak_tflops()
-        out[f"batch{batch}"] = {"actions_per_s": batch / seconds, "ms_per_step": seconds * 1e3, "achieved_tflops": tflops,
-                                "flop_floor_fraction": tflops / peak if peak else None, **ctx.peak()}
+        out[f"batch{batch}"] = {"actions_per_s": batch / seconds, "ms_per_step": seconds * 1e3,
+                                "achieved_tflops": tflops, "flop_floor_fraction": tflops / peak if peak else None,
+                                **ctx.peak()}
     return out
 
 
@@ -331,13 +336,15 @@ def part_scripts(ctx: Context) -> dict:
                         "--num-minibatches", "2", "--micro-batch-size", "8", "--lora-rank", "8", "--eval-interval", "2",
                         "--save-interval", "2"],
         "grpo_internvl": [py, "grpo_internvl.py", "--model-path", f"{models}/internvl", "--env-id", "PushCube-v1",
-                          "--num-envs", "4", "--group-size", "2", "--max-episode-steps", "16", "--total-iterations", "2",
+                          "--num-envs", "4", "--group-size", "2", "--max-episode-steps", "16",
+                          "--total-iterations", "2",
                           "--num-minibatches", "2", "--micro-batch-size", "16", "--lora-rank", "8",
                           "--no-dynamic-sampling", "--eval-interval", "2", "--save-interval", "2"],
         "srpo_openvla_oft": [py, "srpo_openvla_oft.py", "--model-path", f"{models}/openvla", "--world-model-path",
                              f"{models}/vjepa2", "--suite", "libero_spatial", "--task-ids", "0", "--num-envs", "2",
                              "--group-size", "2", "--tasks-per-step", "1", "--no-dynamic-sampling",
-                             "--max-episode-steps", "32", "--lora-rank", "8", "--total-steps", "2", "--eval-interval", "2",
+                             "--max-episode-steps", "32", "--lora-rank", "8", "--total-steps", "2",
+                             "--eval-interval", "2",
                              "--eval-init-states", "2", "--save-interval", "2"],
     }
     for cmd in prepare:
@@ -421,7 +428,8 @@ def main(argv=None) -> dict:
             print(f"[gpu_check] {name} ...", flush=True)
             results["parts"][name] = result = run_part(name, ctx)
             if result["status"] != "ok":
-                print(f"[gpu_check] {name}: {result['status']}: {result.get('reason') or result.get('error')}", flush=True)
+                why = result.get("reason") or result.get("error")
+                print(f"[gpu_check] {name}: {result['status']}: {why}", flush=True)
     print_table(results)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2, default=str)

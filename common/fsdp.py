@@ -33,7 +33,8 @@ from common.dist import broadcast_parameters, is_dist
 # One FSDP group per module of these classes: transformers' decoder and vision layers, timm's ViT `Block`
 # (the DINOv2 and SigLIP featurizers of OpenVLA). Everything else (embeddings, LM head, norms, projector, value
 # head) goes to the root's group.
-LAYER_CLASSES = frozenset({"LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer", "InternVLVisionLayer", "Block"})
+LAYER_CLASSES = frozenset({"LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer", "InternVLVisionLayer",
+                           "Block"})
 FSDP_MODES = ("auto", "on", "off")
 
 
@@ -62,10 +63,12 @@ def shard_model(model: nn.Module, reduce: str = "mean", layer_classes: Iterable[
     other than `forward` that the scripts call on the root (e.g. PPO's `act`); they get FSDP's forward hooks."""
     if reduce not in ("mean", "sum"):
         raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
-    device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     world = dist.get_world_size() if is_dist() else 1
     if not is_dist():  # a 1-process world: FSDP still needs a process group
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     mesh = init_device_mesh(device.type, (world,))
     if device.type == "cuda":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -167,7 +170,8 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], from_
 def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
                                    from_rank0: bool = False) -> None:
     """Collective: restore the optimizer from `full_optimizer_state_dict`'s output (see load_full_state_dict)."""
-    set_optimizer_state_dict(model, optimizer, _containers_copied(state), options=_options(broadcast_from_rank0=from_rank0))
+    options = _options(broadcast_from_rank0=from_rank0)
+    set_optimizer_state_dict(model, optimizer, _containers_copied(state), options=options)
 
 
 def sub_state_dict(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -33,15 +33,18 @@ class TinyAgent(torch.nn.Module):
     def bin_logits(self, hidden):
         return hidden @ self.vla.language_model.lm_head.weight[self.first:self.first + NUM_BINS].T
 
+    def last_hidden(self, pixel_values, input_ids, attention_mask):
+        embeds, mask, position_ids = self.vla.embed_multimodal(input_ids, attention_mask, pixel_values)
+        lm_body = self.vla.language_model.model
+        return lm_body(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids).last_hidden_state[:, -1]
+
     @torch.no_grad()
     def act(self, pixel_values, input_ids, attention_mask):
-        embeds, mask, position_ids = self.vla.embed_multimodal(input_ids, attention_mask, pixel_values)
-        hidden = self.vla.language_model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids).last_hidden_state[:, -1]
+        hidden = self.last_hidden(pixel_values, input_ids, attention_mask)
         return self.bin_logits(hidden), self.value_head(hidden)
 
     def forward(self, pixel_values, input_ids, attention_mask, targets):
-        embeds, mask, position_ids = self.vla.embed_multimodal(input_ids, attention_mask, pixel_values)
-        hidden = self.vla.language_model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids).last_hidden_state[:, -1]
+        hidden = self.last_hidden(pixel_values, input_ids, attention_mask)
         logp = self.bin_logits(hidden).log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
         return -logp + self.value_head(hidden).squeeze(-1) ** 2  # (B,) per-sample loss
 
@@ -73,7 +76,8 @@ def _openvla_checks(model_dir: str, out_dir: str, rank: int, world: int) -> dict
     gen = torch.Generator().manual_seed(1)
     G = 6  # global batch; rank 0 takes 4 samples, rank 1 takes 2 (uneven on purpose)
     pixel_values = torch.randn(G, 6, 224, 224, generator=gen)
-    input_ids, attention_mask = processor.prompt_ids(["push the cube to the goal region", "pick up the cube"] * (G // 2))
+    instructions = ["push the cube to the goal region", "pick up the cube"] * (G // 2)
+    input_ids, attention_mask = processor.prompt_ids(instructions)
     targets = torch.randint(0, NUM_BINS, (G,), generator=gen)
     mine = torch.arange(0, 4) if rank == 0 else torch.arange(4, G)
     results = {}
@@ -84,7 +88,8 @@ def _openvla_checks(model_dir: str, out_dir: str, rank: int, world: int) -> dict
             logits, value = agent.act(pixel_values[mine], input_ids[mine], attention_mask[mine])
     ref_logits, ref_value = reference.act(pixel_values[mine], input_ids[mine], attention_mask[mine])
     results["rollout_max_diff"] = max((logits - ref_logits).abs().max().item(), (value - ref_value).abs().max().item())
-    results["sharded_after_rollout"] = isinstance(agent.vla.language_model.lm_head.weight, torch.distributed.tensor.DTensor)
+    lm_head_weight = agent.vla.language_model.lm_head.weight
+    results["sharded_after_rollout"] = isinstance(lm_head_weight, torch.distributed.tensor.DTensor)
 
     def fsdp_step(model, opt, batch_rows):
         """loss = sum of per-sample losses / global count, micro-batches of 2, padded to equal counts."""
@@ -142,7 +147,8 @@ def _openvla_checks(model_dir: str, out_dir: str, rank: int, world: int) -> dict
     resumed.value_head.load_state_dict(state["value_head"])
     fsdp.shard_model(resumed, reduce="sum", forward_methods=("act",))
     resumed_optimizer = optimizer_for(resumed)
-    fsdp.load_full_optimizer_state_dict(resumed, resumed_optimizer, state["optimizer"] if rank == 0 else {}, from_rank0=True)
+    rank0_state = state["optimizer"] if rank == 0 else {}  # only rank 0 reads it; the shards are broadcast
+    fsdp.load_full_optimizer_state_dict(resumed, resumed_optimizer, rank0_state, from_rank0=True)
     fsdp_step(resumed, resumed_optimizer, mine)
     after_resume = fsdp.full_state_dict(resumed)
 
