@@ -28,7 +28,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
-from common.dist import broadcast_parameters, is_dist
+from common.dist import is_dist
 
 # One FSDP group per module of these classes: transformers' decoder and vision layers, timm's ViT `Block`
 # (the DINOv2 and SigLIP featurizers of OpenVLA). Everything else (embeddings, LM head, norms, projector, value
@@ -74,7 +74,7 @@ def shard_model(model: nn.Module, reduce: str = "mean", layer_classes: Iterable[
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
         policy = MixedPrecisionPolicy()  # fp32 everywhere
-    broadcast_parameters(model)
+    _broadcast_from_rank0(model, device)
     layer_classes = set(layer_classes)
     layers = [m for m in model.modules() if type(m).__name__ in layer_classes and m is not model]
     for layer in reversed(layers):  # bottom-up: a module's group takes the parameters no inner group took
@@ -84,6 +84,20 @@ def shard_model(model: nn.Module, reduce: str = "mean", layer_classes: Iterable[
     for name in forward_methods:
         register_fsdp_forward_method(model, name)
     return model
+
+
+def _broadcast_from_rank0(model: nn.Module, device: torch.device) -> None:
+    """Rank 0's parameters and buffers to every rank, one tensor at a time through `device` (NCCL needs CUDA tensors
+    and the model may still be on the CPU: loading there and letting fully_shard move only the shards to the GPU
+    avoids a full fp32 copy on the GPU)."""
+    if not is_dist() or dist.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            staged = tensor.data.to(device)
+            dist.broadcast(staged, 0)
+            if staged is not tensor.data:
+                tensor.data.copy_(staged)
 
 
 def set_gradient_reduction(model: nn.Module, reduce: str) -> None:

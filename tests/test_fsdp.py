@@ -67,6 +67,9 @@ def _openvla_checks(model_dir: str, out_dir: str, rank: int, world: int) -> dict
     agent, processor = build(model_dir)
     reference = copy.deepcopy(agent)  # the single-process run, on every rank
     unwrapped_keys = list(agent.state_dict())
+    if rank == 1:  # shard_model starts every rank from rank 0's weights
+        with torch.no_grad():
+            agent.value_head.weight.add_(1.0)
     fsdp.shard_model(agent, reduce="sum", forward_methods=("act",))
 
     def optimizer_for(model):
