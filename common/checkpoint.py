@@ -226,15 +226,16 @@ def script_name() -> str:
     return os.path.basename(sys.argv[0])
 
 
-def trainer_state(args, step: int, optimizer: Optional[torch.optim.Optimizer], script: Optional[str] = None,
+def trainer_state(args, step: int, optimizer: Optional[torch.optim.Optimizer | dict], script: Optional[str] = None,
                   **extra) -> dict[str, Any]:
     """Everything besides the weights that a resume needs, plus the settings, script and code version that produced
-    it (`script` defaults to the running script's file name)."""
+    it (`script` defaults to the running script's file name). optimizer: an optimizer, or its state dict already
+    gathered (common.fsdp.full_optimizer_state_dict)."""
     return {
         "args": dataclasses.asdict(args),
         "script": script or script_name(),
         "step": step,
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "optimizer": optimizer.state_dict() if isinstance(optimizer, torch.optim.Optimizer) else optimizer,
         "rng": rng_state(),
         "git_commit": git_commit(),
         **extra,
@@ -248,15 +249,16 @@ def save_trainer_state(directory: str, state: dict[str, Any]) -> None:
         json.dump(info, f, indent=2, default=str)
 
 
-def load_trainer_state(directory: str) -> dict[str, Any]:
+def load_trainer_state(directory: str, mmap: bool = False) -> dict[str, Any]:
     """The trainer state on the CPU. Loaded with weights_only (tensors and plain Python values only); a checkpoint
-    written before the RNG state was stored as plain lists needs the full unpickler."""
+    written before the RNG state was stored as plain lists needs the full unpickler. mmap: tensors are read on first
+    use and ranks loading the same file share the page cache (for a gathered full fine-tuning optimizer state)."""
     path = os.path.join(directory, STATE_FILE)
     try:
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError:
-            return torch.load(path, map_location="cpu", weights_only=False)
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise CheckpointError(_damaged(path, e)) from e
 

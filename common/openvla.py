@@ -329,10 +329,13 @@ def load_openvla(path: str, device="cpu", dtype=torch.float32, attn_implementati
     return model, processor
 
 
-def save_openvla(model: OpenVLA, processor: OpenVLAProcessor, path: str, max_shard_bytes: int = 5 << 30) -> None:
-    """Write config.json, sharded safetensors + index, tokenizer and preprocessor_config.json in the reference layout."""
+def save_openvla(model: OpenVLA, processor: OpenVLAProcessor, path: str, max_shard_bytes: int = 5 << 30,
+                 state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """Write config.json, sharded safetensors + index, tokenizer and preprocessor_config.json in the reference layout.
+    state_dict replaces model.state_dict() (a sharded model's weights gathered with common.fsdp.full_state_dict)."""
     os.makedirs(path, exist_ok=True)
-    state = {_to_checkpoint_key(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    state = {_to_checkpoint_key(k): v.detach().contiguous().cpu() for k, v in state_dict.items()}
     shards, current, size = [], {}, 0
     for key, tensor in state.items():
         nbytes = tensor.numel() * tensor.element_size()
