@@ -6,7 +6,7 @@
 
 Parts (each guarded: a failure is reported in the table and the JSON, the other parts still run):
 - param_counts: parameters of the real OpenVLA-7B (= OpenVLA-OFT) and InternVL3-1B/2B shapes, built on the meta device.
-- ppo_rollout: ppo_openvla.py `Agent.act` (prefill + 7 cached decodes, LoRA rank 32 injected) at batch 16 and 64:
+- ppo_rollout: ppo_openvla.py `ActorCritic.act` (prefill + 7 cached decodes, LoRA rank 32 injected) at batch 16 and 64:
   actions/s, peak memory, achieved TFLOP/s = prefill tokens x 2 x parameters / time, and that as a fraction of the
   device's dense bf16 peak (`--peak-tflops`; H100/H200 SXM 989 is detected by name).
 - ppo_update: one PPO optimizer step with LoRA at micro-batch 8 (forward, backward, AdamW): time and peak memory.
@@ -95,7 +95,7 @@ class Context:
         return None  # no meaningful bf16 peak for a CPU
 
     def agent(self):
-        """PPO's Agent over OpenVLA (7B shapes or the tiny checkpoint), LoRA rank 32 injected; built once."""
+        """PPO's ActorCritic over OpenVLA (7B shapes or the tiny checkpoint), LoRA rank 32 injected; built once."""
         if self._agent is None:
             from bench.bench_ppo_rollout import build
 
@@ -218,10 +218,10 @@ def _internvl_1b_shaped(ctx: Context):
     tokenizer splits digits as Qwen2's does."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
-    from common.internvl_tiny import build_tiny_internvl
+    from common.tiny_models import make_tiny_internvl
 
     image_size = 448 if ctx.args.size == "7b" else 56
-    path = build_tiny_internvl(os.path.join(ctx.tmp, "internvl"), digits="single", image_size=image_size)
+    path = make_tiny_internvl(os.path.join(ctx.tmp, "internvl"), digits="single", image_size=image_size)
     if ctx.args.size == "tiny":
         return InternVLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval(), path
     from transformers import AutoTokenizer
@@ -327,9 +327,9 @@ def part_scripts(ctx: Context) -> dict:
     tmp = os.path.join(ctx.tmp, "scripts")
     models = os.path.join(tmp, "tiny-models")
     py = sys.executable
-    prepare = [[py, "-m", "common.openvla", f"{models}/openvla"],
-               [py, "-m", "common.internvl_tiny", "--out", f"{models}/internvl"],
-               [py, "-m", "common.progress_reward", f"{models}/vjepa2"]]
+    prepare = [[py, "-m", "common.tiny_models", "openvla", f"{models}/openvla"],
+               [py, "-m", "common.tiny_models", "internvl", f"{models}/internvl"],
+               [py, "-m", "common.tiny_models", "vjepa2", f"{models}/vjepa2"]]
     runs = {
         "ppo_openvla": [py, "ppo_openvla.py", "--model-path", f"{models}/openvla", "--env-id", "PushCube-v1",
                         "--num-envs", "2", "--num-steps", "16", "--max-episode-steps", "16", "--total-iterations", "2",
@@ -342,8 +342,8 @@ def part_scripts(ctx: Context) -> dict:
                           "--no-dynamic-sampling", "--eval-interval", "2", "--save-interval", "2"],
         "srpo_openvla_oft": [py, "srpo_openvla_oft.py", "--model-path", f"{models}/openvla", "--world-model-path",
                              f"{models}/vjepa2", "--suite", "libero_spatial", "--task-ids", "0", "--num-envs", "2",
-                             "--group-size", "2", "--tasks-per-step", "1", "--no-dynamic-sampling",
-                             "--max-episode-steps", "32", "--lora-rank", "8", "--total-steps", "2",
+                             "--group-size", "2", "--tasks-per-iteration", "1", "--no-dynamic-sampling",
+                             "--max-episode-steps", "32", "--lora-rank", "8", "--total-iterations", "2",
                              "--eval-interval", "2",
                              "--eval-init-states", "2", "--save-interval", "2"],
     }

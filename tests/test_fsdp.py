@@ -21,7 +21,7 @@ NUM_BINS = 256
 # Worker (run by torchrun)
 # ---------------------------------------------------------------------------------------------------------------
 class TinyAgent(torch.nn.Module):
-    """The pattern PPO's Agent uses: a rollout method that calls the LM body directly and reads the LM head weight
+    """The pattern PPO's ActorCritic uses: a rollout method that calls the LM body directly and reads the LM head weight
     outside the head's forward, plus a teacher-forced training forward. The loss is the log-prob of the target bins."""
 
     def __init__(self, vla):
@@ -236,9 +236,9 @@ def _worker(openvla_dir: str, internvl_dir: str, out_dir: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def fsdp_results(tiny_openvla, tmp_path_factory) -> dict:
-    from common.internvl_tiny import build_tiny_internvl
+    from common.tiny_models import make_tiny_internvl
 
-    internvl = build_tiny_internvl(str(tmp_path_factory.mktemp("tiny_internvl")))
+    internvl = make_tiny_internvl(str(tmp_path_factory.mktemp("tiny_internvl")))
     out = tmp_path_factory.mktemp("fsdp")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
