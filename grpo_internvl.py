@@ -48,7 +48,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Literal, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -56,6 +56,7 @@ import tyro
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import DynamicCache, InternVLForConditionalGeneration
 
+from common import fsdp
 from common.action_text import ActionTemplate, build_inputs, load_processor_and_template
 from common.checkpoint import (check_run_flags, load_trainer_state, save_checkpoint, save_trainer_state,
                                trainer_state)
@@ -86,6 +87,9 @@ class Args:
     """recompute activations in the backward pass (saves memory, costs ~30% time)"""
     bf16: bool = True
     """on GPU: bfloat16 weights for the frozen base under LoRA, and bf16 autocast (ignored on CPU)"""
+    fsdp: Literal["auto", "on", "off"] = "auto"
+    """FSDP2: shard weights, gradients and AdamW state over ranks (auto: on for full fine-tuning, --lora-rank 0, with
+    more than one rank)"""
     # --- environment ---
     env_id: str = "PushCube-v1"
     """ManiSkill3 task id"""
@@ -436,22 +440,31 @@ def update_policy(policy, optimizer, processor, template, batch, args, autocast,
     """PPO-style epochs over the training samples of `batch` (a rollout plus step_idx, env_idx (M,) and advantages
     (N,)); returns actor/* metrics. Each minibatch is one optimizer step: micro-batches accumulate the loss summed over
     tokens / (free tokens of the minibatch over all ranks), and gradients are summed over ranks, which gives the exact
-    global token-mean. `guard` (a NonFiniteGuard) skips optimizer steps with a non-finite loss or gradient norm."""
+    global token-mean. `guard` (a NonFiniteGuard) skips optimizer steps with a non-finite loss or gradient norm.
+    Under FSDP every rank runs the same number of micro-batches (padded with weight-0 passes) and FSDP sums the
+    gradients."""
     device = next(policy.parameters()).device
     params = [p for p in policy.parameters() if p.requires_grad]
     guard = guard or NonFiniteGuard()
-    step_idx, env_idx = batch["step_idx"], batch["env_idx"]
+    sharded = bool(fsdp.fsdp_modules(policy))
+    # a padding sample at index M (step 0 of env 0, which every rollout has) for FSDP's weight-0 passes
+    step_idx = torch.cat([batch["step_idx"], batch["step_idx"].new_zeros(1)])
+    env_idx = torch.cat([batch["env_idx"], batch["env_idx"].new_zeros(1)])
+    num_samples = len(batch["step_idx"])
     policy.train()
     sums = {k: 0.0 for k in ("pg_loss", "approx_kl", "clipfrac", "kl", "grad_norm")}
     num_updates = 0
     for _ in range(args.update_epochs):
-        order = torch.randperm(len(step_idx))
+        order = torch.randperm(num_samples)
         for minibatch in order.tensor_split(args.num_minibatches):
             num_tokens = all_reduce_sum_(torch.tensor(float(len(minibatch) * template.num_free), device=device)).item()
             if num_tokens == 0:
                 continue
+            micro_batches = list(minibatch.split(args.micro_batch_size))
+            weighted = (fsdp.even_micro_batches(micro_batches, filler=torch.tensor([num_samples])) if sharded
+                        else [(micro, 1.0) for micro in micro_batches])
             minibatch_loss = 0.0
-            for micro in minibatch.split(args.micro_batch_size):
+            for micro, weight in weighted:
                 t, n = step_idx[micro], env_idx[micro]
                 instructions = [batch["instructions"][i] for i in n]
                 inputs = build_inputs(processor, instructions, batch["rgb"][t, n], batch["tcp_pose"][t, n], device)
@@ -467,20 +480,21 @@ def update_policy(policy, optimizer, processor, template, batch, args, autocast,
                     new_logprob, batch["logprobs"][t, n].to(device), batch["advantages"][n].to(device), token_mask,
                     args.clip_low, args.clip_high, num_tokens,
                 )
-                sums["pg_loss"] += loss.item()
+                sums["pg_loss"] += weight * loss.item()
                 if args.kl_coef > 0:
                     with autocast:
                         ref_logits = reference_logits(policy, reference, inputs, answer_ids, template)
                     ref_logprob = policy_logprobs(ref_logits, support, args.temperature).gather(2, choice).squeeze(2)
                     kl = kl_to_reference(new_logprob, ref_logprob, token_mask, num_tokens)
                     loss = loss + args.kl_coef * kl
-                    sums["kl"] += kl.item()
-                loss.backward()
-                minibatch_loss += loss.detach()
-                sums["approx_kl"] += approx_kl.item()
-                sums["clipfrac"] += clipfrac.item()
-            sum_gradients_(params)  # each rank's loss is already divided by the global token count
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)  # the norm before clipping
+                    sums["kl"] += weight * kl.item()
+                (weight * loss).backward()
+                minibatch_loss += weight * loss.detach()
+                sums["approx_kl"] += weight * approx_kl.item()
+                sums["clipfrac"] += weight * clipfrac.item()
+            if not sharded:
+                sum_gradients_(params)  # each rank's loss is already divided by the global token count
+            grad_norm = fsdp.clip_grad_norm_(params, args.max_grad_norm)  # the norm before clipping
             if guard.step(optimizer, minibatch_loss, grad_norm):
                 sums["grad_norm"] += grad_norm.item()
             optimizer.zero_grad(set_to_none=True)
@@ -505,19 +519,28 @@ def main(args: Args) -> None:
     checkpoint_dir = args.resume or args.checkpoint
     torch.manual_seed(args.seed)  # identical initial LoRA weights on every rank (and broadcast below)
     autocast = bf16_autocast(device, args.bf16)
-    policy = load_policy(args, device, checkpoint_dir)
-    broadcast_parameters(policy)
+    sharded = fsdp.use_fsdp(args.fsdp, args.lora_rank, dist.world_size)  # FSDP2 moves each shard to the GPU itself
+    policy = load_policy(args, torch.device("cpu") if sharded else device, checkpoint_dir)
     reference = None
-    if args.kl_coef > 0 and args.lora_rank == 0:
+    if args.kl_coef > 0 and args.lora_rank == 0:  # LoRA's reference is the base with the adapters switched off
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    if sharded:  # per decoder layer and ViT layer, then the root; gradients summed (the loss is a global token-mean)
+        fsdp.shard_model(policy, reduce="sum")
+        if reference is not None:
+            fsdp.shard_model(reference)
+    else:
+        broadcast_parameters(policy)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=0.0)
     start_iteration = 0
     if checkpoint_dir:
-        state = load_trainer_state(checkpoint_dir)
+        state = load_trainer_state(checkpoint_dir, mmap=sharded)
         start_iteration = state["step"]
-        if args.resume:
+        if args.resume and sharded:
+            fsdp.load_full_optimizer_state_dict(policy, optimizer, state["optimizer"])
+        elif args.resume:
             optimizer.load_state_dict(state["optimizer"])
+        if args.resume:
             print0(f"resumed from {args.resume} at iteration {start_iteration}")
 
     envs = ManiSkillVLAEnv(args.env_id, args.num_envs, image_size=args.image_size, instruction=args.instruction,
@@ -528,7 +551,8 @@ def main(args: Args) -> None:
            f"{sum(p.numel() for p in trainable):,} trainable parameters; {template.num_free} free tokens per action")
 
     if args.eval_only:
-        metrics, frames = evaluate(policy, processor, template, envs, args, dist, autocast)
+        with fsdp.gathered_params(policy):
+            metrics, frames = evaluate(policy, processor, template, envs, args, dist, autocast)
         print0(json.dumps(metrics))
         if frames:
             logger.video("eval/video", torch.stack(frames).numpy(), start_iteration)
@@ -539,13 +563,19 @@ def main(args: Args) -> None:
 
     def save(iteration: int) -> None:
         """LoRA adapter (or the full model) + processor + trainer state, written atomically by rank 0."""
-        def write(directory: str) -> None:
-            policy.save_pretrained(directory)
-            processor.save_pretrained(directory)
-            save_trainer_state(directory, trainer_state(args, iteration, optimizer))
-
-        check_in_sync(trainable)  # the hand-summed gradients keep ranks identical; verify before writing rank 0's copy
         check_finite_state(named_state_tensors(policy, optimizer))  # never write NaN weights
+        full_state = optimizer_state = None
+        if sharded:  # collective: the full weights and optimizer state gathered to rank 0
+            full_state = fsdp.full_state_dict(policy)
+            optimizer_state = fsdp.full_optimizer_state_dict(policy, optimizer)
+        else:
+            check_in_sync(trainable)  # the hand-summed gradients keep ranks identical; verify rank 0's copy
+
+        def write(directory: str) -> None:
+            policy.save_pretrained(directory, state_dict=full_state)
+            processor.save_pretrained(directory)
+            save_trainer_state(directory, trainer_state(args, iteration, optimizer_state or optimizer))
+
         if dist.is_main:
             path = save_checkpoint(os.path.join(run_path, "checkpoints"), iteration, write,
                                    keep_last=args.keep_checkpoints)
@@ -564,7 +594,8 @@ def main(args: Args) -> None:
         group_seeds = rng.integers(0, 2**31, size=args.num_groups).tolist()
         seeds = [s for s in group_seeds for _ in range(args.group_size)]
         policy.eval()
-        batch = rollout(policy, processor, template, envs, seeds, args, autocast)
+        with fsdp.gathered_params(policy):  # FSDP: the full weights for the rollout's many small forwards
+            batch = rollout(policy, processor, template, envs, seeds, args, autocast)
         rollout_time = time.time() - rollout_start
 
         # -----------------------------------------------------------------------------------------------------------
@@ -615,7 +646,8 @@ def main(args: Args) -> None:
         metrics = all_reduce_mean(metrics) | update_metrics
         stop_now = stop.should_stop()
         if is_due(iteration, args.eval_interval, args.total_iterations) and not stop_now:
-            eval_metrics, frames = evaluate(policy, processor, template, envs, args, dist, autocast)
+            with fsdp.gathered_params(policy):
+                eval_metrics, frames = evaluate(policy, processor, template, envs, args, dist, autocast)
             metrics |= eval_metrics
             if frames:
                 logger.video("eval/video", torch.stack(frames).numpy(), iteration)

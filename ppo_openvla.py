@@ -43,6 +43,7 @@ from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import DynamicCache
 
+from common import fsdp
 from common.checkpoint import (check_run_flags, load_safetensors, load_trainer_state, restore_rng, save_checkpoint,
                                save_trainer_state, trainer_state, verify_safetensors_files)
 from common.dist import (all_reduce_mean, bf16_autocast, check_in_sync, cleanup,
@@ -78,6 +79,9 @@ class Args:
     """recompute LLM activations in the backward pass (saves memory, costs ~30% time)"""
     bf16: bool = True
     """on GPU: bfloat16 weights for the frozen base under LoRA, and bf16 autocast (ignored on CPU)"""
+    fsdp: Literal["auto", "on", "off"] = "auto"
+    """FSDP2: shard weights, gradients and AdamW state over ranks (auto: on for full fine-tuning, --lora-rank 0, with
+    more than one rank)"""
     # --- environment ---
     env_id: str = "PickCube-v1"
     """ManiSkill3 task id"""
@@ -322,12 +326,16 @@ def ppo_losses(new_logprob, old_logprob, advantages, new_value, old_value, retur
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints: LoRA adapter (or full weights in the openvla layout) + value head + trainer state
 # ---------------------------------------------------------------------------------------------------------------
-def save_policy(policy: ActorCritic, processor, lora_config: Optional[LoraConfig], directory: str) -> None:
+def save_policy(policy: ActorCritic, processor, lora_config: Optional[LoraConfig], directory: str,
+                full_state: Optional[dict] = None) -> None:
+    """full_state: the gathered state dict of an FSDP-sharded policy (its parameters are shards)."""
     if lora_config is not None:
         save_lora_adapter(policy.vla, lora_config, directory)
     else:
-        save_openvla(policy.vla, processor, os.path.join(directory, "model"))
-    save_file(policy.value_head.state_dict(), os.path.join(directory, "value_head.safetensors"))
+        vla_state = fsdp.sub_state_dict(full_state, "vla.") if full_state else None
+        save_openvla(policy.vla, processor, os.path.join(directory, "model"), state_dict=vla_state)
+    head_state = fsdp.sub_state_dict(full_state, "value_head.") if full_state else policy.value_head.state_dict()
+    save_file(head_state, os.path.join(directory, "value_head.safetensors"))
 
 
 def load_policy_weights(policy: ActorCritic, directory: str, lora: bool) -> None:
@@ -387,13 +395,20 @@ def main(args: Args) -> None:
     model_dir = args.model_path
     if args.lora_rank == 0 and (args.resume or args.checkpoint):
         model_dir = os.path.join(args.resume or args.checkpoint, "model")
-    vla, processor = load_openvla(model_dir, device=device, dtype=dtype)
+    sharded = fsdp.use_fsdp(args.fsdp, args.lora_rank, dist.world_size)  # FSDP2 moves each shard to the GPU itself
+    vla, processor = load_openvla(model_dir, device="cpu" if sharded else device, dtype=dtype)
     if args.gradient_checkpointing:
         vla.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora_config = make_trainable(vla, args.lora_rank, args.lora_alpha)  # None = full fine-tuning
     action_tokenizer = ActionTokenizer(vla.vocab_size, vla.n_action_bins)
     stats = action_stats(config, args.unnorm_key)
-    policy = ActorCritic(vla, action_tokenizer).to(device)
+    policy = ActorCritic(vla, action_tokenizer)
+    if args.resume or args.checkpoint:
+        load_policy_weights(policy, args.resume or args.checkpoint, lora=lora_config is not None)
+    if sharded:  # per decoder layer and ViT block, then the root; starts every rank from rank 0's weights
+        fsdp.shard_model(policy, reduce="mean", forward_methods=("act", "predict_value"))
+    else:
+        policy.to(device)
 
     def to_env_action(tokens: torch.Tensor) -> torch.Tensor:
         normalized = action_tokenizer.tokens_to_normalized(tokens).float()
@@ -410,20 +425,23 @@ def main(args: Args) -> None:
            f"{sum(p.numel() for p in policy.parameters()):,}")
 
     start_iteration = 0
-    if args.resume or args.checkpoint:
-        load_policy_weights(policy, args.resume or args.checkpoint, lora=lora_config is not None)
     if args.resume:
-        state = load_trainer_state(args.resume)
-        optimizer.load_state_dict(state["optimizer"])
+        state = load_trainer_state(args.resume, mmap=sharded)
+        if sharded:
+            fsdp.load_full_optimizer_state_dict(policy, optimizer, state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         restore_rng(state)
         start_iteration = state["step"]
         print0(f"resumed from {args.resume} at iteration {start_iteration}")
-    ddp_policy = DDP(policy) if dist.world_size > 1 else policy  # DDP broadcasts rank 0's weights at construction
+    use_ddp = dist.world_size > 1 and not sharded
+    ddp_policy = DDP(policy) if use_ddp else policy  # DDP broadcasts rank 0's weights at construction
     logger = Logger(run_path, args, enabled=dist.is_main)
 
     if args.eval_only:
-        metrics, frames = evaluate(args, policy, env, processor, prompt_ids, prompt_mask, to_env_action, dist,
-                                   autocast)
+        with fsdp.gathered_params(policy):
+            metrics, frames = evaluate(args, policy, env, processor, prompt_ids, prompt_mask, to_env_action, dist,
+                                       autocast)
         print0(json.dumps(metrics))
         if args.capture_video:
             logger.video("eval/video", frames, start_iteration)
@@ -434,12 +452,18 @@ def main(args: Args) -> None:
 
     def save(iteration: int) -> None:
         """LoRA adapter (or the full model) + value head + trainer state, written atomically by rank 0."""
-        def write(directory: str) -> None:
-            save_policy(policy, processor, lora_config, directory)
-            save_trainer_state(directory, trainer_state(args, iteration, optimizer))
-
-        check_in_sync(trainable)  # DDP keeps ranks identical; verify before writing rank 0's copy
         check_finite_state(named_state_tensors(policy, optimizer))  # never write NaN weights
+        full_state = optimizer_state = None
+        if sharded:  # collective: the full weights and optimizer state gathered to rank 0
+            full_state = fsdp.full_state_dict(policy)
+            optimizer_state = fsdp.full_optimizer_state_dict(policy, optimizer)
+        else:
+            check_in_sync(trainable)  # DDP keeps ranks identical; verify before writing rank 0's copy
+
+        def write(directory: str) -> None:
+            save_policy(policy, processor, lora_config, directory, full_state)
+            save_trainer_state(directory, trainer_state(args, iteration, optimizer_state or optimizer))
+
         if dist.is_main:
             path = save_checkpoint(os.path.join(run_path, "checkpoints"), iteration, write,
                                    keep_last=args.keep_checkpoints)
@@ -471,47 +495,48 @@ def main(args: Args) -> None:
         episode_length.zero_()
         finished_returns, finished_lengths, finished_success = [], [], []
         policy.eval()
-        for t in range(T):
-            images[t] = obs["rgb"]
-            t0 = time.time()
+        with fsdp.gathered_params(policy):  # FSDP: full weights for the rollout's many small forwards
+            for t in range(T):
+                images[t] = obs["rgb"]
+                t0 = time.time()
+                with autocast:
+                    pixel_values = processor.preprocess_images(obs["rgb"].to(device))
+                    tokens, logprob, value = policy.act(pixel_values, prompt_ids, prompt_mask, args.temperature)
+                policy_time += time.time() - t0
+                action_tokens[t], logprobs[t], values[t] = tokens.cpu(), logprob.cpu(), value.cpu()
+                obs, reward, terminated, truncated, info = env.step(to_env_action(tokens))
+
+                # -------------------------------------------------------------------------------------------------------
+                # 2. Reward: the task's, or grasp-shaped; a truncated episode is bootstrapped with V(final observation)
+                # -------------------------------------------------------------------------------------------------------
+                done = terminated | truncated
+                mode = args.reward_mode if args.reward_mode != "auto" else ("shaped" if "grasped" in info else "sparse")
+                if mode == "shaped":
+                    if "grasped" not in info:
+                        raise ValueError(f"--reward-mode shaped: {args.env_id} reports no grasp signal; use sparse/dense")
+                    reward = shaped_reward(info)
+                    shaped_reward.reset(done)
+                elif mode == "sparse":
+                    reward = info["success"].float()
+                bootstrap = truncated & ~terminated
+                if bootstrap.any():
+                    rows = bootstrap.to(device)
+                    with autocast:
+                        final_pixels = processor.preprocess_images(info["final_obs"]["rgb"][bootstrap].to(device))
+                        final_value = policy.predict_value(final_pixels, prompt_ids[rows], prompt_mask[rows])
+                    reward = reward.clone()
+                    reward[bootstrap] += args.gamma * final_value.cpu()
+                rewards[t], dones[t] = reward, done.float()
+                episode_return += reward
+                episode_length += 1
+                for i in torch.nonzero(done).flatten().tolist():
+                    finished_returns.append(episode_return[i].item())
+                    finished_lengths.append(episode_length[i].item())
+                    finished_success.append(float(info["success"][i]))
+                episode_return[done], episode_length[done] = 0.0, 0.0
             with autocast:
                 pixel_values = processor.preprocess_images(obs["rgb"].to(device))
-                tokens, logprob, value = policy.act(pixel_values, prompt_ids, prompt_mask, args.temperature)
-            policy_time += time.time() - t0
-            action_tokens[t], logprobs[t], values[t] = tokens.cpu(), logprob.cpu(), value.cpu()
-            obs, reward, terminated, truncated, info = env.step(to_env_action(tokens))
-
-            # -------------------------------------------------------------------------------------------------------
-            # 2. Reward: the task's, or grasp-shaped; a truncated episode is bootstrapped with V(final observation)
-            # -------------------------------------------------------------------------------------------------------
-            done = terminated | truncated
-            mode = args.reward_mode if args.reward_mode != "auto" else ("shaped" if "grasped" in info else "sparse")
-            if mode == "shaped":
-                if "grasped" not in info:
-                    raise ValueError(f"--reward-mode shaped: {args.env_id} reports no grasp signal; use sparse/dense")
-                reward = shaped_reward(info)
-                shaped_reward.reset(done)
-            elif mode == "sparse":
-                reward = info["success"].float()
-            bootstrap = truncated & ~terminated
-            if bootstrap.any():
-                rows = bootstrap.to(device)
-                with autocast:
-                    final_pixels = processor.preprocess_images(info["final_obs"]["rgb"][bootstrap].to(device))
-                    final_value = policy.predict_value(final_pixels, prompt_ids[rows], prompt_mask[rows])
-                reward = reward.clone()
-                reward[bootstrap] += args.gamma * final_value.cpu()
-            rewards[t], dones[t] = reward, done.float()
-            episode_return += reward
-            episode_length += 1
-            for i in torch.nonzero(done).flatten().tolist():
-                finished_returns.append(episode_return[i].item())
-                finished_lengths.append(episode_length[i].item())
-                finished_success.append(float(info["success"][i]))
-            episode_return[done], episode_length[done] = 0.0, 0.0
-        with autocast:
-            pixel_values = processor.preprocess_images(obs["rgb"].to(device))
-            next_value = policy.predict_value(pixel_values, prompt_ids, prompt_mask).cpu()
+                next_value = policy.predict_value(pixel_values, prompt_ids, prompt_mask).cpu()
         rollout_time = time.time() - rollout_start
 
         # -----------------------------------------------------------------------------------------------------------
@@ -543,7 +568,7 @@ def main(args: Args) -> None:
                 micro_batches = minibatch.split(args.micro_batch_size)
                 for k, mb in enumerate(micro_batches):
                     last = dist.world_size == 1 or k == len(micro_batches) - 1
-                    sync = contextlib.nullcontext() if last else ddp_policy.no_sync()
+                    sync = ddp_policy.no_sync() if use_ddp and not last else contextlib.nullcontext()
                     env_ids = b_env[mb].to(device)
                     with sync, autocast:
                         pixel_values = processor.preprocess_images(b_images[mb].to(device))
@@ -563,7 +588,7 @@ def main(args: Args) -> None:
                                        ("actor/entropy", entropy.mean()), ("actor/approx_kl", approx_kl),
                                        ("actor/clipfrac", clipfrac)):
                         stats_sum[key] = stats_sum.get(key, 0.0) + value.item() * len(mb) / len(minibatch)
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)  # the norm before clipping
+                grad_norm = fsdp.clip_grad_norm_(trainable, args.max_grad_norm)  # the norm before clipping
                 if guard.step(optimizer, minibatch_loss, grad_norm):
                     stats_sum["actor/grad_norm"] = stats_sum.get("actor/grad_norm", 0.0) + grad_norm.item()
                 num_updates += 1
@@ -595,8 +620,9 @@ def main(args: Args) -> None:
         metrics = all_reduce_mean(metrics)
         stop_now = stop.should_stop()
         if is_due(iteration, args.eval_interval, args.total_iterations) and not stop_now:
-            eval_metrics, frames = evaluate(args, policy, env, processor, prompt_ids, prompt_mask, to_env_action,
-                                            dist, autocast)
+            with fsdp.gathered_params(policy):
+                eval_metrics, frames = evaluate(args, policy, env, processor, prompt_ids, prompt_mask, to_env_action,
+                                                dist, autocast)
             metrics |= eval_metrics
             if args.capture_video:
                 logger.video("eval/video", frames, iteration)

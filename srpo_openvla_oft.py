@@ -14,7 +14,7 @@ the policy. `--reward sparse` gives every failure 0: plain GRPO, the SimpleVLA-R
 
 Where this file departs from the anchors:
 - LoRA (rank 32) on every linear layer by default; the anchors fully fine-tune 7B with FSDP. `--lora-rank 0`
-  fully fine-tunes. The loss is a token-mean over the whole minibatch of all ranks: each rank divides its summed
+  fully fine-tunes (sharded with FSDP2 over more than one rank). The loss is a token-mean over the whole minibatch of all ranks: each rank divides its summed
   loss by the global token count and gradients are SUMMED over ranks.
 - No KL-to-reference term (the anchors' coefficient is 0 too); no re-sampling to refill groups dropped by
   dynamic sampling: the iteration trains on the groups that were kept (and skips the update when none was).
@@ -59,6 +59,7 @@ import torch.nn.functional as F
 import tyro
 from peft import LoraConfig
 
+from common import fsdp
 from common.checkpoint import (check_run_flags, load_trainer_state, restore_rng, save_checkpoint, save_trainer_state,
                                trainer_state, verify_safetensors_files)
 from common.dist import (all_gather_cat, all_reduce_mean, all_reduce_sum_, bf16_autocast, broadcast_parameters,
@@ -97,6 +98,9 @@ class Args:
     """recompute LLM activations in the backward pass (saves memory, costs ~30% time)"""
     bf16: bool = True
     """on GPU: bfloat16 weights for the frozen base under LoRA (and for V-JEPA 2), and bf16 autocast"""
+    fsdp: Literal["auto", "on", "off"] = "auto"
+    """FSDP2: shard weights, gradients and AdamW state over ranks (auto: on for full fine-tuning, --lora-rank 0, with
+    more than one rank)"""
     # --- environment ---
     suite: str = "libero_10"
     """LIBERO suite: libero_spatial, libero_object, libero_goal, libero_10 (long) or libero_90"""
@@ -449,24 +453,32 @@ def update_policy(policy, optimizer, processor, batch, args, autocast, guard=Non
     advantages (R,)); returns actor/* metrics. Each minibatch is one optimizer step: micro-batches accumulate the
     loss summed over tokens / (executed action tokens of the minibatch over all ranks), and gradients are summed
     over ranks, which gives the exact global token-mean. `guard` (a NonFiniteGuard) skips optimizer steps with a
-    non-finite loss or gradient norm."""
+    non-finite loss or gradient norm. Under FSDP every rank runs the same number of micro-batches (padded with
+    weight-0 passes) and FSDP sums the gradients."""
     device = next(policy.parameters()).device
     params = [p for p in policy.parameters() if p.requires_grad]
     guard = guard or NonFiniteGuard()
-    query_idx, episode_idx = batch["query_idx"], batch["episode_idx"]
+    sharded = bool(fsdp.fsdp_modules(policy))
+    # a padding sample at index M (query 0 of episode 0, which every rollout has) for FSDP's weight-0 passes
+    query_idx = torch.cat([batch["query_idx"], batch["query_idx"].new_zeros(1)])
+    episode_idx = torch.cat([batch["episode_idx"], batch["episode_idx"].new_zeros(1)])
+    num_samples = len(batch["query_idx"])
     sums = {k: 0.0 for k in ("pg_loss", "approx_kl", "clipfrac", "entropy", "grad_norm")}
     num_updates = 0
     for _ in range(args.update_epochs):
-        order = torch.randperm(len(query_idx))
+        order = torch.randperm(num_samples)
         for minibatch in order.tensor_split(args.num_minibatches):
             token_mask = batch["token_mask"][query_idx[minibatch], episode_idx[minibatch]]  # (m, 56)
             num_tokens = all_reduce_sum_(token_mask.sum().double().to(device)).item()
             if num_tokens == 0:
                 continue
             for p in params:  # zeros, not None: a rank without samples still joins the gradient sum
-                p.grad = torch.zeros_like(p)
+                p.grad = None if sharded else torch.zeros_like(p)
+            micro_batches = list(minibatch.split(args.micro_batch_size))
+            weighted = (fsdp.even_micro_batches(micro_batches, filler=torch.tensor([num_samples])) if sharded
+                        else [(micro, 1.0) for micro in micro_batches])
             minibatch_loss = 0.0
-            for micro in minibatch.split(args.micro_batch_size):
+            for micro, weight in weighted:
                 q, r = query_idx[micro], episode_idx[micro]
                 prompt_ids, prompt_mask = processor.prompt_ids([batch["instructions"][i] for i in r], device)
                 pixel_values = processor.preprocess_images(batch["images"][q, r].to(device))
@@ -481,16 +493,17 @@ def update_policy(policy, optimizer, processor, batch, args, autocast, guard=Non
                     new_logprob, batch["logprobs"][q, r].to(device), batch["advantages"][r].to(device), micro_mask,
                     args.clip_low, args.clip_high, num_tokens,
                 )
-                loss.backward()
-                minibatch_loss += loss.detach()
+                (weight * loss).backward()
+                minibatch_loss += weight * loss.detach()
                 with torch.no_grad():
                     entropy = -(logp_all.exp() * logp_all).sum(-1)  # (b, 56)
-                sums["pg_loss"] += loss.item()
-                sums["approx_kl"] += approx_kl.item()
-                sums["clipfrac"] += clipfrac.item()
-                sums["entropy"] += ((entropy * micro_mask).sum() / num_tokens).item()
-            sum_gradients_(params)  # each rank's loss is already divided by the global token count
-            grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)  # the norm before clipping
+                sums["pg_loss"] += weight * loss.item()
+                sums["approx_kl"] += weight * approx_kl.item()
+                sums["clipfrac"] += weight * clipfrac.item()
+                sums["entropy"] += weight * ((entropy * micro_mask).sum() / num_tokens).item()
+            if not sharded:
+                sum_gradients_(params)  # each rank's loss is already divided by the global token count
+            grad_norm = fsdp.clip_grad_norm_(params, args.max_grad_norm)  # the norm before clipping
             if guard.step(optimizer, minibatch_loss, grad_norm):
                 sums["grad_norm"] += grad_norm.item()
             num_updates += 1
@@ -505,12 +518,15 @@ def update_policy(policy, optimizer, processor, batch, args, autocast, guard=Non
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints: LoRA adapter (or the full model in the OFT layout) + trainer state
 # ---------------------------------------------------------------------------------------------------------------
-def save_policy(policy: OFTPolicy, processor, lora_config: Optional[LoraConfig], model_dir: str, directory: str):
-    """LoRA: adapter_model.safetensors + adapter_config.json; full fine-tuning: the OFT layout under model/."""
+def save_policy(policy: OFTPolicy, processor, lora_config: Optional[LoraConfig], model_dir: str, directory: str,
+                full_state: Optional[dict] = None):
+    """LoRA: adapter_model.safetensors + adapter_config.json; full fine-tuning: the OFT layout under model/.
+    full_state: the gathered state dict of an FSDP-sharded policy (its parameters are shards)."""
     if lora_config is not None:
         save_lora_adapter(policy.vla, lora_config, directory)
     else:
-        save_openvla(policy.vla, processor, os.path.join(directory, "model"))
+        vla_state = fsdp.sub_state_dict(full_state, "vla.") if full_state else None
+        save_openvla(policy.vla, processor, os.path.join(directory, "model"), state_dict=vla_state)
         stats_file = os.path.join(model_dir, "dataset_statistics.json")
         if os.path.isfile(stats_file):
             shutil.copy(stats_file, os.path.join(directory, "model"))
@@ -534,16 +550,23 @@ def main(args: Args) -> None:
     model_dir = args.model_path
     if args.lora_rank == 0 and (args.resume or args.checkpoint):
         model_dir = os.path.join(args.resume or args.checkpoint, "model")
+    sharded = fsdp.use_fsdp(args.fsdp, args.lora_rank, dist.world_size)  # FSDP2 moves each shard to the GPU itself
     # SDPA: the bidirectional mask below is not expressible in flash-attention's causal kernel
-    vla, processor = load_openvla(model_dir, device=device, dtype=dtype, attn_implementation="sdpa")
+    vla, processor = load_openvla(model_dir, device="cpu" if sharded else device, dtype=dtype,
+                                  attn_implementation="sdpa")
     stats = load_action_stats(model_dir, vla.config, args.suite, args.unnorm_key)
     action_tokenizer = ActionTokenizer(vla.vocab_size, N_BINS)
     lora_config = make_trainable(vla, args.lora_rank, args.lora_alpha)  # None = full fine-tuning
     if args.gradient_checkpointing:
         vla.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy = OFTPolicy(vla, processor.tokenizer.eos_token_id).to(device).eval()  # no dropout anywhere
+    policy = OFTPolicy(vla, processor.tokenizer.eos_token_id).eval()  # no dropout anywhere
+    if lora_config is not None and (args.resume or args.checkpoint):
+        load_lora_adapter(vla, args.resume or args.checkpoint)  # the files were verified in validate()
+    if sharded:  # per decoder layer and ViT block, then the root; gradients summed (the loss is a global token-mean)
+        fsdp.shard_model(policy, reduce="sum")
+    else:
+        broadcast_parameters(policy.to(device))
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    broadcast_parameters(policy)
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=0.0)
     print0(f"trainable parameters: {sum(p.numel() for p in trainable):,} of "
            f"{sum(p.numel() for p in policy.parameters()):,}")
@@ -558,11 +581,12 @@ def main(args: Args) -> None:
                                  args.world_model_frames, args.world_model_offload)
 
     start_iteration = 0
-    if lora_config is not None and (args.resume or args.checkpoint):
-        load_lora_adapter(vla, args.resume or args.checkpoint)  # the files were verified in validate()
     if args.resume:
-        state = load_trainer_state(args.resume)
-        optimizer.load_state_dict(state["optimizer"])
+        state = load_trainer_state(args.resume, mmap=sharded)
+        if sharded:
+            fsdp.load_full_optimizer_state_dict(policy, optimizer, state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         restore_rng(state)
         start_iteration = state["step"]
         print0(f"resumed from {args.resume} at iteration {start_iteration}")
@@ -572,7 +596,8 @@ def main(args: Args) -> None:
                            seed=args.seed + dist.rank * args.num_envs)
 
     if args.eval_only:
-        metrics = evaluate(policy, processor, envs, to_env_actions, args, dist, autocast, logger, start_iteration)
+        with fsdp.gathered_params(policy):
+            metrics = evaluate(policy, processor, envs, to_env_actions, args, dist, autocast, logger, start_iteration)
         print0(json.dumps(metrics))
         logger.close()
         envs.close()
@@ -581,12 +606,18 @@ def main(args: Args) -> None:
 
     def save(iteration: int) -> None:
         """LoRA adapter (or the full model) + trainer state, written atomically by rank 0."""
-        def write(directory: str) -> None:
-            save_policy(policy, processor, lora_config, model_dir, directory)
-            save_trainer_state(directory, trainer_state(args, iteration, optimizer))
-
-        check_in_sync(trainable)  # the hand-summed gradients keep ranks identical; verify before writing rank 0's copy
         check_finite_state(named_state_tensors(policy, optimizer))  # never write NaN weights
+        full_state = optimizer_state = None
+        if sharded:  # collective: the full weights and optimizer state gathered to rank 0
+            full_state = fsdp.full_state_dict(policy)
+            optimizer_state = fsdp.full_optimizer_state_dict(policy, optimizer)
+        else:
+            check_in_sync(trainable)  # the hand-summed gradients keep ranks identical; verify rank 0's copy
+
+        def write(directory: str) -> None:
+            save_policy(policy, processor, lora_config, model_dir, directory, full_state)
+            save_trainer_state(directory, trainer_state(args, iteration, optimizer_state or optimizer))
+
         if dist.is_main:
             path = save_checkpoint(os.path.join(run_path, "checkpoints"), iteration, write,
                                    keep_last=args.keep_checkpoints)
@@ -623,8 +654,9 @@ def main(args: Args) -> None:
         embeddings, policy_s = [], 0.0
         for start in range(0, R, args.num_envs):
             wave = slice(start, start + args.num_envs)
-            out = rollout(policy, processor, envs, episodes[wave], to_env_actions, args, autocast,
-                          record_frames=embedder is not None)
+            with fsdp.gathered_params(policy):  # FSDP: the full weights for the rollout's forwards
+                out = rollout(policy, processor, envs, episodes[wave], to_env_actions, args, autocast,
+                              record_frames=embedder is not None)
             for key in ("images", "bins", "logprobs", "token_mask"):
                 batch[key][:, wave] = out[key]
             batch["success"][wave], batch["length"][wave] = out["success"], out["length"]
@@ -701,7 +733,8 @@ def main(args: Args) -> None:
         metrics = all_reduce_mean(metrics) | update_metrics
         stop_now = stop.should_stop()
         if is_due(iteration, args.eval_interval, args.total_iterations) and not stop_now:
-            metrics |= evaluate(policy, processor, envs, to_env_actions, args, dist, autocast, logger, iteration)
+            with fsdp.gathered_params(policy):
+                metrics |= evaluate(policy, processor, envs, to_env_actions, args, dist, autocast, logger, iteration)
         logger.log(metrics, iteration)
         print0(f"iter {iteration}: success {metrics['rollout/success_rate']:.3f} "
                f"reward {metrics['rollout/reward_mean']:.4f} kept {metrics['rollout/kept_groups_frac']:.2f} "

@@ -7,6 +7,7 @@ import time
 from typing import Iterable, Optional
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from common.dist import all_reduce_max_, any_rank
 
@@ -69,19 +70,21 @@ def _describe(value) -> str:
 
 
 def named_state_tensors(module: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]):
-    """(name, tensor) of the trainable parameters and of the optimizer state, in the same order on every rank."""
+    """(name, tensor) of the trainable parameters and of the optimizer state, in the same order on every rank (this
+    rank's shard of an FSDP-sharded tensor)."""
+    local = lambda t: t.to_local() if isinstance(t, DTensor) else t  # noqa: E731
     names = {}
     for name, param in module.named_parameters():
         if param.requires_grad:
             names[id(param)] = name
-            yield name, param
+            yield name, local(param)
     if optimizer is None:
         return
     for group in optimizer.param_groups:
         for param in group["params"]:
             for key, value in optimizer.state.get(param, {}).items():
                 if torch.is_tensor(value) and value.is_floating_point():
-                    yield f"optimizer state {key} of {names.get(id(param), 'a parameter')}", value
+                    yield f"optimizer state {key} of {names.get(id(param), 'a parameter')}", local(value)
 
 
 def check_finite_state(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
