@@ -62,7 +62,8 @@ from common.checkpoint import (check_run_flags, load_trainer_state, save_checkpo
                                trainer_state)
 from common.dist import (all_reduce_mean, all_reduce_sum_, attn_implementation, bf16_autocast, broadcast_parameters,
                          check_in_sync, cleanup, init_dist, print0, sum_gradients_, world_size)
-from common.guards import NonFiniteGuard, StopRequest, check_finite_state, check_flags, named_state_tensors
+from common.guards import (NonFiniteGuard, StopRequest, check_finite_logits, check_finite_state, check_flags,
+                           named_state_tensors)
 from common.logger import Logger, is_due
 from common.maniskill_env import ManiSkillVLAEnv, check_env_id, check_render_device
 
@@ -251,6 +252,7 @@ def generate_actions(policy, inputs, template: ActionTemplate, temperature: floa
         )
         k = template.free_set[f]
         logits = out.logits[:, -1, set_ids[k]]  # (B, S) logits of the slot's allowed tokens
+        check_finite_logits(logits)
         valid = set_valid[k].expand(batch, -1)
         if temperature > 0:
             support = sampling_support(logits.float() / temperature, valid, top_k, top_p)

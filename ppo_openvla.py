@@ -48,7 +48,8 @@ from common.checkpoint import (check_run_flags, load_safetensors, load_trainer_s
                                save_trainer_state, trainer_state, verify_safetensors_files)
 from common.dist import (all_reduce_mean, bf16_autocast, check_in_sync, cleanup,
                          global_mean_std, init_dist, print0)
-from common.guards import NonFiniteGuard, StopRequest, check_finite_state, check_flags, named_state_tensors
+from common.guards import (NonFiniteGuard, StopRequest, check_finite_logits, check_finite_state, check_flags,
+                           named_state_tensors)
 from common.logger import Logger, is_due
 from common.maniskill_env import ManiSkillVLAEnv, check_env_id, check_render_device
 from common.openvla import (ActionTokenizer, action_stats, load_lora_adapter, load_openvla, make_trainable,
@@ -228,6 +229,7 @@ class ActorCritic(nn.Module):
         tokens, logprob = [], torch.zeros(len(hidden), device=hidden.device)
         for i in range(ACTION_DIM):
             logits = self.action_logits(hidden, temperature)  # (B, 256)
+            check_finite_logits(logits)
             if temperature > 0:
                 index = torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
             else:

@@ -64,7 +64,8 @@ from common.checkpoint import (check_run_flags, load_trainer_state, restore_rng,
                                trainer_state, verify_safetensors_files)
 from common.dist import (all_gather_cat, all_reduce_mean, all_reduce_sum_, bf16_autocast, broadcast_parameters,
                          check_in_sync, cleanup, init_dist, print0, sum_gradients_, world_size)
-from common.guards import NonFiniteGuard, StopRequest, check_finite_state, check_flags, named_state_tensors
+from common.guards import (NonFiniteGuard, StopRequest, check_finite_logits, check_finite_state, check_flags,
+                           named_state_tensors)
 from common.libero_env import LiberoVectorEnv, check_task_ids, configure_rendering, load_suite, to_libero_actions
 from common.logger import Logger, is_due
 from common.openvla import (ActionTokenizer, action_stats, load_lora_adapter, load_openvla, make_trainable,
@@ -398,6 +399,7 @@ def rollout(policy, processor, envs, episodes, to_env_actions, args, autocast, e
         pixel_values = processor.preprocess_images(torch.from_numpy(images_now[live.numpy()]).to(device))
         with autocast:
             logits = policy(prompt_ids[live], prompt_mask[live], pixel_values).float()  # (n, 56, 256)
+        check_finite_logits(logits)
         # sample each of the 56 tokens from softmax(bin logits / T); its log-prob under the same law
         logp_all = bin_logprobs(logits, temperature if temperature > 0 else 1.0)
         sampled = torch.distributions.Categorical(logits=logp_all).sample() if temperature > 0 else logits.argmax(-1)

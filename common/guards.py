@@ -22,6 +22,14 @@ def check_flags(args, positive: tuple[str, ...] = (), non_negative: tuple[str, .
                 raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
 
 
+def check_finite_logits(logits: torch.Tensor) -> None:
+    """Sampling from NaN/inf logits fails with an obscure error; say what happened instead."""
+    if not torch.isfinite(logits).all():
+        raise FloatingPointError("the policy produced non-finite action logits: the weights diverged. Lower "
+                                 "--learning-rate (or --max-grad-norm) and resume from the last checkpoint (saved "
+                                 "checkpoints hold finite values only)")
+
+
 class NonFiniteGuard:
     """Skip an optimizer step whose loss or gradient norm is not finite, on every rank alike; raise after
     `max_in_a_row` skipped steps in a row.
