@@ -154,10 +154,10 @@ class LiberoEnv:
     Images are the model's input (`common.libero_image.model_image`): (image_size, image_size, 3) uint8, the 0.9
     center crop included when `center_crop`; `raw_frame` keeps the last rendered agentview frame as it came."""
 
-    def __init__(self, suite: str, camera_size: int = 256, image_size: int = 224, max_steps: int = MAX_STEPS,
+    def __init__(self, suite: str, camera_size: int = 256, image_size: int = 224, max_steps: int | None = None,
                  gpu_id: int = -1, seed: int = 0, center_crop: bool = True):
         self.tasks = load_suite(suite)
-        self.max_steps = max_steps
+        self.max_steps = max_steps or MAX_STEPS
         self.camera_size, self.image_size, self.gpu_id, self.seed = camera_size, image_size, gpu_id, seed
         self.center_crop = center_crop
         self.sim, self.sim_task_id, self.camera_on = None, None, True
@@ -274,10 +274,11 @@ class LiberoVectorEnv:
     """
 
     def __init__(self, suite: str, num_envs: int, camera_size: int = 256, image_size: int = 224,
-                 max_steps: int = MAX_STEPS, use_workers: bool = True, gpu_id: int = -1, seed: int = 0,
+                 max_steps: int | None = None, use_workers: bool = True, gpu_id: int = -1, seed: int = 0,
                  center_crop: bool = True, max_restarts: int = 2, timeout_s: float = 600.0):
         self.tasks = load_suite(suite)
-        self.suite, self.num_envs, self.use_workers, self.max_steps = suite, num_envs, use_workers, max_steps
+        self.suite, self.num_envs, self.use_workers = suite, num_envs, use_workers
+        self.max_steps = max_steps or MAX_STEPS  # env steps; None: 512
         self.max_restarts, self.timeout_s, self.worker_restarts = max_restarts, timeout_s, 0
         self.env_kwargs = [dict(suite=suite, camera_size=camera_size, image_size=image_size, max_steps=max_steps,
                                 gpu_id=gpu_id, seed=seed + i, center_crop=center_crop) for i in range(num_envs)]
@@ -328,6 +329,7 @@ class LiberoVectorEnv:
 
     def _restart_and_redo(self, i: int, command: str, payload, cause: WorkerDied):
         """Start worker i anew, redo its episode so far (the current reset/step included), then answer `command`."""
+        episode = self.episodes[i]
         for _ in range(self.max_restarts):
             self.worker_restarts += 1
             self.pipes[i].close()
@@ -335,7 +337,6 @@ class LiberoVectorEnv:
                 self.procs[i].kill()
             self.procs[i].join(timeout=10)
             self._start_worker(i)
-            episode = self.episodes[i]
             try:
                 self._receive(i)
                 result = None
