@@ -14,9 +14,10 @@ SimpleVLA-RL `verl/utils/libero_utils.py` and `verl/workers/rollout/rob_rollout.
 - the policy's gripper value g in [0, 1] becomes the LIBERO command -sign(2 g - 1)
   (`to_libero_actions`).
 
-Every reset rebuilds the scene (robosuite's hard reset, as the reference evaluation does): the physics of a
-(task, init state, actions) triple is exactly reproducible, but some textures (e.g. the cabinet's) are drawn anew
-per rebuild, so frames of repeated episodes can differ in those pixels.
+Every reset rebuilds the scene (robosuite's hard reset, as the reference evaluation does). The physics of a
+(task, init state, actions) triple is exactly reproducible; some textures (e.g. the cabinet's) are drawn from
+numpy's global RNG at every rebuild, so each reset first re-seeds it with the env's seed (LIBERO's `env.seed`):
+an episode, frames included, is then a pure function of (seed, task, init state, actions).
 
 `LiberoVectorEnv(use_workers=True)` runs each env in its own subprocess so N envs simulate in parallel; a worker
 that dies (or hangs past `timeout_s`) is restarted and its episode replayed from the reset with the same actions,
@@ -194,8 +195,8 @@ class LiberoEnv:
             self.sim = OffScreenRenderEnv(bddl_file_name=task.bddl_path, camera_names=["agentview"],
                                           camera_heights=self.camera_size, camera_widths=self.camera_size,
                                           render_gpu_device_id=self.gpu_id)
-            self.sim.seed(self.seed)
             self.sim_task_id = task_id
+        self.sim.seed(self.seed)  # the rebuild's texture draws: the same in every episode
         self.sim.reset()
         self._install_camera_switch()
         self.camera_on = False  # no rendering while the scene settles
