@@ -1,23 +1,29 @@
 """Vectorised LIBERO for VLA RL: one env per worker subprocess, chunked actions, agentview only.
 
-Conventions follow the OpenVLA-OFT / SimpleVLA-RL LIBERO evaluation (SPEC 3.3, 4):
-- only the agentview camera is rendered; the image is flipped 180 degrees and resized;
-- each episode starts from one of the suite's fixed init states, then 10 no-op steps
-  (zero motion, gripper open) let the objects settle; they do not count as policy steps;
-- an episode ends on success (the env's `done`) or after the suite's max policy steps;
+Conventions follow the OpenVLA-OFT LIBERO evaluation and its RL successors (openvla-oft `experiments/robot/libero`,
+SimpleVLA-RL `verl/utils/libero_utils.py` and `verl/workers/rollout/rob_rollout.py`):
+- only the agentview camera is rendered (256x256); the model image is made from it exactly as those checkpoints
+  saw it in training (flip 180 degrees, JPEG round trip, Lanczos-3 resize to 224, optional center crop of 0.9 of
+  the area; `common/libero_image.py`);
+- each episode starts from one of the task's 50 fixed init states, then 10 no-op steps
+  (zero motion, gripper open) let the objects settle; they do not count as episode steps;
+- an episode ends on success (the env's `done`) or after `max_steps` env steps: 512 for every suite, as in
+  SimpleVLA-RL, siiRL and RLinf (`OFT_EVAL_MAX_STEPS` holds the shorter limits of the OpenVLA-OFT paper's eval);
 - a policy query returns a chunk of K actions, all of which are executed (unless the
   episode ends inside the chunk);
 - the policy's gripper value g in [0, 1] becomes the LIBERO command -sign(2 g - 1)
   (`to_libero_actions`).
 
-Every reset rebuilds the scene (robosuite's hard reset, as the reference evaluation does): the physics of a
-(task, init state, actions) triple is exactly reproducible, but some textures (e.g. the cabinet's) are drawn anew
-per rebuild, so frames of repeated episodes can differ in those pixels.
+Every reset rebuilds the scene (robosuite's hard reset, as the reference evaluation does). The physics of a
+(task, init state, actions) triple is exactly reproducible; some textures (e.g. the cabinet's) are drawn from
+numpy's global RNG at every rebuild, so each reset first re-seeds it with the env's seed (LIBERO's `env.seed`):
+an episode, frames included, is then a pure function of (seed, task, init state, actions).
 
-`LiberoVectorEnv(use_workers=True)` runs each env in its own subprocess so N envs simulate
-in parallel; `use_workers=False` steps them one after another in this process (simpler to
-debug, and the baseline of bench/bench_libero_env.py). Both keep every frame of the
-current episode so the caller can embed the video (SRPO's progress reward) or save it.
+`LiberoVectorEnv(use_workers=True)` runs each env in its own subprocess so N envs simulate in parallel; a worker
+that dies (or hangs past `timeout_s`) is restarted and its episode replayed from the reset with the same actions,
+which reproduces the physics exactly. `use_workers=False` steps the envs one after another in this process (simpler
+to debug, and the baseline of bench/bench_libero_env.py). Both keep every frame of the current episode so the caller
+can embed the video (SRPO's progress reward) or save it.
 
 Call `configure_rendering()` before anything imports mujoco: it picks MUJOCO_GL (EGL when
 an NVIDIA GPU is visible, OSMesa otherwise; an explicit value or the MUJOCO_GL variable
@@ -29,12 +35,19 @@ from __future__ import annotations
 import ctypes.util
 import multiprocessing as mp
 import os
+import time
 import traceback
 from dataclasses import dataclass
 
 import numpy as np
 
-SUITE_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520, "libero_90": 400}
+from common.libero_image import model_image
+
+SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
+MAX_STEPS = 512  # env steps per episode, every suite (SimpleVLA-RL, siiRL, RLinf)
+OFT_EVAL_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520,
+                      "libero_90": 400}  # the OpenVLA-OFT paper's evaluation limits (openvla-oft run_libero_eval.py)
+NUM_INIT_STATES = 50  # fixed init states per task, in every suite
 NUM_WAIT_STEPS = 10
 WAIT_ACTION = np.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0])  # no motion, gripper open
 GL_LIBRARIES = {"egl": ("EGL", "apt-get install libegl1 (and the NVIDIA driver's EGL)"),
@@ -79,8 +92,8 @@ class LiberoTask:
 
 def load_suite(suite: str) -> list[LiberoTask]:
     """The suite's tasks with their fixed init states; clear errors for a bad name or missing assets."""
-    if suite not in SUITE_MAX_STEPS:
-        raise ValueError(f"Unknown LIBERO suite {suite!r}; choose one of {sorted(SUITE_MAX_STEPS)}")
+    if suite not in SUITES:
+        raise ValueError(f"Unknown LIBERO suite {suite!r}; choose one of {sorted(SUITES)}")
     try:
         from libero.libero import benchmark, get_libero_path
     except ImportError as e:
@@ -114,24 +127,48 @@ def check_task_ids(tasks: list[LiberoTask], task_ids: list[int], suite: str) -> 
         raise ValueError(f"Task ids {bad} are not in {suite} ({len(tasks)} tasks):\n{listing}")
 
 
-class LiberoEnv:
-    """One LIBERO env in this process. The simulator is rebuilt only when the task changes."""
+def init_state_draws(task_ids: list[int], seed: int, start: int, count: int,
+                     num_init_states: int = NUM_INIT_STATES) -> list[tuple[int, int]]:
+    """Training (task, init state) pairs number start .. start + count - 1 of an endless sequence.
 
-    def __init__(self, suite: str, camera_size: int = 256, image_size: int = 224,
-                 max_steps: int | None = None, gpu_id: int = -1, seed: int = 0):
+    The sequence runs through all len(task_ids) * num_init_states pairs in a random order without replacement, then
+    through a new order, and so on (one order per pass, seeded by (seed, pass)). It is a pure function of the draw
+    index, so a resumed run that stores how many pairs it has drawn replays the same pairs."""
+    pairs = [(t, i) for t in task_ids for i in range(num_init_states)]
+    draws, orders = [], {}
+    for index in range(start, start + count):
+        epoch, position = divmod(index, len(pairs))
+        if epoch not in orders:
+            orders[epoch] = np.random.default_rng([seed, epoch]).permutation(len(pairs))
+        draws.append(pairs[orders[epoch][position]])
+    return draws
+
+
+def eval_episodes(task_ids: list[int], num_init_states: int = NUM_INIT_STATES) -> list[tuple[int, int]]:
+    """Evaluation (task, init state) pairs: every init state of every task, in order."""
+    return [(t, i) for t in task_ids for i in range(num_init_states)]
+
+
+class LiberoEnv:
+    """One LIBERO env in this process. The simulator is rebuilt only when the task changes.
+
+    Images are the model's input (`common.libero_image.model_image`): (image_size, image_size, 3) uint8, the 0.9
+    center crop included when `center_crop`; `raw_frame` keeps the last rendered agentview frame as it came."""
+
+    def __init__(self, suite: str, camera_size: int = 256, image_size: int = 224, max_steps: int | None = None,
+                 gpu_id: int = -1, seed: int = 0, center_crop: bool = True):
         self.tasks = load_suite(suite)
-        self.max_steps = max_steps or SUITE_MAX_STEPS[suite]
+        self.max_steps = max_steps or MAX_STEPS
         self.camera_size, self.image_size, self.gpu_id, self.seed = camera_size, image_size, gpu_id, seed
+        self.center_crop = center_crop
         self.sim, self.sim_task_id, self.camera_on = None, None, True
         self.frames: list[np.ndarray] = []
+        self.raw_frame: np.ndarray | None = None
         self.num_steps, self.success, self.done = 0, False, True
 
     def _image(self, obs: dict) -> np.ndarray:
-        image = obs["agentview_image"][::-1, ::-1]  # the camera is mounted upside down
-        if image.shape[0] != self.image_size:
-            from PIL import Image
-            image = np.asarray(Image.fromarray(image).resize((self.image_size, self.image_size), Image.LANCZOS))
-        return np.ascontiguousarray(image)  # (image_size, image_size, 3) uint8
+        self.raw_frame = obs["agentview_image"]
+        return model_image(self.raw_frame, self.image_size, self.center_crop)  # (image_size, image_size, 3) uint8
 
     def _install_camera_switch(self) -> None:
         """Make the agentview sensor render only while `self.camera_on`: robosuite keeps sampling it at the same
@@ -158,8 +195,8 @@ class LiberoEnv:
             self.sim = OffScreenRenderEnv(bddl_file_name=task.bddl_path, camera_names=["agentview"],
                                           camera_heights=self.camera_size, camera_widths=self.camera_size,
                                           render_gpu_device_id=self.gpu_id)
-            self.sim.seed(self.seed)
             self.sim_task_id = task_id
+        self.sim.seed(self.seed)  # the rebuild's texture draws: the same in every episode
         self.sim.reset()
         self._install_camera_switch()
         self.camera_on = False  # no rendering while the scene settles
@@ -220,6 +257,10 @@ def _worker(pipe, env_kwargs: dict) -> None:
         pipe.close()
 
 
+class WorkerDied(Exception):
+    """A LIBERO worker subprocess exited (or stopped answering) before it replied."""
+
+
 class LiberoVectorEnv:
     """N LIBERO envs of one suite, each reset to its own (task, init state).
 
@@ -228,49 +269,122 @@ class LiberoVectorEnv:
     Envs that are done ignore their actions and return their last image.
     videos() -> the frames of each env's current episode, [(T_i, H, W, 3) uint8]: every step with
     record_frames=True, else only the frames the policy saw (one per chunk).
+
+    With workers, a worker that dies or does not answer within `timeout_s` is started anew and its episode redone
+    (reset, then every chunk so far), up to `max_restarts` times per call; `worker_restarts` counts them all.
     """
 
     def __init__(self, suite: str, num_envs: int, camera_size: int = 256, image_size: int = 224,
-                 max_steps: int | None = None, use_workers: bool = True, gpu_id: int = -1, seed: int = 0):
+                 max_steps: int | None = None, use_workers: bool = True, gpu_id: int = -1, seed: int = 0,
+                 center_crop: bool = True, max_restarts: int = 2, timeout_s: float = 600.0):
         self.tasks = load_suite(suite)
         self.suite, self.num_envs, self.use_workers = suite, num_envs, use_workers
-        self.max_steps = max_steps or SUITE_MAX_STEPS[suite]
-        kwargs = [dict(suite=suite, camera_size=camera_size, image_size=image_size, max_steps=self.max_steps,
-                       gpu_id=gpu_id, seed=seed + i) for i in range(num_envs)]
+        self.max_steps = max_steps or MAX_STEPS  # env steps; None: 512
+        self.max_restarts, self.timeout_s, self.worker_restarts = max_restarts, timeout_s, 0
+        self.env_kwargs = [dict(suite=suite, camera_size=camera_size, image_size=image_size, max_steps=max_steps,
+                                gpu_id=gpu_id, seed=seed + i, center_crop=center_crop) for i in range(num_envs)]
+        self.episodes: list[dict] = [{"reset": None, "chunks": []} for _ in range(num_envs)]  # what to replay
         if use_workers:
-            ctx = mp.get_context("spawn")  # no fork: the parent may hold CUDA / torch threads
-            self.pipes, self.procs = [], []
-            for kw in kwargs:
-                parent, child = ctx.Pipe()
-                proc = ctx.Process(target=_worker, args=(child, kw), daemon=True)
-                proc.start()
-                child.close()
-                self.pipes.append(parent)
-                self.procs.append(proc)
-            self._gather()
+            self.pipes, self.procs = [None] * num_envs, [None] * num_envs
+            for i in range(num_envs):
+                self._start_worker(i)
+            for i in range(num_envs):
+                try:
+                    self._receive(i)
+                except WorkerDied as e:
+                    raise RuntimeError(f"LIBERO worker {i} ({suite}) died while starting: {e}") from None
         else:
-            self.envs = [LiberoEnv(**kw) for kw in kwargs]
+            self.envs = [LiberoEnv(**kw) for kw in self.env_kwargs]
 
-    def _gather(self) -> list:
-        results = []
-        for i, pipe in enumerate(self.pipes):
+    def _start_worker(self, i: int) -> None:
+        ctx = mp.get_context("spawn")  # no fork: the parent may hold CUDA / torch threads
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_worker, args=(child, self.env_kwargs[i]), daemon=True)
+        proc.start()
+        child.close()
+        self.pipes[i], self.procs[i] = parent, proc
+
+    def _send(self, i: int, message: tuple) -> None:
+        try:
+            self.pipes[i].send(message)
+        except (BrokenPipeError, ConnectionResetError, EOFError) as e:
+            raise WorkerDied(f"exit code {self.procs[i].exitcode}") from e
+
+    def _receive(self, i: int):
+        """The worker's reply; WorkerDied if it exits or stays silent for `timeout_s` (then it is killed)."""
+        deadline = time.monotonic() + self.timeout_s
+        while not self.pipes[i].poll(1.0):  # a dead worker's pipe polls ready (EOF)
+            if not self.procs[i].is_alive():
+                raise WorkerDied(f"exit code {self.procs[i].exitcode}")
+            if time.monotonic() > deadline:
+                self.procs[i].kill()
+                raise WorkerDied(f"no answer within {self.timeout_s:.0f} s")
+        try:
+            status, payload = self.pipes[i].recv()
+        except (EOFError, ConnectionResetError) as e:
+            self.procs[i].join(timeout=10)
+            raise WorkerDied(f"exit code {self.procs[i].exitcode}") from e
+        if status == "error":
+            raise RuntimeError(f"LIBERO worker {i} failed:\n{payload}")
+        return payload
+
+    def _restart_and_redo(self, i: int, command: str, payload, cause: WorkerDied):
+        """Start worker i anew, redo its episode so far (the current reset/step included), then answer `command`."""
+        episode = self.episodes[i]
+        for _ in range(self.max_restarts):
+            self.worker_restarts += 1
+            self.pipes[i].close()
+            if self.procs[i].is_alive():
+                self.procs[i].kill()
+            self.procs[i].join(timeout=10)
+            self._start_worker(i)
             try:
-                status, payload = pipe.recv()
-            except EOFError:
-                raise RuntimeError(f"LIBERO worker {i} died (exit code {self.procs[i].exitcode})") from None
-            if status == "error":
-                raise RuntimeError(f"LIBERO worker {i} failed:\n{payload}")
-            results.append(payload)
-        return results
+                self._receive(i)
+                result = None
+                if episode["reset"] is not None:
+                    self._send(i, ("reset", episode["reset"]))
+                    result = self._receive(i)
+                    for chunk in episode["chunks"]:
+                        self._send(i, ("step", chunk))
+                        result = self._receive(i)
+                if command in ("reset", "step"):
+                    return result
+                self._send(i, (command, payload))
+                return self._receive(i)
+            except WorkerDied as e:
+                cause = e
+        task = ""
+        if episode["reset"] is not None:
+            task_id, init_state_id, _ = episode["reset"]
+            task = f", task {task_id} ({self.tasks[task_id].name}), init state {init_state_id}"
+        raise RuntimeError(f"LIBERO worker {i} ({self.suite}{task}) died during {command!r} and again after each of "
+                           f"{self.max_restarts} restarts; last: {cause}")
 
     def _call(self, command: str, payloads: list) -> list:
+        for episode, payload in zip(self.episodes, payloads):
+            if command == "reset":
+                episode["reset"], episode["chunks"] = payload, []
+            elif command == "step":
+                episode["chunks"].append(payload)
         if not self.use_workers:
             method = {"reset": lambda e, p: e.reset(*p), "step": lambda e, p: e.step_chunk(p),
                       "video": lambda e, p: np.stack(e.frames)}[command]
             return [method(env, p) for env, p in zip(self.envs, payloads)]
-        for pipe, payload in zip(self.pipes, payloads):
-            pipe.send((command, payload))
-        return self._gather()
+        failures = {}
+        for i, payload in enumerate(payloads):
+            try:
+                self._send(i, (command, payload))
+            except WorkerDied as e:
+                failures[i] = e
+        results = []
+        for i, payload in enumerate(payloads):
+            try:
+                if i in failures:
+                    raise failures[i]
+                results.append(self._receive(i))
+            except WorkerDied as e:
+                results.append(self._restart_and_redo(i, command, payload, e))
+        return results
 
     def reset(self, task_ids: list[int], init_state_ids: list[int],
               record_frames: bool = True) -> tuple[np.ndarray, list[str]]:
@@ -281,7 +395,7 @@ class LiberoVectorEnv:
 
     def step(self, env_actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         assert env_actions.shape[0] == self.num_envs and env_actions.shape[-1] == 7, env_actions.shape
-        results = self._call("step", list(env_actions))
+        results = self._call("step", [np.asarray(a) for a in env_actions])
         images, success, done, steps = zip(*results)
         return np.stack(images), np.array(success), np.array(done), np.array(steps)
 
