@@ -66,7 +66,8 @@ from common.dist import (all_gather_cat, all_reduce_mean, all_reduce_sum_, bf16_
                          check_in_sync, cleanup, init_dist, print0, sum_gradients_, world_size)
 from common.guards import (NonFiniteGuard, StopRequest, check_finite_logits, check_finite_state, check_flags,
                            named_state_tensors)
-from common.libero_env import LiberoVectorEnv, check_task_ids, configure_rendering, load_suite, to_libero_actions
+from common.libero_env import (OFT_EVAL_MAX_STEPS, LiberoVectorEnv, check_task_ids, configure_rendering,
+                               eval_episodes, init_state_draws, load_suite, to_libero_actions)
 from common.logger import Logger, is_due
 from common.openvla import (ActionTokenizer, action_stats, load_lora_adapter, load_openvla, make_trainable,
                             read_openvla_config, resolve_model_path, save_lora_adapter, save_openvla)
@@ -90,7 +91,7 @@ class Args:
     model_path: str = "Sylvest/OpenVLA-AC-PD-1traj-libero-long"
     """OpenVLA-OFT checkpoint: local directory or hub id (dataset_statistics.json beside the weights is used)"""
     unnorm_key: Optional[str] = None
-    """action statistics key; default `{suite}_no_noops`, or the only key the checkpoint has"""
+    """action statistics key; default `{suite}` if the checkpoint has it, else `{suite}_no_noops`, else its only key"""
     lora_rank: int = 32
     """LoRA rank on every linear layer (0: full fine-tuning)"""
     lora_alpha: int = 16
@@ -109,8 +110,14 @@ class Args:
     """task ids of the suite to train and evaluate on (default: all)"""
     num_envs: int = 16
     """parallel LIBERO envs per rank (one subprocess each)"""
-    max_episode_steps: Optional[int] = None
-    """env steps per episode (default: the suite's 220/280/300/520/400)"""
+    max_episode_steps: int = 512
+    """env steps per episode (not policy queries: a query executes 8); 512 in SimpleVLA-RL, siiRL and RLinf"""
+    oft_eval_max_steps: bool = False
+    """use the OpenVLA-OFT paper's evaluation limits instead (220/280/300/520/400 env steps by suite)"""
+    center_crop: bool = True
+    """the central 0.9-area crop (then back to 224) that OpenVLA-OFT checkpoints were trained and evaluated with"""
+    env_max_restarts: int = 2
+    """restart a dead LIBERO worker and redo its episode at most this many times per call"""
     camera_size: int = 256
     """agentview render resolution before the resize to 224"""
     env_workers: bool = True
@@ -162,7 +169,7 @@ class Args:
     eval_interval: int = 25
     """evaluate every this many iterations and after the last one (0: only after the last one)"""
     eval_init_states: int = 50
-    """init states per task in evaluation (the suite's first ones)"""
+    """init states per task in evaluation (the suite's first ones; all 50 by default)"""
     eval_temperature: float = 0.0
     """0 = greedy (argmax over the bins)"""
     capture_video: bool = True
@@ -189,12 +196,12 @@ class Args:
 
 
 def validate(args: Args, world_size: int):
-    """Every check that can fail on user input, before envs or weights are loaded. Returns the suite's tasks and the
-    run directory."""
+    """Every check that can fail on user input, before envs or weights are loaded. Returns the run directory."""
     check_flags(args, positive=("num_envs", "tasks_per_iteration", "num_minibatches", "micro_batch_size",
                                 "update_epochs", "total_iterations", "max_episode_steps", "eval_init_states",
                                 "world_model_frames"),
-                non_negative=("eval_interval", "save_interval", "keep_checkpoints", "eval_temperature"))
+                non_negative=("eval_interval", "save_interval", "keep_checkpoints", "eval_temperature",
+                              "env_max_restarts"))
     if not args.temperature > 0:
         raise ValueError(f"--temperature must be > 0 for training rollouts, got {args.temperature} "
                          "(--eval-temperature 0 is greedy evaluation)")
@@ -226,7 +233,7 @@ def validate(args: Args, world_size: int):
         raise ValueError(f"--eval-init-states {args.eval_init_states}: the {args.suite} tasks have "
                          f"{min(len(task.init_states) for task in tasks)} init states")
     configure_rendering(args.mujoco_gl)  # no rendering backend -> error now
-    return tasks, run_path
+    return run_path
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -282,8 +289,8 @@ def load_action_stats(model_dir: str, config: dict, suite: str, unnorm_key: Opti
         with open(stats_file) as f:
             config = {**config, "norm_stats": json.load(f)}
     norm_stats = config.get("norm_stats") or {}
-    if unnorm_key is None and f"{suite}_no_noops" in norm_stats:
-        unnorm_key = f"{suite}_no_noops"
+    if unnorm_key is None:  # `{suite}` when present, else `{suite}_no_noops` (SimpleVLA-RL's order)
+        unnorm_key = next((k for k in (suite, f"{suite}_no_noops") if k in norm_stats), None)
     return action_stats(config, unnorm_key)
 
 
@@ -418,8 +425,7 @@ def rollout(policy, processor, envs, episodes, to_env_actions, args, autocast, e
 
 def evaluate(policy, processor, envs, to_env_actions, args, dist, autocast, logger, iteration) -> dict:
     """Every task x its first `eval_init_states` init states, split over ranks; per-task and suite success."""
-    episodes = [(t, i) for t in args.task_ids for i in range(args.eval_init_states)]
-    mine = episodes[dist.rank :: dist.world_size]
+    mine = eval_episodes(args.task_ids, args.eval_init_states)[dist.rank :: dist.world_size]
     num_tasks = max(args.task_ids) + 1
     totals = torch.zeros(3, num_tasks, dtype=torch.float64)  # (successes, env steps, episodes) per task
     videos = {}
@@ -539,7 +545,7 @@ def main(args: Args) -> None:
     # Setup: validation, distributed, seeds, model, reward model, optimizer, envs
     # ---------------------------------------------------------------------------------------------------------------
     dist = init_dist()
-    tasks, run_path = validate(args, dist.world_size)
+    run_path = validate(args, dist.world_size)
     device = dist.device
     print0(f"run {run_path}: {dist.world_size} rank(s) x {args.num_envs} envs, {args.tasks_per_iteration} groups x "
            f"{args.group_size} rollouts per iteration")
@@ -593,9 +599,11 @@ def main(args: Args) -> None:
         start_iteration = state["step"]
         print0(f"resumed from {args.resume} at iteration {start_iteration}")
     logger = Logger(run_path, args, enabled=dist.is_main)
-    envs = LiberoVectorEnv(args.suite, args.num_envs, camera_size=args.camera_size, max_steps=args.max_episode_steps,
+    max_steps = OFT_EVAL_MAX_STEPS[args.suite] if args.oft_eval_max_steps else args.max_episode_steps
+    envs = LiberoVectorEnv(args.suite, args.num_envs, camera_size=args.camera_size, max_steps=max_steps,
                            use_workers=args.env_workers, gpu_id=dist.local_rank if on_gpu else -1,
-                           seed=args.seed + dist.rank * args.num_envs)
+                           seed=args.seed + dist.rank * args.num_envs, center_crop=args.center_crop,
+                           max_restarts=args.env_max_restarts)
 
     if args.eval_only:
         with fsdp.gathered_params(policy):
@@ -642,13 +650,13 @@ def main(args: Args) -> None:
 
     for iteration in range(start_iteration + 1, args.total_iterations + 1):
         # -----------------------------------------------------------------------------------------------------------
-        # 1. Rollout: this rank's groups, group_size episodes each, in waves of num_envs envs; the (task, init state)
-        #    draw is the same on every rank, action sampling derives from (seed, rank, iteration)
+        # 1. Rollout: this rank's groups, group_size episodes each, in waves of num_envs envs. The (task, init state)
+        #    pairs run through all 50 init states of every task without replacement, the same draw on every rank;
+        #    action sampling derives from (seed, rank, iteration), so a resume replays exactly
         # -----------------------------------------------------------------------------------------------------------
         rollout_start = time.time()
-        task_rng = np.random.default_rng([args.seed, iteration])
-        groups = [(int(task_rng.choice(args.task_ids)), int(task_rng.integers(len(tasks[0].init_states))))
-                  for _ in range(args.tasks_per_iteration)]
+        groups = init_state_draws(args.task_ids, args.seed, start=(iteration - 1) * args.tasks_per_iteration,
+                                  count=args.tasks_per_iteration)
         groups = groups[dist.rank * args.groups_per_rank : (dist.rank + 1) * args.groups_per_rank]
         episodes = [g for g in groups for _ in range(args.group_size)]  # (R,) episode r belongs to group r // n
         torch.manual_seed(int(np.random.default_rng([args.seed, dist.rank, iteration]).integers(2**62)))
@@ -724,6 +732,7 @@ def main(args: Args) -> None:
             "rollout/advantage_abs_mean": batch["advantages"][kept].abs().mean().item() if kept.any() else 0.0,
             "reward/progress_mean": progress_mean,
             "reward/num_clusters": float(num_clusters),
+            "env/worker_restarts": float(envs.worker_restarts),
             "time/rollout_s": rollout_time,
             "time/reward_s": reward_time,
             "time/update_s": update_time,

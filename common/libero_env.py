@@ -35,6 +35,7 @@ from __future__ import annotations
 import ctypes.util
 import multiprocessing as mp
 import os
+import signal
 import time
 import traceback
 from dataclasses import dataclass
@@ -233,6 +234,10 @@ class LiberoEnv:
 
 
 def _worker(pipe, env_kwargs: dict) -> None:
+    # A stop signal (Ctrl-C, Slurm's SIGTERM) reaches the whole process group: the training process saves a
+    # checkpoint and closes the envs, so the workers must not die first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     env = None
     try:
         env = LiberoEnv(**env_kwargs)

@@ -36,3 +36,17 @@ def test_clipped_token_loss_asymmetric_clip_and_masked_token_mean():
     loss, _, _ = clipped_token_loss(new, old, adv, mask, 0.2, 0.28, num_tokens=7.0)
     loss.backward()
     assert new.grad[1, 3] == 0 and new.grad[0, 0] == 0 and new.grad[0, 1] != 0  # masked / clipped tokens: no gradient
+
+
+def test_unnorm_key_prefers_the_suite_then_no_noops(tmp_path):
+    """SimpleVLA-RL's order: `{suite}` when the statistics have it, else `{suite}_no_noops`."""
+    from srpo_openvla_oft import load_action_stats
+
+    def stats(low):
+        return {"action": {"q01": [low] * 7, "q99": [1.0] * 7, "mask": [True] * 6 + [False]}}
+
+    config = {"norm_stats": {"libero_10": stats(-1.0), "libero_10_no_noops": stats(-2.0), "other": stats(-3.0)}}
+    assert load_action_stats(str(tmp_path), config, "libero_10", None)["q01"][0] == -1.0
+    del config["norm_stats"]["libero_10"]
+    assert load_action_stats(str(tmp_path), config, "libero_10", None)["q01"][0] == -2.0
+    assert load_action_stats(str(tmp_path), config, "libero_10", "other")["q01"][0] == -3.0
