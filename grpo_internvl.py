@@ -183,6 +183,7 @@ def validate(args: Args, world_size: int):
         raise ValueError(f"--success-bounds must satisfy 0 <= lower <= upper <= 1, got {args.success_bounds}")
     if args.lora_rank < 0:
         raise ValueError(f"--lora-rank must be >= 0 (0 = full fine-tuning), got {args.lora_rank}")
+    fsdp.use_fsdp(args.fsdp, args.lora_rank, world_size)  # --fsdp on with LoRA -> error now
     if args.image_size < 32:
         raise ValueError(f"--image-size must be at least 32 (pixels per side), got {args.image_size}")
     run_path = check_run_flags(args, "grpo_internvl.py", inherited=("model_path", "lora_rank", "lora_alpha"))

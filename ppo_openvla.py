@@ -161,7 +161,7 @@ class Args:
     """samples per rank per optimizer step"""
 
 
-def validate(args: Args) -> tuple[dict, str]:
+def validate(args: Args, world_size: int) -> tuple[dict, str]:
     """Every check that can fail on user input, before envs or weights are loaded. Returns the model config and the
     run directory."""
     check_flags(args, positive=("num_envs", "num_steps", "num_minibatches", "micro_batch_size", "update_epochs",
@@ -174,6 +174,7 @@ def validate(args: Args) -> tuple[dict, str]:
         raise ValueError(f"--image-size must be at least 32 (pixels per side), got {args.image_size}")
     if args.lora_rank < 0:
         raise ValueError(f"--lora-rank must be >= 0 (0 = full fine-tuning), got {args.lora_rank}")
+    fsdp.use_fsdp(args.fsdp, args.lora_rank, world_size)  # --fsdp on with LoRA -> error now
     args.batch_size = args.num_envs * args.num_steps
     if args.batch_size % args.num_minibatches:
         raise ValueError(f"--num-envs x --num-steps ({args.batch_size}) is not divisible by "
@@ -378,7 +379,7 @@ def main(args: Args) -> None:
     # Setup: validation, distributed, seeds, envs, model, optimizer
     # ---------------------------------------------------------------------------------------------------------------
     dist = init_dist()
-    config, run_path = validate(args)
+    config, run_path = validate(args, dist.world_size)
     device = dist.device
     print0(f"run {run_path}: {dist.world_size} rank(s) x {args.num_envs} envs, "
            f"{args.batch_size * dist.world_size} samples per iteration")

@@ -219,6 +219,7 @@ def validate(args: Args, world_size: int):
         raise ValueError(f"--success-bounds must satisfy 0 <= lower <= upper <= 1, got {args.success_bounds}")
     if args.lora_rank < 0:
         raise ValueError(f"--lora-rank must be >= 0 (0 = full fine-tuning), got {args.lora_rank}")
+    fsdp.use_fsdp(args.fsdp, args.lora_rank, world_size)  # --fsdp on with LoRA -> error now
     tasks = load_suite(args.suite)  # unknown suite / missing assets
     args.task_ids = list(range(len(tasks))) if args.task_ids is None else args.task_ids
     check_task_ids(tasks, args.task_ids, args.suite)
