@@ -213,8 +213,9 @@ class PutOnPlateInScene25MainV3(BaseBridgeEnv):
         xyz = torch.as_tensor(self.xyz_configs, device=self.device)[self.episode["pos"][env_idx]]  # (b, 2, 3)
         quat = torch.as_tensor(self.quat_configs, device=self.device)[self.episode["quat"][env_idx]]  # (b, 2, 4)
         self.agent.robot.set_pose(self.robot_pose)
-        for slot, (actors, chosen, parked_x) in enumerate(
-                ((self.objects, self.episode["obj"][env_idx], 1.0), (self.plates, self.episode["plate"][env_idx], 2.0))):
+        drawn_sets = ((self.objects, self.episode["obj"][env_idx], 1.0),
+                      (self.plates, self.episode["plate"][env_idx], 2.0))
+        for slot, (actors, chosen, parked_x) in enumerate(drawn_sets):
             for i, actor in enumerate(actors):
                 drawn = (chosen == i)[:, None]
                 p = torch.where(drawn, xyz[:, slot], torch.tensor(self._parked(i, parked_x), device=self.device))
