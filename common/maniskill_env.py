@@ -26,6 +26,7 @@ The reward is the task's own (sparse success, or ManiSkill's normalized dense re
 `info` also carries the grasp signal of tasks that report one, so a script can shape its own reward from it.
 """
 
+import concurrent.futures
 import multiprocessing
 import os
 from typing import Optional
@@ -147,20 +148,47 @@ class _VLAObservation(gym.ObservationWrapper):
         self.pending_replay = None
 
 
-def _make_single_cpu_env(env_id: str, make_kwargs: dict, asset_dir: Optional[str]):
-    def thunk():
-        if asset_dir:  # before mani_skill is imported: it reads its asset folder once
-            os.environ["MS_ASSET_DIR"] = asset_dir
+class _CPUEnvFactory:
+    """Builds one ManiSkill CPU env in a worker process. AsyncVectorEnv also calls it once in the calling process just
+    to read the spaces: there it returns a simulator-free stand-in with the spaces probed in a subprocess, so the
+    trainer process never builds a scene (and mani-skill's asset folder is the one MS_ASSET_DIR names now)."""
+
+    def __init__(self, env_id: str, make_kwargs: dict, asset_dir: Optional[str]):
+        self.env_id, self.make_kwargs, self.asset_dir, self.spaces = env_id, make_kwargs, asset_dir, None
+
+    def build(self) -> gym.Env:
+        if self.asset_dir:  # before mani_skill is imported: it reads its asset folder once
+            os.environ["MS_ASSET_DIR"] = self.asset_dir
         import mani_skill.envs  # noqa: F401  (runs in the worker process)
         from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
 
         import common.put_on_plate_25  # noqa: F401
 
         torch.set_num_threads(1)  # one core per env process; the policy process keeps the rest
-        env = gym.make(env_id, num_envs=1, sim_backend="physx_cpu", **make_kwargs)
+        env = gym.make(self.env_id, num_envs=1, sim_backend="physx_cpu", **self.make_kwargs)
         return _VLAObservation(CPUGymWrapper(env), batched=False)  # numpy in and out, batch dim of 1 removed
 
-    return thunk
+    def __call__(self) -> gym.Env:
+        if multiprocessing.parent_process() is not None:
+            return self.build()
+        if self.spaces is None:
+            context = multiprocessing.get_context("forkserver")
+            with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+                self.spaces = pool.submit(_probe_spaces, self).result()
+        return _SpacesOnly(*self.spaces)
+
+
+def _probe_spaces(factory: _CPUEnvFactory):
+    env = factory.build()
+    spaces = (env.observation_space, env.action_space, dict(env.metadata), env.render_mode)
+    env.close()
+    return spaces
+
+
+class _SpacesOnly(gym.Env):
+    def __init__(self, observation_space, action_space, metadata, render_mode):
+        self.observation_space, self.action_space, self.metadata, self.render_mode = (
+            observation_space, action_space, metadata, render_mode)
 
 
 def next_episode_seed(seed: int) -> int:
@@ -211,7 +239,7 @@ class ManiSkillVLAEnv:
             make_kwargs["sensor_configs"] = dict(width=image_size, height=image_size)
         if max_episode_steps:
             make_kwargs["max_episode_steps"] = max_episode_steps
-        self._make_kwargs = make_kwargs
+        self._make_kwargs, self._factory = make_kwargs, None
 
         if self.gpu:
             from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
@@ -231,9 +259,10 @@ class ManiSkillVLAEnv:
         self._refresh_instructions(torch.ones(num_envs, dtype=torch.bool))
 
     def _spawn_cpu_envs(self) -> gym.vector.AsyncVectorEnv:
-        asset_dir = os.environ.get("MS_ASSET_DIR")
+        if self._factory is None:
+            self._factory = _CPUEnvFactory(self.env_id, self._make_kwargs, os.environ.get("MS_ASSET_DIR"))
         return gym.vector.AsyncVectorEnv(
-            [_make_single_cpu_env(self.env_id, self._make_kwargs, asset_dir) for _ in range(self.num_envs)],
+            [self._factory] * self.num_envs,
             autoreset_mode=gym.vector.AutoresetMode.DISABLED,
             context="forkserver",
         )
@@ -261,6 +290,7 @@ class ManiSkillVLAEnv:
                 return fn()
             except WORKER_DEATH as e:
                 if attempt == self.max_worker_restarts:
+                    self._kill_workers()
                     raise RuntimeError(
                         f"ManiSkill worker processes of {self.env_id} died {attempt + 1} times in a row "
                         f"({type(e).__name__}: {e}); gave up after {self.max_worker_restarts} restarts."
@@ -386,9 +416,12 @@ class ManiSkillVLAEnv:
         return {k: torch.where(done.view(-1, *[1] * (v.dim() - 1)), new_obs[k], v) for k, v in obs.items()}
 
     def close(self) -> None:
-        if self.gpu or all(process.is_alive() for process in self.env.processes):
+        if self.gpu:
             self.env.close()
-        else:  # a dead worker cannot answer "close"
+            return
+        try:
+            self.env.close(timeout=30)  # a worker that does not answer within 30 s is terminated
+        except WORKER_DEATH:  # a dead worker cannot answer "close"
             self._kill_workers()
 
 
