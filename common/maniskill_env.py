@@ -358,7 +358,11 @@ class ManiSkillVLAEnv:
         assert len(seeds) == self.num_envs, f"need one seed per env ({self.num_envs}), got {len(seeds)}"
         self._seeds, self._actions = [int(s) for s in seeds], [[] for _ in range(self.num_envs)]
         self.success_once[:] = False
-        if self.gpu:
+        trials = getattr(self.env.base_env, "total_num_trials", None) if self.gpu else None
+        if trials:  # a task that draws its episode from an id (PutOnPlateInScene25): same seed, same episode
+            episode_id = torch.tensor([s % trials for s in seeds], device=self.env.device)
+            obs, _ = self.env.reset(seed=list(seeds), options=dict(episode_id=episode_id))
+        elif self.gpu:
             obs, _ = self.env.reset(seed=list(seeds))
             obs = self._share_initial_states(seeds, obs)
         else:
