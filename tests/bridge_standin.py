@@ -16,9 +16,11 @@ COLOURS = ["red", "green", "blue", "yellow", "purple"]
 def _link(name: str, box=None, origin=(0, 0, 0), mass: float = 0.1) -> str:
     geometry = ""
     if box is not None:
-        shape = f'<origin xyz="{" ".join(map(str, origin))}"/><geometry><box size="{" ".join(map(str, box))}"/></geometry>'
+        xyz, size = " ".join(map(str, origin)), " ".join(map(str, box))
+        shape = f'<origin xyz="{xyz}"/><geometry><box size="{size}"/></geometry>'
         geometry = f"<visual>{shape}</visual><collision>{shape}</collision>"
-    inertial = f'<inertial><mass value="{mass}"/><inertia ixx="1e-4" iyy="1e-4" izz="1e-4" ixy="0" ixz="0" iyz="0"/></inertial>'
+    inertia = '<inertia ixx="1e-4" iyy="1e-4" izz="1e-4" ixy="0" ixz="0" iyz="0"/>'
+    inertial = f'<inertial><mass value="{mass}"/>{inertia}</inertial>'
     return f'<link name="{name}">{inertial}{geometry}</link>'
 
 
@@ -33,8 +35,10 @@ def widowx_urdf() -> str:
     an ee_gripper_link, sized like a WidowX 250."""
     links = [
         _link("base_link", (0.1, 0.1, 0.06), (0, 0, 0.03), 1.0), _link("shoulder_link", (0.04, 0.04, 0.03)),
-        _link("upper_arm_link", (0.03, 0.03, 0.2), (0.0, 0, 0.125)), _link("upper_forearm_link", (0.15, 0.03, 0.03), (0.09, 0, 0)),
-        _link("lower_forearm_link", (0.05, 0.03, 0.03), (0.04, 0, 0)), _link("wrist_link", (0.04, 0.03, 0.03), (0.03, 0, 0)),
+        _link("upper_arm_link", (0.03, 0.03, 0.2), (0.0, 0, 0.125)),
+        _link("upper_forearm_link", (0.15, 0.03, 0.03), (0.09, 0, 0)),
+        _link("lower_forearm_link", (0.05, 0.03, 0.03), (0.04, 0, 0)),
+        _link("wrist_link", (0.04, 0.03, 0.03), (0.03, 0, 0)),
         _link("gripper_link", (0.04, 0.05, 0.02), (0.03, 0, 0)), _link("ee_gripper_link"),
         _link("left_finger_link", (0.04, 0.008, 0.02), (0.02, 0.004, 0), 0.02),
         _link("right_finger_link", (0.04, 0.008, 0.02), (0.02, -0.004, 0), 0.02),
@@ -48,7 +52,8 @@ def widowx_urdf() -> str:
         _joint("wrist_rotate", "revolute", "wrist_link", "gripper_link", (0.065, 0, 0), (1, 0, 0)),
         _joint("ee_gripper", "fixed", "gripper_link", "ee_gripper_link", (0.1, 0, 0)),
         _joint("left_finger", "prismatic", "gripper_link", "left_finger_link", (0.07, 0, 0), (0, 1, 0), (0.01, 0.04)),
-        _joint("right_finger", "prismatic", "gripper_link", "right_finger_link", (0.07, 0, 0), (0, -1, 0), (0.01, 0.04)),
+        _joint("right_finger", "prismatic", "gripper_link", "right_finger_link", (0.07, 0, 0), (0, -1, 0),
+               (0.01, 0.04)),
     ]
     return f'<?xml version="1.0"?><robot name="wx250s">{"".join(links)}{"".join(joints)}</robot>'
 

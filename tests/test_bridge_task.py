@@ -1,5 +1,6 @@
 """PutOnPlateInScene25Main-v3 (common/put_on_plate_25.py) through the real ManiSkill code path, on stand-in assets of
-the real layout (tests/bridge_standin.py): native-resolution camera, per-episode instructions, success, missing assets."""
+the real layout (tests/bridge_standin.py): native-resolution camera, per-episode instructions, success, missing
+assets."""
 
 import json
 import os
@@ -67,7 +68,8 @@ env.reset(seed=0)
 u = env.unwrapped
 _, _, _, _, before = env.step(np.zeros(7, dtype=np.float32))
 plate = u.plates[u.episode["plate"][0]].pose.p
-u.objects[u.episode["obj"][0]].set_pose(Pose.create_from_pq(p=plate + torch.tensor([0, 0, 0.03]), q=torch.tensor([[1.0, 0, 0, 0]])))
+on_plate = Pose.create_from_pq(p=plate + torch.tensor([0, 0, 0.03]), q=torch.tensor([[1.0, 0, 0, 0]]))
+u.objects[u.episode["obj"][0]].set_pose(on_plate)
 for _ in range(3):
     _, _, _, _, after = env.step(np.array([0, 0, 0, 0, 0, 0, 1], dtype=np.float32))
 print(json.dumps({"before": bool(before["success"][0]), "after": bool(after["success"][0])}))
