@@ -9,12 +9,26 @@ Both paths share this interface:
     obs = env.reset(seeds=[0, 1, 2, 3])          # {"rgb": uint8 (N, H, W, 3), "tcp_pose": (N, 7)}
     obs, reward, terminated, truncated, info = env.step(actions)   # actions (N, 7) in [-1, 1]
 
-Finished envs are reset inside `step` (the returned obs is the first one of the new episode) and
-`info["final_obs"]` holds the last observation of the finished episode, for bootstrapping truncations.
+Finished envs are reset inside `step` (the returned obs is the first one of the new episode), `info["final_obs"]` holds
+the last observation of the finished episode, for bootstrapping truncations, and `info["reset_mask"]` says which envs
+started a new episode: their `env.instructions[i]` may have changed (tasks that draw objects per episode).
+Eval mode (`ignore_terminations=True`, the RLinf evaluation protocol): episodes run their full length after success;
+`info["success_once"]` (ever succeeded this episode) and `info["success"]` at truncation give both success rates.
+
+Camera: the Bridge / "InScene" digital twins (mani-skill's BaseDigitalTwinEnv) render their intrinsic-defined
+3rd_view_camera at its native 640x480 (overriding width/height would render a crop while the greenscreen background is
+squashed), with obs_mode "rgb+segmentation" and the "default" shader, as RLinf's ManiSkill configs set them; frames are
+(N, 480, 640, 3) and the model's processor resizes them. Other tasks render square `image_size` frames.
+
+CPU workers that die (or hang past `step_timeout_s`) are respawned: the current episodes are replayed from their seeds
+and actions (ManiSkill's CPU physics is deterministic), then the step is retried; `worker_restarts` counts respawns.
 The reward is the task's own (sparse success, or ManiSkill's normalized dense reward with `dense_reward=True`);
 `info` also carries the grasp signal of tasks that report one, so a script can shape its own reward from it.
 """
 
+import concurrent.futures
+import multiprocessing
+import os
 from typing import Optional
 
 import gymnasium as gym
@@ -33,26 +47,47 @@ INSTRUCTIONS = {
     "LiftPegUpright-v1": "lift the peg and stand it upright",
     "PegInsertionSide-v1": "insert the peg into the hole on the side of the box",
     "RollBall-v1": "push the ball so that it rolls into the goal region",
-    "PushT-v1": "push the T-shaped block onto the target",
+}
+UNSUPPORTED = {
+    "PushT-v1": "its robot (panda_stick) has no gripper: its actions are 6-dim, a VLA sends 7 (arm delta + gripper)",
 }
 GRASP_KEYS = ("is_src_obj_grasped", "is_grasped")  # Bridge tasks, ManiSkill tasks: reported as info["grasped"]
+WORKER_DEATH = (EOFError, ConnectionError, BrokenPipeError, multiprocessing.TimeoutError)
 
 
 def registered_env_ids() -> list[str]:
     import mani_skill.envs  # noqa: F401  (registers the tasks)
     from mani_skill.utils.registration import REGISTERED_ENVS
 
+    import common.put_on_plate_25  # noqa: F401  (registers PutOnPlateInScene25Main-v3)
+
     return sorted(REGISTERED_ENVS)
 
 
+def is_digital_twin(env_id: str) -> bool:
+    """Bridge / "InScene" tasks: an intrinsic-defined camera, a greenscreened real background, rgb+segmentation."""
+    from mani_skill.envs.tasks.digital_twins.base_env import BaseDigitalTwinEnv
+    from mani_skill.utils.registration import REGISTERED_ENVS
+
+    return issubclass(REGISTERED_ENVS[env_id].cls, BaseDigitalTwinEnv)
+
+
 def check_env_id(env_id: str) -> None:
-    """Fail fast (before any simulator starts) on an unknown task or one without an instruction."""
+    """Fail fast (before any simulator starts) on an unknown or unsupported task, or one whose assets are missing."""
     registered = registered_env_ids()
     if env_id not in registered:
         raise ValueError(
             f"--env-id {env_id!r} is not a ManiSkill3 task. Tasks with built-in instructions (no asset download): "
             f"{', '.join(INSTRUCTIONS)}. All registered ids: {', '.join(registered)}."
         )
+    if env_id in UNSUPPORTED:
+        raise ValueError(f"--env-id {env_id} is not supported: {UNSUPPORTED[env_id]}.")
+    from common import put_on_plate_25
+
+    if env_id == put_on_plate_25.ENV_ID and put_on_plate_25.missing_assets():
+        missing = put_on_plate_25.missing_assets()
+        raise FileNotFoundError(f"--env-id {env_id} needs assets that are not on disk ({len(missing)} files, e.g. "
+                                f"{missing[0]}). Download them with: {put_on_plate_25.download_command()}")
 
 
 def check_render_device() -> None:
@@ -70,32 +105,95 @@ def check_render_device() -> None:
 
 
 class _VLAObservation(gym.ObservationWrapper):
-    """Keep only what a VLA needs: the first camera's RGB image and the end-effector pose."""
+    """Keep only what a VLA needs: the first camera's RGB image and the end-effector pose (the task's `tcp_pose`, or the
+    pose of the robot's tcp / ee_gripper_link for tasks that do not report one). In a CPU worker it also answers the
+    instruction of the current episode and replays an episode (worker respawn)."""
 
-    def __init__(self, env: gym.Env):
+    def __init__(self, env: gym.Env, batched: bool):
         super().__init__(env)
+        self.batched = batched
         space = env.unwrapped.single_observation_space
         camera = next(iter(space["sensor_data"].values()))
-        self.observation_space = gym.spaces.Dict({"rgb": camera["rgb"], "tcp_pose": space["extra"]["tcp_pose"]})
+        shape = (env.unwrapped.num_envs, 7) if batched else (7,)
+        pose_space = space["extra"].get("tcp_pose", gym.spaces.Box(-np.inf, np.inf, (7,), np.float32))
+        if pose_space.shape[-1:] == (7,):
+            pose_space = gym.spaces.Box(-np.inf, np.inf, shape, np.float32)
+        rgb = camera["rgb"]
+        rgb = gym.spaces.Box(0, 255, (env.unwrapped.num_envs, *rgb.shape) if batched else rgb.shape, np.uint8)
+        self.observation_space = gym.spaces.Dict({"rgb": rgb, "tcp_pose": pose_space})
+        self.pending_replay = None
+
+    def _tcp_pose(self, obs):
+        if "tcp_pose" in obs["extra"]:
+            return obs["extra"]["tcp_pose"]
+        agent = self.env.unwrapped.agent
+        link = getattr(agent, "tcp", None) or agent.robot.links_map["ee_gripper_link"]
+        pose = link.pose.raw_pose
+        return pose if self.batched else pose[0].cpu().numpy()
 
     def observation(self, obs):
         camera = next(iter(obs["sensor_data"].values()))
-        return {"rgb": camera["rgb"], "tcp_pose": obs["extra"]["tcp_pose"]}
+        return {"rgb": camera["rgb"], "tcp_pose": self._tcp_pose(obs)}
+
+    def instruction(self) -> Optional[str]:
+        get = getattr(self.env.unwrapped, "get_language_instruction", None)
+        return get()[0] if get else None
+
+    def replay(self) -> None:
+        """Reset with the episode's seed and redo its actions (set in `pending_replay` as (seed, actions))."""
+        seed, actions = self.pending_replay
+        self.reset(seed=seed)
+        for action in actions:
+            self.step(action)
+        self.pending_replay = None
 
 
-def _make_single_cpu_env(env_id: str, make_kwargs: dict):
-    def thunk():
+class _CPUEnvFactory:
+    """Builds one ManiSkill CPU env in a worker process. AsyncVectorEnv also calls it once in the calling process just
+    to read the spaces: there it returns a simulator-free stand-in with the spaces probed in a subprocess, so the
+    trainer process never builds a scene (and mani-skill's asset folder is the one MS_ASSET_DIR names now)."""
+
+    def __init__(self, env_id: str, make_kwargs: dict, asset_dir: Optional[str]):
+        self.env_id, self.make_kwargs, self.asset_dir, self.spaces = env_id, make_kwargs, asset_dir, None
+
+    def build(self) -> gym.Env:
+        if self.asset_dir:  # before mani_skill is imported: it reads its asset folder once
+            os.environ["MS_ASSET_DIR"] = self.asset_dir
         import mani_skill.envs  # noqa: F401  (runs in the worker process)
         from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
 
-        torch.set_num_threads(1)  # one core per env process; the policy process keeps the rest
-        env = gym.make(env_id, num_envs=1, sim_backend="physx_cpu", **make_kwargs)
-        instruction = getattr(env.unwrapped, "get_language_instruction", None)
-        env = _VLAObservation(CPUGymWrapper(env))  # numpy in and out, batch dim of 1 removed
-        env.language_instruction = instruction()[0] if instruction else None
-        return env
+        import common.put_on_plate_25  # noqa: F401
 
-    return thunk
+        torch.set_num_threads(1)  # one core per env process; the policy process keeps the rest
+        env = gym.make(self.env_id, num_envs=1, sim_backend="physx_cpu", **self.make_kwargs)
+        return _VLAObservation(CPUGymWrapper(env), batched=False)  # numpy in and out, batch dim of 1 removed
+
+    def __call__(self) -> gym.Env:
+        if multiprocessing.parent_process() is not None:
+            return self.build()
+        if self.spaces is None:
+            context = multiprocessing.get_context("forkserver")
+            with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+                self.spaces = pool.submit(_probe_spaces, self).result()
+        return _SpacesOnly(*self.spaces)
+
+
+def _probe_spaces(factory: _CPUEnvFactory):
+    env = factory.build()
+    spaces = (env.observation_space, env.action_space, dict(env.metadata), env.render_mode)
+    env.close()
+    return spaces
+
+
+class _SpacesOnly(gym.Env):
+    def __init__(self, observation_space, action_space, metadata, render_mode):
+        self.observation_space, self.action_space, self.metadata, self.render_mode = (
+            observation_space, action_space, metadata, render_mode)
+
+
+def next_episode_seed(seed: int) -> int:
+    """The seed of the episode that follows one started with `seed` (auto-reset): envs sharing a seed keep sharing."""
+    return int(np.random.default_rng(seed).integers(2**31))
 
 
 class ManiSkillVLAEnv:
@@ -107,49 +205,133 @@ class ManiSkillVLAEnv:
         dense_reward: bool = False,
         instruction: Optional[str] = None,
         max_episode_steps: Optional[int] = None,
-        control_mode: str = "pd_ee_delta_pose",
+        control_mode: Optional[str] = None,
         sim_backend: str = "auto",
+        ignore_terminations: bool = False,
+        env_kwargs: Optional[dict] = None,
+        max_worker_restarts: int = 2,
+        step_timeout_s: float = 600.0,
     ):
+        """control_mode None: pd_ee_delta_pose, or the robot's only controller for the digital twins. env_kwargs go to
+        gym.make (e.g. obj_set="test" for PutOnPlateInScene25Main-v3). ignore_terminations: eval mode (see above)."""
         check_env_id(env_id)
         check_render_device()
         import mani_skill.envs  # noqa: F401
 
         self.env_id, self.num_envs = env_id, num_envs
+        self.ignore_terminations, self.instruction_override = ignore_terminations, instruction
+        self.max_worker_restarts, self.step_timeout_s, self.worker_restarts = max_worker_restarts, step_timeout_s, 0
         self.gpu = sim_backend == "gpu" or (sim_backend == "auto" and torch.cuda.is_available())
+        twin = is_digital_twin(env_id)
+        if twin and dense_reward:
+            raise ValueError(f"--env-id {env_id} has no dense reward (reward mode 'none'); shape from success/grasp")
         make_kwargs = dict(
-            obs_mode="rgb",
-            control_mode=control_mode,
-            reward_mode="normalized_dense" if dense_reward else "sparse",
+            obs_mode="rgb+segmentation" if twin else "rgb",
+            reward_mode="none" if twin else "normalized_dense" if dense_reward else "sparse",
             render_mode="rgb_array",
+            **(env_kwargs or {}),
         )
-        if image_size:
+        if control_mode or not twin:
+            make_kwargs["control_mode"] = control_mode or "pd_ee_delta_pose"
+        if twin:
+            make_kwargs["sensor_configs"] = dict(shader_pack="default")  # native resolution of the intrinsic camera
+        elif image_size:
             make_kwargs["sensor_configs"] = dict(width=image_size, height=image_size)
         if max_episode_steps:
             make_kwargs["max_episode_steps"] = max_episode_steps
+        self._make_kwargs, self._factory = make_kwargs, None
 
         if self.gpu:
             from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
 
             base = gym.make(env_id, num_envs=num_envs, sim_backend="physx_cuda", **make_kwargs)
-            get_instruction = getattr(base.unwrapped, "get_language_instruction", None)
-            self._observation = _VLAObservation(base)
-            self.env = ManiSkillVectorEnv(self._observation, auto_reset=False, ignore_terminations=False)
-            env_instructions = get_instruction() if get_instruction else [None] * num_envs
+            self._observation = _VLAObservation(base, batched=True)
+            self.env = ManiSkillVectorEnv(self._observation, auto_reset=False, ignore_terminations=ignore_terminations)
         else:
-            self.env = gym.vector.AsyncVectorEnv(
-                [_make_single_cpu_env(env_id, make_kwargs) for _ in range(num_envs)],
-                autoreset_mode=gym.vector.AutoresetMode.DISABLED,
-                context="forkserver",
-            )
-            env_instructions = self.env.get_attr("language_instruction")
+            self.env = self._spawn_cpu_envs()
         self.max_episode_steps = max_episode_steps or gym.spec(env_id).max_episode_steps
         self.action_low = torch.as_tensor(self.env.single_action_space.low, dtype=torch.float32)
         self.action_high = torch.as_tensor(self.env.single_action_space.high, dtype=torch.float32)
+        self._seeds = [None] * num_envs  # per env: the seed of its current episode and the actions taken since
+        self._actions: list[list[np.ndarray]] = [[] for _ in range(num_envs)]
+        self.success_once = torch.zeros(num_envs, dtype=torch.bool)
+        self.instructions = [None] * num_envs
+        self._refresh_instructions(torch.ones(num_envs, dtype=torch.bool))
 
-        default = instruction or INSTRUCTIONS.get(env_id)
-        self.instructions = [instruction or text or default for text in env_instructions]
+    def _spawn_cpu_envs(self) -> gym.vector.AsyncVectorEnv:
+        if self._factory is None:
+            self._factory = _CPUEnvFactory(self.env_id, self._make_kwargs, os.environ.get("MS_ASSET_DIR"))
+        return gym.vector.AsyncVectorEnv(
+            [self._factory] * self.num_envs,
+            autoreset_mode=gym.vector.AutoresetMode.DISABLED,
+            context="forkserver",
+        )
+
+    def _refresh_instructions(self, mask: torch.Tensor) -> None:
+        """Re-read the instruction of the envs in `mask` (objects, hence instructions, can change per episode)."""
+        if self.gpu:
+            get = getattr(self.env.base_env, "get_language_instruction", None)
+            current = get() if get else [None] * self.num_envs
+        else:
+            current = self._call("instruction")
+        default = INSTRUCTIONS.get(self.env_id)
+        for i in torch.nonzero(mask).flatten().tolist():
+            self.instructions[i] = self.instruction_override or current[i] or default
         if any(text is None for text in self.instructions):
-            raise ValueError(f"--env-id {env_id} has no built-in instruction: pass --instruction 'what to do'.")
+            raise ValueError(f"--env-id {self.env_id} has no built-in instruction: pass --instruction 'what to do'.")
+
+    # -- CPU workers: calls that survive a dead worker ----------------------------------------------------------
+    def _call(self, name: str):
+        return self._retry(lambda: self.env.call(name))
+
+    def _retry(self, fn):
+        for attempt in range(self.max_worker_restarts + 1):
+            try:
+                return fn()
+            except WORKER_DEATH as e:
+                if attempt == self.max_worker_restarts:
+                    self._kill_workers()
+                    raise RuntimeError(
+                        f"ManiSkill worker processes of {self.env_id} died {attempt + 1} times in a row "
+                        f"({type(e).__name__}: {e}); gave up after {self.max_worker_restarts} restarts."
+                    ) from e
+                self._respawn()
+
+    def _respawn(self) -> None:
+        """Replace all workers, then bring every env back to where it was: reset with its episode's seed and redo the
+        episode's actions."""
+        self.worker_restarts += 1
+        self._kill_workers()
+        self.env = self._spawn_cpu_envs()
+        if any(seed is None for seed in self._seeds):
+            return
+        self.env.set_attr("pending_replay", [(seed, list(acts)) for seed, acts in zip(self._seeds, self._actions)])
+        self.env.call("replay")
+
+    def _kill_workers(self) -> None:
+        for process in self.env.processes:
+            if process.is_alive():
+                process.kill()
+        try:
+            self.env.close(terminate=True)
+        except WORKER_DEATH:  # the pipe of a dead worker is already broken
+            pass
+
+    def _cpu_step(self, actions: np.ndarray):
+        def step():
+            self.env.step_async(actions)
+            return self.env.step_wait(timeout=self.step_timeout_s)
+
+        return self._retry(step)
+
+    def _cpu_reset(self, seeds: list[int], mask: Optional[np.ndarray] = None):
+        options = None if mask is None else {"reset_mask": mask}
+
+        def reset():
+            self.env.reset_async(seed=list(seeds), options=dict(options) if options else None)
+            return self.env.reset_wait(timeout=self.step_timeout_s)
+
+        return self._retry(reset)
 
     # -- conversions between the two backends ------------------------------------------------------------------
     @staticmethod
@@ -171,11 +353,21 @@ class ManiSkillVLAEnv:
 
     # -- API --------------------------------------------------------------------------------------------------------
     def reset(self, seeds: list[int]) -> dict[str, torch.Tensor]:
-        """Reset every env; envs given the same seed start from the same initial state (GRPO groups)."""
+        """Reset every env; envs given the same seed start from the same initial state (GRPO groups). Updates
+        `instructions`."""
         assert len(seeds) == self.num_envs, f"need one seed per env ({self.num_envs}), got {len(seeds)}"
-        obs, _ = self.env.reset(seed=list(seeds))
-        if self.gpu:
+        self._seeds, self._actions = [int(s) for s in seeds], [[] for _ in range(self.num_envs)]
+        self.success_once[:] = False
+        trials = getattr(self.env.base_env, "total_num_trials", None) if self.gpu else None
+        if trials:  # a task that draws its episode from an id (PutOnPlateInScene25): same seed, same episode
+            episode_id = torch.tensor([s % trials for s in seeds], device=self.env.device)
+            obs, _ = self.env.reset(seed=list(seeds), options=dict(episode_id=episode_id))
+        elif self.gpu:
+            obs, _ = self.env.reset(seed=list(seeds))
             obs = self._share_initial_states(seeds, obs)
+        else:
+            obs, _ = self._cpu_reset(self._seeds)
+        self._refresh_instructions(torch.ones(self.num_envs, dtype=torch.bool))
         return self._to_cpu(obs)
 
     def _share_initial_states(self, seeds: list[int], obs):
@@ -191,30 +383,50 @@ class ManiSkillVLAEnv:
         return self._observation.observation(base.get_obs())
 
     def step(self, actions: torch.Tensor):
-        """actions (N, 7) -> obs, reward (N,), terminated (N,), truncated (N,), info: "success", "final_obs" and, where
-        the task reports them, "grasped" and "consecutive_grasp" (all (N,) bool)."""
+        """actions (N, A) -> obs, reward (N,), terminated (N,), truncated (N,), info: "success", "success_once",
+        "reset_mask", "final_obs" and, where the task reports them, "grasped" and "consecutive_grasp" ((N,) bool)."""
         actions = torch.as_tensor(actions, dtype=torch.float32).clamp(self.action_low, self.action_high)
-        obs, env_reward, terminated, truncated, raw_info = self.env.step(actions.to(self.env.device) if self.gpu else actions.numpy())
+        if self.gpu:
+            obs, env_reward, terminated, truncated, raw_info = self.env.step(actions.to(self.env.device))
+        else:
+            obs, env_reward, terminated, truncated, raw_info = self._cpu_step(actions.numpy())
+            for i, action in enumerate(actions.numpy()):
+                self._actions[i].append(action.copy())
         info = self._step_info(raw_info)
         reward = torch.as_tensor(env_reward).cpu().float()
         terminated, truncated = torch.as_tensor(terminated).cpu().bool(), torch.as_tensor(truncated).cpu().bool()
+        if self.ignore_terminations:
+            terminated = torch.zeros_like(terminated)  # the episode goes on after success, up to its time limit
+        self.success_once |= info["success"]
+        info["success_once"] = self.success_once.clone()
         obs = self._to_cpu(obs)
         done = terminated | truncated
         info["final_obs"] = obs
+        info["reset_mask"] = done
         if done.any():
             obs = self._reset_done(done, obs)
         return obs, reward, terminated, truncated, info
 
     def _reset_done(self, done: torch.Tensor, obs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.success_once[done] = False
         if self.gpu:
             new_obs, _ = self.env.reset(options=dict(env_idx=torch.nonzero(done).flatten().to(self.env.device)))
         else:
-            new_obs, _ = self.env.reset(options={"reset_mask": done.numpy()})
+            for i in torch.nonzero(done).flatten().tolist():
+                self._seeds[i], self._actions[i] = next_episode_seed(self._seeds[i]), []
+            new_obs, _ = self._cpu_reset(self._seeds, done.numpy())
+        self._refresh_instructions(done)
         new_obs = self._to_cpu(new_obs)
         return {k: torch.where(done.view(-1, *[1] * (v.dim() - 1)), new_obs[k], v) for k, v in obs.items()}
 
     def close(self) -> None:
-        self.env.close()
+        if self.gpu:
+            self.env.close()
+            return
+        try:
+            self.env.close(timeout=30)  # a worker that does not answer within 30 s is terminated
+        except WORKER_DEATH:  # a dead worker cannot answer "close"
+            self._kill_workers()
 
 
 def _index_tree(tree, index):
