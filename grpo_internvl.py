@@ -385,6 +385,7 @@ def rollout(policy, processor, template, envs, seeds, args, autocast, evaluation
     T, N = envs.max_episode_steps, envs.num_envs
     F, S = template.num_free, template.set_ids.size(1)
     obs = envs.reset(seeds)
+    episode_instructions = list(envs.instructions)  # read at reset: an auto-reset may change envs.instructions
     H, W = obs["rgb"].shape[1:3]
     rgb = torch.zeros(T, N, H, W, 3, dtype=torch.uint8)  # (T, N, H, W, 3)
     tcp_pose = torch.zeros(T, N, 7)  # (T, N, 7)
@@ -402,7 +403,7 @@ def rollout(policy, processor, template, envs, seeds, args, autocast, evaluation
     for t in range(T):
         rgb[t], tcp_pose[t], alive[t] = obs["rgb"], obs["tcp_pose"], running
         idx = running.nonzero().squeeze(1)
-        instructions = [envs.instructions[i] for i in idx]
+        instructions = [episode_instructions[i] for i in idx]
         inputs = build_inputs(processor, instructions, obs["rgb"][idx], obs["tcp_pose"][idx], device)
         with autocast:
             sampled = generate_actions(policy, inputs, template, temperature, top_k, top_p)
@@ -420,7 +421,7 @@ def rollout(policy, processor, template, envs, seeds, args, autocast, evaluation
         if not running.any():
             break
     return dict(
-        instructions=list(envs.instructions), rgb=rgb, tcp_pose=tcp_pose, choices=choices, tokens=tokens,
+        instructions=episode_instructions, rgb=rgb, tcp_pose=tcp_pose, choices=choices, tokens=tokens,
         logprobs=logprobs, entropy=entropy, support=support, alive=alive, success=success, length=length,
         frames=frames, tokens_generated=int(alive.sum()) * template.answer_len,
     )

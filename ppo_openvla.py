@@ -88,8 +88,9 @@ class Args:
     """ManiSkill3 task id"""
     instruction: Optional[str] = None
     """override the task's language instruction"""
-    control_mode: str = "pd_ee_delta_pose"
-    """ManiSkill controller (the Bridge "InScene" tasks: arm_pd_ee_target_delta_pose_align2_gripper_pd_joint_pos)"""
+    control_mode: Optional[str] = None
+    """ManiSkill controller (default: pd_ee_delta_pose; the Bridge "InScene" tasks have only their own,
+    arm_pd_ee_target_delta_pose_align2_gripper_pd_joint_pos)"""
     num_envs: int = 16
     """parallel envs per rank (each rank owns its envs and rollouts)"""
     max_episode_steps: int = 80
@@ -97,7 +98,8 @@ class Args:
     reward_mode: Literal["auto", "shaped", "sparse", "dense"] = "auto"
     """auto: grasp-shaped where the task reports grasps, else sparse; dense: ManiSkill's normalized dense reward"""
     image_size: int = 224
-    """camera resolution (square); images are resized to the model's 224 if different"""
+    """camera resolution (square) of the standard tasks; the Bridge "InScene" tasks render their camera's native
+    640x480. The processor resizes to the model's 224 either way"""
     # --- algorithm: PPO ---
     total_iterations: int = 500
     """number of rollout + update iterations"""
@@ -136,8 +138,8 @@ class Args:
     # --- eval, logging, checkpoints ---
     eval_interval: int = 10
     """evaluate every this many iterations and after the last one (0: only after the last one)"""
-    eval_temperature: float = 0.0
-    """0 = greedy decoding at eval"""
+    eval_temperature: float = 0.6
+    """sampling temperature at eval (RLinf's 0.6; 0 = greedy)"""
     capture_video: bool = False
     """save an mp4 of env 0 of each evaluation"""
     save_interval: int = 10
@@ -267,6 +269,15 @@ class ActorCritic(nn.Module):
         return logprob, entropy, self.value(hidden[:, 0])
 
 
+def to_env_action(tokens: torch.Tensor, action_tokenizer: ActionTokenizer, stats: dict) -> torch.Tensor:
+    """OpenVLA's 7 action tokens (N, 7) -> the ManiSkill action (N, 7): the xyz and rotation deltas un-normalised
+    with the checkpoint's statistics and sent as they are; the gripper (mask False: not un-normalised, so in [0, 1])
+    becomes +1 (open) above 0.5, else -1 (close), as RLinf's `prepare_actions_for_maniskill` and RL4VLA do. Sent
+    as it is, a "close" of 0 would command the middle of the finger range: a half-open gripper."""
+    action = ActionTokenizer.unnormalize(action_tokenizer.tokens_to_normalized(tokens).float(), stats).cpu()
+    return torch.cat([action[:, :6], 2.0 * (action[:, 6:] > 0.5).float() - 1.0], dim=1)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # ALGO LOGIC: reward shaping, advantages and losses
 # ---------------------------------------------------------------------------------------------------------------
@@ -348,29 +359,25 @@ def load_policy_weights(policy: ActorCritic, directory: str, lora: bool) -> None
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Evaluation: held-out seeds, low-temperature or greedy decoding, one episode per env
+# Evaluation (RLinf's protocol): held-out seeds, --eval-temperature sampling, every episode runs its full length
+# ignoring termination; success at any step (success_once) and at the last step (success_at_end)
 # ---------------------------------------------------------------------------------------------------------------
-def evaluate(args, policy, env, processor, prompt_ids, prompt_mask, to_env_action, dist, autocast):
+def evaluate(args, policy, env, processor, to_env_action, dist, autocast):
     seeds = [10**9 + dist.rank * args.num_envs + i for i in range(args.num_envs)]  # never used for training
+    env.ignore_terminations = True
     obs = env.reset(seeds)
-    finished = torch.zeros(env.num_envs, dtype=torch.bool)
-    success = torch.zeros(env.num_envs, dtype=torch.bool)
-    length = torch.zeros(env.num_envs)
+    prompt_ids, prompt_mask = processor.prompt_ids(env.instructions, device=dist.device)
     frames = [obs["rgb"][0].numpy()]
     for _ in range(env.max_episode_steps):
         with autocast:
             pixel_values = processor.preprocess_images(obs["rgb"].to(dist.device))
             tokens, _, _ = policy.act(pixel_values, prompt_ids, prompt_mask, args.eval_temperature)
-        obs, _, terminated, truncated, info = env.step(to_env_action(tokens))
-        length += (~finished).float()
-        success |= info["success"] & ~finished
-        done_now = (terminated | truncated) & ~finished
-        if not finished[0]:
-            frames.append(info["final_obs"]["rgb"][0].numpy())
-        finished |= done_now
-        if finished.all():
-            break
-    metrics = {"eval/success_rate": success.float().mean().item(), "eval/episode_length": length.mean().item()}
+        obs, _, _, truncated, info = env.step(to_env_action(tokens))
+        frames.append(info["final_obs"]["rgb"][0].numpy())
+    env.ignore_terminations = False
+    assert truncated.all(), "every eval episode ends at the time limit"
+    metrics = {"eval/success_once": info["success_once"].float().mean().item(),
+               "eval/success_at_end": info["success"].float().mean().item()}
     return all_reduce_mean(metrics), np.stack(frames)
 
 
@@ -413,11 +420,9 @@ def main(args: Args) -> None:
     else:
         policy.to(device)
 
-    def to_env_action(tokens: torch.Tensor) -> torch.Tensor:
-        normalized = action_tokenizer.tokens_to_normalized(tokens).float()
-        return ActionTokenizer.unnormalize(normalized, stats).cpu()  # (N, 7)
+    def env_action(tokens: torch.Tensor) -> torch.Tensor:
+        return to_env_action(tokens, action_tokenizer, stats)
 
-    prompt_ids, prompt_mask = processor.prompt_ids(env.instructions, device=device)  # (N, L) left-padded, per env
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         [{"params": [p for p in policy.vla.parameters() if p.requires_grad], "lr": args.learning_rate},
@@ -443,8 +448,7 @@ def main(args: Args) -> None:
 
     if args.eval_only:
         with fsdp.gathered_params(policy):
-            metrics, frames = evaluate(args, policy, env, processor, prompt_ids, prompt_mask, to_env_action, dist,
-                                       autocast)
+            metrics, frames = evaluate(args, policy, env, processor, env_action, dist, autocast)
         print0(json.dumps(metrics))
         if args.capture_video:
             logger.video("eval/video", frames, start_iteration)
@@ -472,9 +476,12 @@ def main(args: Args) -> None:
                                    keep_last=args.keep_checkpoints)
             print0(f"saved {path}")
 
-    # Rollout storage, preallocated on CPU (images are stored as uint8 and preprocessed again at update time).
+    # Rollout storage, preallocated on CPU (images are stored as uint8 and preprocessed again at update time; the
+    # instruction of each sample is kept, since objects and hence instructions can change at every reset).
     T, N = args.num_steps, args.num_envs
-    images = torch.zeros((T, N, args.image_size, args.image_size, 3), dtype=torch.uint8)  # (T, N, H, W, 3)
+    H, W = env.image_shape
+    images = torch.zeros((T, N, H, W, 3), dtype=torch.uint8)  # (T, N, H, W, 3)
+    instructions = [[""] * N for _ in range(T)]  # (T, N)
     action_tokens = torch.zeros((T, N, ACTION_DIM), dtype=torch.long)  # (T, N, 7)
     logprobs = torch.zeros((T, N))
     rewards = torch.zeros((T, N))
@@ -493,6 +500,7 @@ def main(args: Args) -> None:
         rng = np.random.default_rng([args.seed, dist.rank, iteration])
         torch.manual_seed(int(rng.integers(2**62)))  # action sampling and minibatch order
         obs = env.reset(rng.integers(0, 10**9, N).tolist())
+        prompt_ids, prompt_mask = processor.prompt_ids(env.instructions, device=device)  # (N, L) left-padded
         shaped_reward.reset(torch.ones(N, dtype=torch.bool))
         episode_return.zero_()
         episode_length.zero_()
@@ -500,14 +508,14 @@ def main(args: Args) -> None:
         policy.eval()
         with fsdp.gathered_params(policy):  # FSDP: full weights for the rollout's many small forwards
             for t in range(T):
-                images[t] = obs["rgb"]
+                images[t], instructions[t] = obs["rgb"], list(env.instructions)
                 t0 = time.time()
                 with autocast:
                     pixel_values = processor.preprocess_images(obs["rgb"].to(device))
                     tokens, logprob, value = policy.act(pixel_values, prompt_ids, prompt_mask, args.temperature)
                 policy_time += time.time() - t0
                 action_tokens[t], logprobs[t], values[t] = tokens.cpu(), logprob.cpu(), value.cpu()
-                obs, reward, terminated, truncated, info = env.step(to_env_action(tokens))
+                obs, reward, terminated, truncated, info = env.step(env_action(tokens))
 
                 # -------------------------------------------------------------------------------------------------------
                 # 2. Reward: the task's, or grasp-shaped; a truncated episode is bootstrapped with V(final observation)
@@ -537,6 +545,8 @@ def main(args: Args) -> None:
                     finished_lengths.append(episode_length[i].item())
                     finished_success.append(float(info["success"][i]))
                 episode_return[done], episode_length[done] = 0.0, 0.0
+                if info["reset_mask"].any():  # new episodes: their instructions may differ
+                    prompt_ids, prompt_mask = processor.prompt_ids(env.instructions, device=device)
             with autocast:
                 pixel_values = processor.preprocess_images(obs["rgb"].to(device))
                 next_value = policy.predict_value(pixel_values, prompt_ids, prompt_mask).cpu()
@@ -550,7 +560,7 @@ def main(args: Args) -> None:
         b_tokens = action_tokens.reshape(T * N, ACTION_DIM)  # (T * N, 7)
         b_logprobs, b_values = logprobs.reshape(-1), values.reshape(-1)
         b_advantages, b_returns = advantages.reshape(-1), returns.reshape(-1)
-        b_env = torch.arange(N).repeat(T)  # (T * N,) which env (prompt) each sample came from
+        b_instructions = [text for step in instructions for text in step]  # (T * N,)
         if args.norm_adv:
             mean, std = global_mean_std(b_advantages)
             b_advantages = (b_advantages - mean) / (std + 1e-8)
@@ -572,12 +582,11 @@ def main(args: Args) -> None:
                 for k, mb in enumerate(micro_batches):
                     last = dist.world_size == 1 or k == len(micro_batches) - 1
                     sync = ddp_policy.no_sync() if use_ddp and not last else contextlib.nullcontext()
-                    env_ids = b_env[mb].to(device)
+                    mb_ids, mb_mask = processor.prompt_ids([b_instructions[i] for i in mb.tolist()], device=device)
                     with sync, autocast:
                         pixel_values = processor.preprocess_images(b_images[mb].to(device))
                         new_logprob, entropy, new_value = ddp_policy(
-                            pixel_values, prompt_ids[env_ids], prompt_mask[env_ids], b_tokens[mb].to(device),
-                            args.temperature,
+                            pixel_values, mb_ids, mb_mask, b_tokens[mb].to(device), args.temperature
                         )
                         pg_loss, v_loss, approx_kl, clipfrac = ppo_losses(
                             new_logprob, b_logprobs[mb].to(device), b_advantages[mb].to(device), new_value,
@@ -613,6 +622,7 @@ def main(args: Args) -> None:
             "rollout/episode_length": float(np.mean(finished_lengths)) if finished_lengths else float(T),
             "rollout/episodes": float(len(finished_success)),
             "rollout/advantage_mean": advantages.mean().item(),
+            "env/worker_restarts": float(env.worker_restarts),
             "time/rollout_s": rollout_time,
             "time/update_s": update_time,
             # throughput of all ranks together (x world size, then averaged over ranks)
@@ -624,8 +634,7 @@ def main(args: Args) -> None:
         stop_now = stop.should_stop()
         if is_due(iteration, args.eval_interval, args.total_iterations) and not stop_now:
             with fsdp.gathered_params(policy):
-                eval_metrics, frames = evaluate(args, policy, env, processor, prompt_ids, prompt_mask, to_env_action,
-                                                dist, autocast)
+                eval_metrics, frames = evaluate(args, policy, env, processor, env_action, dist, autocast)
             metrics |= eval_metrics
             if args.capture_video:
                 logger.video("eval/video", frames, iteration)
@@ -634,7 +643,7 @@ def main(args: Args) -> None:
                f"reward {metrics['rollout/reward_mean']:.4f} pg {metrics['actor/pg_loss']:.4f} "
                f"v {metrics['critic/value_loss']:.4f} kl {metrics['actor/approx_kl']:.5f} "
                f"env steps/s {metrics['time/env_steps_per_s']:.1f}"
-               + (f" eval {metrics['eval/success_rate']:.3f}" if "eval/success_rate" in metrics else ""))
+               + (f" eval {metrics['eval/success_once']:.3f}" if "eval/success_once" in metrics else ""))
         if is_due(iteration, args.save_interval, args.total_iterations) or stop_now:
             save(iteration)
         if stop_now:

@@ -252,6 +252,7 @@ class ManiSkillVLAEnv:
         self.max_episode_steps = max_episode_steps or gym.spec(env_id).max_episode_steps
         self.action_low = torch.as_tensor(self.env.single_action_space.low, dtype=torch.float32)
         self.action_high = torch.as_tensor(self.env.single_action_space.high, dtype=torch.float32)
+        self.image_shape = tuple(self.env.single_observation_space["rgb"].shape[-3:-1])  # (H, W) of the camera
         self._seeds = [None] * num_envs  # per env: the seed of its current episode and the actions taken since
         self._actions: list[list[np.ndarray]] = [[] for _ in range(num_envs)]
         self.success_once = torch.zeros(num_envs, dtype=torch.bool)
