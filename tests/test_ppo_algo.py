@@ -121,3 +121,16 @@ def test_grasp_shaped_reward_is_a_potential_difference():
     torch.testing.assert_close(r, torch.tensor([0.1, 0.0]))
     shaped.reset(torch.tensor([True, False]))  # a new episode starts from potential 0
     torch.testing.assert_close(shaped(info([True, False], [False, False])), torch.tensor([0.1, 0.0]))
+
+
+def test_to_env_action_unnormalises_and_binarises_the_gripper():
+    """xyz/rotation un-normalised with q01/q99; the gripper in [0, 1] becomes +1 (open) above 0.5, else -1."""
+    from ppo_openvla import to_env_action
+
+    tokenizer = ActionTokenizer(vocab_size=1000)
+    stats = {"q01": [-0.1] * 6 + [0.0], "q99": [0.1] * 6 + [1.0], "mask": [True] * 6 + [False]}
+    normalized = torch.tensor([[-1.0, 0.0, 1.0, 0.5, -0.5, 0.0, 0.3], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.7]])
+    action = to_env_action(tokenizer.normalized_to_tokens(normalized), tokenizer, stats)
+    # bin centres are within half a bin (1/127.5) of the normalised values: 0.1 x that in metres
+    torch.testing.assert_close(action[0, :6], 0.1 * normalized[0, :6], atol=0.1 / 127.5, rtol=0)
+    assert action[:, 6].tolist() == [-1.0, 1.0]  # a "close" of 0.3 must not half-open the gripper
