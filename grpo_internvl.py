@@ -632,6 +632,7 @@ def main(args: Args) -> None:
             "actor/lr": optimizer.param_groups[0]["lr"],
             "actor/samples": float(num_samples),
             "actor/skipped_steps": float(guard.skipped_steps),
+            "env/worker_restarts": float(envs.worker_restarts),
             "rollout/reward_mean": rewards.mean().item(),
             "rollout/success_rate": batch["success"].float().mean().item(),
             "rollout/episode_length": batch["length"].float().mean().item(),

@@ -31,7 +31,7 @@ def test_train_checkpoint_resume_and_eval(tiny_openvla, tmp_path):
 
     tags = set(EventAccumulator(str(tmp_path / "t__s1")).Reload().Tags()["scalars"])
     expected = {"actor/pg_loss", "critic/value_loss", "actor/entropy", "actor/grad_norm", "actor/approx_kl", "actor/clipfrac",
-                "actor/lr", "rollout/reward_mean", "rollout/success_rate", "rollout/episode_length", "eval/success_rate",
+                "actor/lr", "rollout/reward_mean", "rollout/success_rate", "rollout/episode_length", "eval/success_once", "eval/success_at_end",
                 "time/env_steps_per_s", "time/actions_per_s", "time/update_samples_per_s"}
     assert expected <= tags, expected - tags
 
@@ -46,7 +46,7 @@ def test_train_checkpoint_resume_and_eval(tiny_openvla, tmp_path):
         torch.testing.assert_close(step2_resumed[k], step2[k], rtol=0, atol=1e-6)
 
     out = run([sys.executable, "ppo_openvla.py", "--eval-only", "--checkpoint", str(ckpts), "--run-dir", str(tmp_path), *TINY_RUN])
-    assert '"eval/success_rate"' in out
+    assert '"eval/success_once"' in out and '"eval/success_at_end"' in out
 
 
 def test_bad_flags_fail_before_any_work(tiny_openvla, tmp_path):
@@ -62,7 +62,8 @@ def test_bad_flags_fail_before_any_work(tiny_openvla, tmp_path):
 
 
 def test_torchrun_two_ranks_stay_in_sync_full_finetuning(tiny_openvla, tmp_path):
-    """2 ranks on gloo, every weight trainable (the path where an unreached parameter would break DDP)."""
+    """2 ranks on gloo, every weight trainable: FSDP2 shards the model (--fsdp auto), the checkpoint is the gathered
+    full model in the openvla layout."""
     from common.openvla import load_openvla
 
     cmd = ["torchrun", "--standalone", "--nproc-per-node", "2", "ppo_openvla.py", "--model-path", tiny_openvla,
