@@ -241,15 +241,32 @@ def test_sft_openvla_train_eval_final_model(demo_dir, tiny_openvla, tmp_path):
     assert os.path.isfile(run_path / "final" / "preprocessor_config.json")
 
 
-def test_bad_flags_fail_before_any_work(demo_dir, tiny_internvl, tiny_openvla, tmp_path):
+def test_bad_flags_fail_in_validate(demo_dir, tiny_internvl, tiny_openvla, tmp_path):
+    """validate() runs before any weights or envs load; each bad flag is named in the error."""
+    import sft_internvl
+    import sft_openvla
+
     for script, model, demos, extra, message in [
-        ("sft_internvl.py", tiny_internvl, demo_dir, ["--batch-size", "6", "--micro-batch-size", "4"],
-         "--micro-batch-size"),
-        ("sft_internvl.py", tiny_internvl, str(tmp_path), [], "meta.json"),
-        ("sft_openvla.py", tiny_internvl, demo_dir, [], "not an OpenVLA checkpoint"),
-        ("sft_openvla.py", tiny_openvla, demo_dir, ["--eval-only", "--num-envs", "0"], "--num-envs"),
+        (sft_internvl, tiny_internvl, demo_dir, dict(batch_size=6, micro_batch_size=4), "--micro-batch-size"),
+        (sft_internvl, tiny_internvl, str(tmp_path), {}, "meta.json"),
+        (sft_openvla, tiny_internvl, demo_dir, {}, "not an OpenVLA checkpoint"),
+        (sft_openvla, tiny_openvla, demo_dir, dict(eval_only=True, num_envs=0), "--num-envs"),
     ]:
-        args = [sys.executable, str(ROOT / script), "--demos", demos, "--model-path", model,
-                "--run-dir", str(tmp_path), *extra]
-        proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert proc.returncode != 0 and message in proc.stderr, (script, extra, proc.stderr[-2000:])
+        args = script.Args(demos=(demos,), model_path=model, run_dir=str(tmp_path), num_envs=0)
+        for key, value in extra.items():
+            setattr(args, key, value)
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            script.validate(args, 1)
+
+
+def test_num_epochs_sets_the_iterations(demo_dir, tiny_internvl):
+    import sft_internvl
+
+    args = sft_internvl.Args(demos=(demo_dir,), model_path=tiny_internvl, num_envs=0, batch_size=4,
+                             micro_batch_size=4, num_epochs=2.5)
+    sft_internvl.validate(args, world_size=2)
+    assert (args.num_samples, args.global_batch_size, args.total_iterations) == (12, 8, 4)  # ceil(2.5 * 12 / 8)
+    assert args.env_id == "PushCube-v1" and args.image_size == 64
+    epochs = [sft_internvl.batch_indices(it, args, rank) for it in (1, 2, 3) for rank in (0, 1)]
+    first_epoch = torch.cat(epochs)[:12]
+    assert sorted(first_epoch.tolist()) == list(range(12))  # ranks take disjoint slices; an epoch covers every sample
