@@ -270,3 +270,23 @@ def test_num_epochs_sets_the_iterations(demo_dir, tiny_internvl):
     epochs = [sft_internvl.batch_indices(it, args, rank) for it in (1, 2, 3) for rank in (0, 1)]
     first_epoch = torch.cat(epochs)[:12]
     assert sorted(first_epoch.tolist()) == list(range(12))  # ranks take disjoint slices; an epoch covers every sample
+
+
+def test_two_ranks_match_one_rank_with_the_global_batch(demo_dir, tiny_internvl, tmp_path):
+    """torchrun, 2 gloo ranks x batch 2 == 1 process x batch 4: the same global batches, the same token-mean
+    gradient (summed over ranks), so the same adapter after 2 steps."""
+    from safetensors.torch import load_file
+
+    common = ["--demos", demo_dir, "--model-path", tiny_internvl, "--num-envs", "0", "--lora-rank", "4",
+              "--learning-rate", "1e-2", "--total-iterations", "2", "--micro-batch-size", "2"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                str(ROOT / "sft_internvl.py")]
+    proc = subprocess.run([*torchrun, *common, "--batch-size", "2", "--run-dir", str(tmp_path / "two")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "2 rank(s) x 2 = 4 samples per step" in proc.stdout
+    run("sft_internvl.py", *common, "--batch-size", "4", "--run-dir", str(tmp_path / "one"))
+    adapter = "sft_internvl__s1/checkpoints/step_00000002/adapter_model.safetensors"
+    two, one = load_file(tmp_path / "two" / adapter), load_file(tmp_path / "one" / adapter)
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)
