@@ -1,0 +1,449 @@
+"""Supervised fine-tuning (behaviour cloning) of OpenVLA on scripted-expert demonstrations, as action-bin tokens.
+
+Every demo step (camera image, instruction -> expert action) becomes one sample with OpenVLA's own prompt
+("In: What action should the robot take to {instruction}?\\nOut:") and 7 target action tokens:
+
+    1. gripper into OpenVLA's convention: the demos' env gripper g in {-1 close, +1 open} becomes (g + 1) / 2 in
+       {0, 1} (1 = open, as in OpenVLA's Bridge data), left un-normalised (mask False);
+    2. the 6 pose dims normalised with the demos' 1st/99th percentiles, clip(2 (a - q01) / (q99 - q01 + 1e-8) - 1,
+       -1, 1) (OpenVLA's BOUNDS_Q99 normalisation);
+    3. binned with `ActionTokenizer.normalized_to_tokens` (256 bins on the last 256 vocabulary tokens).
+
+The loss is the teacher-forced cross-entropy over the full vocabulary on the 7 action tokens, prompt masked out, as
+OpenVLA's finetune.py does (without its end-of-sequence target: ppo_openvla.py decodes exactly 7 tokens).
+The way back, which ppo_openvla.py applies to its decoded tokens and `evaluate` below mirrors: bin centre ->
+`ActionTokenizer.unnormalize` with the stats -> env gripper 2 (g > 0.5) - 1. Demo action -> tokens -> action
+returns every pose dim within one bin ((q99 - q01) / 255 after clipping to [q01, q99]) and the gripper exactly.
+
+The statistics (the demos' `action_norm_stats`, gripper in the {0, 1} convention) are written to the final
+checkpoint's config.json as `norm_stats[--unnorm-key]` (default `maniskill_{env_id}` lowercased), next to the base
+model's keys; `ppo_openvla.py --unnorm-key KEY` un-normalises with them. The final model, LoRA merged into the base
+weights, is saved in the openvla-7b layout (common/openvla.py `save_openvla`) at {run_dir}/{exp_name}__s{seed}/final/.
+
+Anchor: OpenVLA's LoRA fine-tuning (openvla/vla-scripts/finetune.py: lr 5e-4, LoRA rank 32, dropout 0, every linear
+layer). Departures:
+- Demonstrations come from scripted experts (collect_demos.py) in ManiSkill3, not RLDS datasets; images are not
+  augmented.
+- Batches walk a fresh permutation of all samples per epoch, seeded by (seed, epoch), each rank taking its slice of
+  every global batch, so a resumed run sees exactly the batches an uninterrupted one would.
+- Evaluation decodes with ppo_openvla.py's `ActorCritic.act` (greedy over the 256 action bins), imported from the
+  script, on the same held-out initial states as its evaluation.
+
+Run:
+    python collect_demos.py --env-id PickCube-v1 --num-episodes 100 --image-size 224
+    python sft_openvla.py --demos demos/PickCube-v1 --model-path openvla/openvla-7b --num-epochs 10
+    torchrun --nproc-per-node 8 sft_openvla.py --demos demos/PickCube-v1 --model-path openvla/openvla-7b
+    python ppo_openvla.py --model-path runs/sft_openvla__s1/final --unnorm-key maniskill_pickcube-v1 \
+        --env-id PickCube-v1
+    python sft_openvla.py --eval-only --checkpoint runs/sft_openvla__s1/checkpoints --demos demos/PickCube-v1
+"""
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+from peft.tuners.lora import LoraLayer
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from common.checkpoint import (load_trainer_state, resolve_checkpoint_flags, restore_rng, save_checkpoint,
+                               save_trainer_state, trainer_state)
+from common.demos import action_norm_stats, load_demos, read_meta
+from common.dist import all_reduce_mean, bf16_autocast, check_in_sync, cleanup, init_dist, print0
+from common.logger import Logger, is_due
+from common.maniskill_env import ManiSkillVLAEnv, check_env_id, check_render_device
+from common.openvla import (ActionTokenizer, load_lora_adapter, load_openvla, make_trainable, read_openvla_config,
+                            resolve_model_path, save_lora_adapter, save_openvla)
+from ppo_openvla import ActorCritic  # the RL script's greedy action decoding
+
+ACTION_DIM = 7
+
+
+@dataclass
+class Args:
+    # --- experiment ---
+    exp_name: str = "sft_openvla"
+    """name of the run; logs, checkpoints and the final model go to {run_dir}/{exp_name}__s{seed}"""
+    run_dir: str = "runs"
+    """parent directory of all runs"""
+    seed: int = 1
+    """seeds torch (LoRA init) and the batch order"""
+    # --- model ---
+    model_path: str = "openvla/openvla-7b"
+    """OpenVLA checkpoint: a local directory in the openvla-7b layout or a hub id"""
+    unnorm_key: Optional[str] = None
+    """norm_stats key the demos' action statistics are saved under (default: maniskill_{env_id}, lowercased)"""
+    lora_rank: int = 32
+    """LoRA rank on every linear layer but the LM head; 0 = full fine-tuning"""
+    lora_alpha: int = 16
+    """LoRA scaling numerator (the adapter is scaled by alpha / rank)"""
+    gradient_checkpointing: bool = False
+    """recompute LLM activations in the backward pass (saves memory, costs ~30% time)"""
+    bf16: bool = True
+    """on GPU: bfloat16 weights for the frozen base under LoRA, and bf16 autocast (ignored on CPU)"""
+    # --- data ---
+    demos: tuple[str, ...] = ("demos/PickCube-v1",)
+    """one or more demo folders written by collect_demos.py (all their steps are held in memory)"""
+    # --- environment (evaluation) ---
+    env_id: Optional[str] = None
+    """ManiSkill3 task to evaluate on (default: the first demo folder's)"""
+    instruction: Optional[str] = None
+    """override the task's language instruction at evaluation"""
+    num_envs: int = 16
+    """evaluation envs per rank = evaluation episodes per rank (0: no simulator evaluation)"""
+    max_episode_steps: int = 80
+    """episode length limit at evaluation"""
+    image_size: Optional[int] = None
+    """camera resolution of the evaluation envs (default: the first demo folder's)"""
+    # --- algorithm: SFT ---
+    total_iterations: int = 1000
+    """optimizer steps (ignored when --num-epochs is set)"""
+    num_epochs: Optional[float] = None
+    """train for this many passes over the demos: total_iterations = ceil(epochs x samples / global batch)"""
+    batch_size: int = 16
+    """samples per rank per optimizer step"""
+    learning_rate: float = 5e-4
+    """AdamW learning rate (constant)"""
+    micro_batch_size: int = 8
+    """samples per forward/backward; a batch accumulates gradients over micro-batches"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm"""
+    # --- eval, logging, checkpoints ---
+    eval_interval: int = 100
+    """evaluate every this many iterations and after the last one (0: only after the last one)"""
+    eval_temperature: float = 0.0
+    """0 = greedy decoding at eval"""
+    capture_video: bool = False
+    """save an mp4 of env 0 of each evaluation"""
+    save_interval: int = 100
+    """checkpoint every this many iterations and after the last one (0: only after the last one)"""
+    keep_checkpoints: int = 3
+    """keep only the newest this many checkpoints (0: all)"""
+    resume: Optional[str] = None
+    """checkpoint step directory, or a checkpoints directory with a `latest` file, to continue from"""
+    eval_only: bool = False
+    """only evaluate --checkpoint (or the base model if none) and exit"""
+    checkpoint: Optional[str] = None
+    """checkpoint to evaluate with --eval-only"""
+
+    # derived from the flags above in validate()
+    control_mode: tyro.conf.Suppress[str] = ""
+    """the demos' ManiSkill controller, used by the evaluation envs"""
+    global_batch_size: tyro.conf.Suppress[int] = 0
+    """samples per optimizer step over all ranks (batch_size x world size)"""
+    num_samples: tyro.conf.Suppress[int] = 0
+    """demo steps in all --demos folders"""
+
+
+def validate(args: Args, world_size: int) -> None:
+    """Every check that can fail on user input, before envs or weights are loaded."""
+    if min(args.batch_size, args.micro_batch_size, args.max_episode_steps) < 1 or args.num_envs < 0:
+        raise ValueError("--batch-size, --micro-batch-size, --max-episode-steps must be >= 1 and --num-envs >= 0")
+    if args.batch_size % args.micro_batch_size:
+        raise ValueError(f"--batch-size ({args.batch_size}) must be a multiple of --micro-batch-size "
+                         f"({args.micro_batch_size})")
+    if args.lora_rank < 0:
+        raise ValueError(f"--lora-rank must be >= 0 (0 = full fine-tuning), got {args.lora_rank}")
+    if args.eval_only and args.num_envs == 0:
+        raise ValueError("--eval-only evaluates in the simulator: --num-envs must be >= 1")
+    metas = []
+    for path in args.demos:
+        if not os.path.isfile(os.path.join(path, "meta.json")):
+            raise FileNotFoundError(f"--demos {path!r} has no meta.json: write demos with collect_demos.py")
+        metas.append(read_meta(path))
+    if len({m["control_mode"] for m in metas}) > 1:
+        raise ValueError(f"--demos mix control modes {sorted({m['control_mode'] for m in metas})}: one action space")
+    args.control_mode = metas[0]["control_mode"]
+    args.num_samples = sum(m["action_norm_stats"]["num_transitions"] for m in metas)
+    args.global_batch_size = args.batch_size * world_size
+    if args.num_epochs is not None:
+        args.total_iterations = math.ceil(args.num_epochs * args.num_samples / args.global_batch_size)
+    if args.total_iterations < 1:
+        raise ValueError("--total-iterations (or --num-epochs) must give at least one optimizer step")
+    args.env_id = args.env_id or metas[0]["env_id"]
+    args.image_size = args.image_size or metas[0]["image_size"]
+    args.unnorm_key = args.unnorm_key or f"maniskill_{metas[0]['env_id']}".lower()
+    resolve_checkpoint_flags(args, inherited=("model_path", "unnorm_key", "lora_rank", "lora_alpha"))
+    if args.num_envs > 0:
+        check_env_id(args.env_id)
+        check_render_device()
+    args.model_path = resolve_model_path(args.model_path)
+    read_openvla_config(args.model_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ALGO LOGIC: demo actions <-> action tokens, teacher-forced cross-entropy on the 7 action tokens
+# ---------------------------------------------------------------------------------------------------------------
+def env_to_model_actions(actions: torch.Tensor) -> torch.Tensor:
+    """Env actions (N, 7), gripper -1 close / +1 open -> OpenVLA's convention, gripper 0 close / 1 open."""
+    return torch.cat([actions[:, :6], (actions[:, 6:] + 1) / 2], dim=1)
+
+
+def normalize_actions(actions: torch.Tensor, stats: dict) -> torch.Tensor:
+    """Model-convention actions (N, 7) -> [-1, 1] with q01/q99 where `mask`, unchanged elsewhere (the gripper)."""
+    q01, q99 = torch.tensor(stats["q01"]), torch.tensor(stats["q99"])
+    normalized = (2 * (actions - q01) / (q99 - q01 + 1e-8) - 1).clamp(-1, 1)
+    return torch.where(torch.tensor(stats["mask"]), normalized, actions)
+
+
+def tokens_to_env_actions(tokens: torch.Tensor, action_tokenizer: ActionTokenizer, stats: dict) -> torch.Tensor:
+    """Action tokens (N, 7) -> env actions (N, 7): bin centres un-normalised, gripper {0, 1} -> {-1, +1} at 0.5
+    (the conversion ppo_openvla.py applies)."""
+    actions = ActionTokenizer.unnormalize(action_tokenizer.tokens_to_normalized(tokens).float(), stats)
+    return torch.cat([actions[:, :6], 2.0 * (actions[:, 6:] > 0.5).float() - 1], dim=1)
+
+
+def action_loss(vla, pixel_values, prompt_ids, prompt_mask, target_tokens, action_tokenizer: ActionTokenizer):
+    """Teacher-forced cross-entropy (mean over the 7 tokens and the batch) over the full vocabulary; the last 7
+    positions of prompt + target[:-1] predict the 7 targets. Returns loss and stats summed over the batch:
+    token_correct (full-vocabulary argmax), free_correct (argmax over the 256 action bins, what greedy decoding picks),
+    action_correct (all 7 right), l1 (summed |greedy bin centre - target bin centre| in normalised units)."""
+    ids = torch.cat([prompt_ids, target_tokens[:, :-1]], dim=1)
+    mask = torch.cat([prompt_mask, prompt_mask.new_ones(len(ids), ACTION_DIM - 1)], dim=1)
+    logits = vla(ids, mask, pixel_values, logits_to_keep=ACTION_DIM).logits.float()  # (B, 7, V)
+    loss = F.cross_entropy(logits.flatten(0, 1), target_tokens.flatten())
+    with torch.no_grad():
+        first = action_tokenizer.first_token
+        greedy = logits[..., first : first + action_tokenizer.n_bins].argmax(-1) + first  # (B, 7)
+        free_hit = greedy == target_tokens
+        l1 = action_tokenizer.tokens_to_normalized(greedy) - action_tokenizer.tokens_to_normalized(target_tokens)
+        stats = {"token_correct": (logits.argmax(-1) == target_tokens).sum().item(),
+                 "free_correct": free_hit.sum().item(), "action_correct": free_hit.all(1).sum().item(),
+                 "l1": l1.abs().sum().item()}
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: every demo step in memory; batches walk one seeded permutation per epoch
+# ---------------------------------------------------------------------------------------------------------------
+def load_samples(paths: tuple[str, ...], action_tokenizer: ActionTokenizer) -> tuple[dict, dict]:
+    """All steps of all episodes -> (samples, norm_stats entry). samples: rgb (N, H, W, 3) uint8, tokens (N, 7)
+    targets, instructions (N,). The entry is `action_norm_stats` of the model-convention actions."""
+    episodes = [e for path in paths for e in load_demos(path)]
+    actions = env_to_model_actions(torch.from_numpy(np.concatenate([e["action"] for e in episodes])).float())  # (N, 7)
+    norm_stats = action_norm_stats([{"action": a.numpy()} for a in actions.split([len(e["action"]) for e in episodes])])
+    samples = dict(
+        rgb=torch.from_numpy(np.concatenate([e["rgb"] for e in episodes])),  # (N, H, W, 3)
+        tokens=action_tokenizer.normalized_to_tokens(normalize_actions(actions, norm_stats["action"])),  # (N, 7)
+        instructions=[e["instruction"] for e in episodes for _ in range(len(e["action"]))],
+    )
+    return samples, norm_stats
+
+
+@lru_cache(maxsize=2)
+def epoch_order(seed: int, epoch: int, num_samples: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(num_samples)
+
+
+def batch_indices(iteration: int, args: Args, rank: int) -> torch.Tensor:
+    """This rank's sample indices (batch_size,) for `iteration` (from 1): global positions (iteration - 1) x global
+    batch onwards in the concatenation of per-epoch permutations; rank r takes the r-th slice."""
+    start = (iteration - 1) * args.global_batch_size + rank * args.batch_size
+    positions = [divmod(p, args.num_samples) for p in range(start, start + args.batch_size)]
+    return torch.tensor([epoch_order(args.seed, epoch, args.num_samples)[i] for epoch, i in positions])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model: LoRA merged into the base weights for the final checkpoint
+# ---------------------------------------------------------------------------------------------------------------
+def merge_lora(vla) -> None:
+    """W <- W + (alpha / r) B A in every adapted layer, then put the plain base layer back (the module tree and
+    state-dict keys of the original checkpoint); peft's layer `merge` does the arithmetic."""
+    for name, module in list(vla.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(vla.get_submodule(parent_name), child, module.get_base_layer())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation: ppo_openvla.py's greedy decoding on its held-out initial states
+# ---------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(args, policy, env, processor, to_env_action, dist, autocast):
+    """One episode per env from seeds >= 10**9 (ppo_openvla.py's held-out set), decoded at --eval-temperature."""
+    seeds = [10**9 + dist.rank * args.num_envs + i for i in range(args.num_envs)]
+    prompt_ids, prompt_mask = processor.prompt_ids(env.instructions, device=dist.device)
+    policy.eval()
+    obs = env.reset(seeds)
+    finished = torch.zeros(env.num_envs, dtype=torch.bool)
+    success = torch.zeros(env.num_envs, dtype=torch.bool)
+    length = torch.zeros(env.num_envs)
+    frames = [obs["rgb"][0]] if args.capture_video else []
+    for _ in range(env.max_episode_steps):
+        with autocast:
+            pixel_values = processor.preprocess_images(obs["rgb"].to(dist.device))
+            tokens, _, _ = policy.act(pixel_values, prompt_ids, prompt_mask, args.eval_temperature)
+        obs, _, terminated, truncated, info = env.step(to_env_action(tokens))
+        length += (~finished).float()
+        success |= info["success"] & ~finished
+        if args.capture_video and not finished[0]:
+            frames.append(info["final_obs"]["rgb"][0])
+        finished |= terminated | truncated
+        if finished.all():
+            break
+    policy.train()
+    metrics = {"eval/success_rate": success.float().mean().item(), "eval/episode_length": length.mean().item()}
+    return all_reduce_mean(metrics), frames
+
+
+def main(args: Args) -> None:
+    # ---------------------------------------------------------------------------------------------------------------
+    # Setup: validation, distributed, seeds, model, optimizer, data, envs
+    # ---------------------------------------------------------------------------------------------------------------
+    dist = init_dist()
+    validate(args, dist.world_size)
+    device = dist.device
+    run_path = os.path.join(args.run_dir, f"{args.exp_name}__s{args.seed}")
+    checkpoint_dir = args.resume or args.checkpoint
+    torch.manual_seed(args.seed)  # identical LoRA init on every rank (DDP also broadcasts rank 0's)
+    dtype = torch.bfloat16 if (device.type == "cuda" and args.bf16 and args.lora_rank > 0) else torch.float32
+    autocast = bf16_autocast(device, args.bf16)
+    model_dir = os.path.join(checkpoint_dir, "model") if checkpoint_dir and args.lora_rank == 0 else args.model_path
+    vla, processor = load_openvla(model_dir, device=device, dtype=dtype)
+    if args.gradient_checkpointing:
+        vla.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora_config = make_trainable(vla, args.lora_rank, args.lora_alpha)  # None = full fine-tuning
+    if checkpoint_dir and lora_config is not None:
+        load_lora_adapter(vla, checkpoint_dir)
+    action_tokenizer = ActionTokenizer(vla.vocab_size, vla.n_action_bins)
+    policy = ActorCritic(vla, action_tokenizer).to(device)  # for evaluation; its value head is unused
+    trainable = [p for p in vla.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=0.0)
+    start_iteration = 0
+    if checkpoint_dir:
+        state = load_trainer_state(checkpoint_dir)
+        start_iteration = state["step"]
+        if args.resume:
+            optimizer.load_state_dict(state["optimizer"])
+            restore_rng(state)
+            print0(f"resumed from {args.resume} at iteration {start_iteration}")
+    ddp_vla = DDP(vla) if dist.world_size > 1 else vla  # DDP broadcasts rank 0's weights at construction
+
+    data, norm_stats = load_samples(args.demos, action_tokenizer)
+    stats = norm_stats["action"]
+
+    def to_env_action(tokens: torch.Tensor) -> torch.Tensor:
+        return tokens_to_env_actions(tokens, action_tokenizer, stats).cpu()  # (N, 7)
+
+    env = None
+    if args.num_envs > 0:
+        env = ManiSkillVLAEnv(args.env_id, args.num_envs, image_size=args.image_size, instruction=args.instruction,
+                              max_episode_steps=args.max_episode_steps, control_mode=args.control_mode)
+    logger = Logger(run_path, args, enabled=dist.is_main)
+    print0(f"run {run_path}: {args.num_samples} demo steps from {len(args.demos)} folder(s), {dist.world_size} "
+           f"rank(s) x {args.batch_size} = {args.global_batch_size} samples per step, {args.total_iterations} steps "
+           f"({args.total_iterations * args.global_batch_size / args.num_samples:.1f} epochs); "
+           f"{sum(p.numel() for p in trainable):,} trainable parameters; norm_stats key {args.unnorm_key!r}")
+
+    if args.eval_only:
+        metrics, frames = evaluate(args, policy, env, processor, to_env_action, dist, autocast)
+        print0(json.dumps(metrics))
+        if frames:
+            logger.video("eval/video", torch.stack(frames).numpy(), start_iteration)
+        logger.close()
+        env.close()
+        cleanup()
+        return
+
+    def save(iteration: int) -> None:
+        """LoRA adapter (or the full model) + trainer state, written atomically by rank 0."""
+        def write(directory: str) -> None:
+            if lora_config is not None:
+                save_lora_adapter(vla, lora_config, directory)
+            else:
+                save_openvla(vla, processor, os.path.join(directory, "model"))
+            save_trainer_state(directory, trainer_state(args, iteration, optimizer))
+
+        check_in_sync(trainable)  # DDP keeps ranks identical; verify before writing rank 0's copy
+        if dist.is_main:
+            path = save_checkpoint(os.path.join(run_path, "checkpoints"), iteration, write,
+                                   keep_last=args.keep_checkpoints)
+            print0(f"saved {path}")
+
+    vla.train()
+    for iteration in range(start_iteration + 1, args.total_iterations + 1):
+        # -----------------------------------------------------------------------------------------------------------
+        # 1. Batch: this rank's slice of the global batch, from the seeded per-epoch permutation
+        # -----------------------------------------------------------------------------------------------------------
+        update_start = time.time()
+        indices = batch_indices(iteration, args, dist.rank)  # (batch_size,)
+
+        # -----------------------------------------------------------------------------------------------------------
+        # 2. Update: mean cross-entropy over the 7 action tokens; micro-batches accumulate, DDP averages ranks
+        # -----------------------------------------------------------------------------------------------------------
+        sums = {"loss": 0.0, "token_correct": 0.0, "free_correct": 0.0, "action_correct": 0.0, "l1": 0.0}
+        micro_batches = indices.split(args.micro_batch_size)
+        for k, micro in enumerate(micro_batches):
+            last = dist.world_size == 1 or k == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last else ddp_vla.no_sync()
+            prompt_ids, prompt_mask = processor.prompt_ids([data["instructions"][i] for i in micro], device=device)
+            with sync, autocast:
+                pixel_values = processor.preprocess_images(data["rgb"][micro].to(device))
+                loss, stats_mb = action_loss(ddp_vla, pixel_values, prompt_ids, prompt_mask,
+                                             data["tokens"][micro].to(device), action_tokenizer)
+                (loss * len(micro) / len(indices)).backward()
+            sums["loss"] += loss.item() * len(micro) / len(indices)
+            for key, value in stats_mb.items():
+                sums[key] += value
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        update_time = time.time() - update_start
+
+        # -----------------------------------------------------------------------------------------------------------
+        # 3. Log, evaluate, checkpoint
+        # -----------------------------------------------------------------------------------------------------------
+        metrics = all_reduce_mean({
+            "actor/loss": sums["loss"],
+            "actor/token_accuracy": sums["token_correct"] / (args.batch_size * ACTION_DIM),
+            "actor/free_slot_accuracy": sums["free_correct"] / (args.batch_size * ACTION_DIM),
+            "actor/action_accuracy": sums["action_correct"] / args.batch_size,
+            "actor/action_l1": sums["l1"] / (args.batch_size * ACTION_DIM),
+        })
+        metrics |= {
+            "actor/grad_norm": grad_norm,
+            "actor/lr": optimizer.param_groups[0]["lr"],
+            "actor/epoch": iteration * args.global_batch_size / args.num_samples,
+            "time/update_s": update_time,
+            "time/update_samples_per_s": args.global_batch_size / update_time,
+        }
+        if env is not None and is_due(iteration, args.eval_interval, args.total_iterations):
+            eval_metrics, frames = evaluate(args, policy, env, processor, to_env_action, dist, autocast)
+            metrics |= eval_metrics
+            if frames:
+                logger.video("eval/video", torch.stack(frames).numpy(), iteration)
+        logger.log(metrics, iteration)
+        print0(f"iter {iteration}: loss {metrics['actor/loss']:.4f} free-slot acc "
+               f"{metrics['actor/free_slot_accuracy']:.3f} action l1 {metrics['actor/action_l1']:.4f} "
+               f"samples/s {metrics['time/update_samples_per_s']:.1f}"
+               + (f" eval {metrics['eval/success_rate']:.3f}" if "eval/success_rate" in metrics else ""))
+        if is_due(iteration, args.save_interval, args.total_iterations):
+            save(iteration)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Final model for ppo_openvla.py --model-path: LoRA merged, norm_stats[unnorm_key] added, openvla-7b layout
+    # ---------------------------------------------------------------------------------------------------------------
+    if dist.is_main:
+        final_dir = os.path.join(run_path, "final")
+        if lora_config is not None:
+            merge_lora(vla)
+        vla.config["norm_stats"] = {**(vla.config.get("norm_stats") or {}), args.unnorm_key: norm_stats}
+        save_openvla(vla, processor, final_dir)
+        print0(f"final model (for ppo_openvla.py --model-path ... --unnorm-key {args.unnorm_key}): {final_dir}")
+    logger.close()
+    if env is not None:
+        env.close()
+    cleanup()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
