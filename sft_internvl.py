@@ -50,7 +50,7 @@ import torch.nn.functional as F
 import tyro
 
 from common.action_text import ActionTemplate, build_inputs, load_processor_and_template
-from common.checkpoint import (git_commit, load_trainer_state, resolve_checkpoint_flags, restore_rng, save_checkpoint,
+from common.checkpoint import (git_commit, load_trainer_state, check_run_flags, restore_rng, save_checkpoint,
                                save_trainer_state, script_name, trainer_state)
 from common.demos import load_demos, read_meta
 from common.dist import (all_reduce_mean, bf16_autocast, broadcast_parameters, check_in_sync,
@@ -124,6 +124,9 @@ class Args:
     """only evaluate --checkpoint (or the base model if none) and exit"""
     checkpoint: Optional[str] = None
     """checkpoint to evaluate with --eval-only"""
+    overwrite: bool = False
+    """start over in a run directory that holds checkpoints, deleting them (or, with --resume from an older step,
+    delete the later steps)"""
 
     # derived from the flags above in validate()
     global_batch_size: tyro.conf.Suppress[int] = 0
@@ -159,7 +162,7 @@ def validate(args: Args, world_size: int):
         raise ValueError("--total-iterations (or --num-epochs) must give at least one optimizer step")
     args.env_id = args.env_id or metas[0]["env_id"]
     args.image_size = args.image_size or metas[0]["image_size"]
-    resolve_checkpoint_flags(args, inherited=("model_path", "lora_rank", "lora_alpha"))
+    check_run_flags(args, "sft_internvl.py", inherited=("model_path", "lora_rank", "lora_alpha"))
     if args.num_envs > 0:
         check_env_id(args.env_id)
         check_render_device()

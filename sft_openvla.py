@@ -54,7 +54,7 @@ import tyro
 from peft.tuners.lora import LoraLayer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common.checkpoint import (load_trainer_state, resolve_checkpoint_flags, restore_rng, save_checkpoint,
+from common.checkpoint import (load_trainer_state, check_run_flags, restore_rng, save_checkpoint,
                                save_trainer_state, trainer_state)
 from common.demos import action_norm_stats, load_demos, read_meta
 from common.dist import all_reduce_mean, bf16_autocast, check_in_sync, cleanup, init_dist, print0
@@ -62,7 +62,7 @@ from common.logger import Logger, is_due
 from common.maniskill_env import ManiSkillVLAEnv, check_env_id, check_render_device
 from common.openvla import (ActionTokenizer, load_lora_adapter, load_openvla, make_trainable, read_openvla_config,
                             resolve_model_path, save_lora_adapter, save_openvla)
-from ppo_openvla import ActorCritic  # the RL script's greedy action decoding
+from ppo_openvla import ActorCritic, to_env_action  # the RL script's greedy decoding and action conversion
 
 ACTION_DIM = 7
 
@@ -133,6 +133,9 @@ class Args:
     """only evaluate --checkpoint (or the base model if none) and exit"""
     checkpoint: Optional[str] = None
     """checkpoint to evaluate with --eval-only"""
+    overwrite: bool = False
+    """start over in a run directory that holds checkpoints, deleting them (or, with --resume from an older step,
+    delete the later steps)"""
 
     # derived from the flags above in validate()
     control_mode: tyro.conf.Suppress[str] = ""
@@ -171,7 +174,7 @@ def validate(args: Args, world_size: int) -> None:
     args.env_id = args.env_id or metas[0]["env_id"]
     args.image_size = args.image_size or metas[0]["image_size"]
     args.unnorm_key = args.unnorm_key or f"maniskill_{metas[0]['env_id']}".lower()
-    resolve_checkpoint_flags(args, inherited=("model_path", "unnorm_key", "lora_rank", "lora_alpha"))
+    check_run_flags(args, "sft_openvla.py", inherited=("model_path", "unnorm_key", "lora_rank", "lora_alpha"))
     if args.num_envs > 0:
         check_env_id(args.env_id)
         check_render_device()
@@ -192,13 +195,6 @@ def normalize_actions(actions: torch.Tensor, stats: dict) -> torch.Tensor:
     q01, q99 = torch.tensor(stats["q01"]), torch.tensor(stats["q99"])
     normalized = (2 * (actions - q01) / (q99 - q01 + 1e-8) - 1).clamp(-1, 1)
     return torch.where(torch.tensor(stats["mask"]), normalized, actions)
-
-
-def tokens_to_env_actions(tokens: torch.Tensor, action_tokenizer: ActionTokenizer, stats: dict) -> torch.Tensor:
-    """Action tokens (N, 7) -> env actions (N, 7): bin centres un-normalised, gripper {0, 1} -> {-1, +1} at 0.5
-    (the conversion ppo_openvla.py applies)."""
-    actions = ActionTokenizer.unnormalize(action_tokenizer.tokens_to_normalized(tokens).float(), stats)
-    return torch.cat([actions[:, :6], 2.0 * (actions[:, 6:] > 0.5).float() - 1], dim=1)
 
 
 def action_loss(vla, pixel_values, prompt_ids, prompt_mask, target_tokens, action_tokenizer: ActionTokenizer):
@@ -268,7 +264,7 @@ def merge_lora(vla) -> None:
 # Evaluation: ppo_openvla.py's greedy decoding on its held-out initial states
 # ---------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(args, policy, env, processor, to_env_action, dist, autocast):
+def evaluate(args, policy, env, processor, env_action, dist, autocast):
     """One episode per env from seeds >= 10**9 (ppo_openvla.py's held-out set), decoded at --eval-temperature."""
     seeds = [10**9 + dist.rank * args.num_envs + i for i in range(args.num_envs)]
     prompt_ids, prompt_mask = processor.prompt_ids(env.instructions, device=dist.device)
@@ -282,7 +278,7 @@ def evaluate(args, policy, env, processor, to_env_action, dist, autocast):
         with autocast:
             pixel_values = processor.preprocess_images(obs["rgb"].to(dist.device))
             tokens, _, _ = policy.act(pixel_values, prompt_ids, prompt_mask, args.eval_temperature)
-        obs, _, terminated, truncated, info = env.step(to_env_action(tokens))
+        obs, _, terminated, truncated, info = env.step(env_action(tokens))
         length += (~finished).float()
         success |= info["success"] & ~finished
         if args.capture_video and not finished[0]:
@@ -331,8 +327,8 @@ def main(args: Args) -> None:
     data, norm_stats = load_samples(args.demos, action_tokenizer)
     stats = norm_stats["action"]
 
-    def to_env_action(tokens: torch.Tensor) -> torch.Tensor:
-        return tokens_to_env_actions(tokens, action_tokenizer, stats).cpu()  # (N, 7)
+    def env_action(tokens: torch.Tensor) -> torch.Tensor:
+        return to_env_action(tokens, action_tokenizer, stats)  # (N, 7)
 
     env = None
     if args.num_envs > 0:
@@ -345,7 +341,7 @@ def main(args: Args) -> None:
            f"{sum(p.numel() for p in trainable):,} trainable parameters; norm_stats key {args.unnorm_key!r}")
 
     if args.eval_only:
-        metrics, frames = evaluate(args, policy, env, processor, to_env_action, dist, autocast)
+        metrics, frames = evaluate(args, policy, env, processor, env_action, dist, autocast)
         print0(json.dumps(metrics))
         if frames:
             logger.video("eval/video", torch.stack(frames).numpy(), start_iteration)
@@ -417,7 +413,7 @@ def main(args: Args) -> None:
             "time/update_samples_per_s": args.global_batch_size / update_time,
         }
         if env is not None and is_due(iteration, args.eval_interval, args.total_iterations):
-            eval_metrics, frames = evaluate(args, policy, env, processor, to_env_action, dist, autocast)
+            eval_metrics, frames = evaluate(args, policy, env, processor, env_action, dist, autocast)
             metrics |= eval_metrics
             if frames:
                 logger.video("eval/video", torch.stack(frames).numpy(), iteration)

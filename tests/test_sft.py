@@ -91,7 +91,8 @@ def test_internvl_targets_decode_to_the_demo_action(digits):
 
 
 def test_openvla_targets_decode_to_the_demo_action():
-    from sft_openvla import env_to_model_actions, normalize_actions, tokens_to_env_actions
+    from ppo_openvla import to_env_action
+    from sft_openvla import env_to_model_actions, normalize_actions
 
     actions = torch.from_numpy(fake_actions(np.random.default_rng(2), 256))
     actions[0, :6], actions[1, :6] = 1.0, -1.0  # beyond q99 / q01: clipped
@@ -101,7 +102,7 @@ def test_openvla_targets_decode_to_the_demo_action():
     action_tokenizer = ActionTokenizer(vocab_size=1000)
     tokens = action_tokenizer.normalized_to_tokens(normalize_actions(model_actions, stats))
     assert ((tokens >= action_tokenizer.first_token) & (tokens < 1000)).all()
-    decoded = tokens_to_env_actions(tokens, action_tokenizer, stats)
+    decoded = to_env_action(tokens, action_tokenizer, stats)  # what PPO sends to the env
     q01, q99 = torch.tensor(stats["q01"][:6]), torch.tensor(stats["q99"][:6])
     one_bin = (q99 - q01) / 255
     error = (decoded[:, :6] - torch.maximum(torch.minimum(actions[:, :6], q99), q01)).abs()
