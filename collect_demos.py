@@ -24,7 +24,7 @@ import tyro
 
 from common.demos import action_norm_stats, save_episode
 from common.experts import EXPERTS
-from common.maniskill_env import INSTRUCTIONS, _make_single_cpu_env, check_env_id, check_render_device
+from common.maniskill_env import INSTRUCTIONS, check_env_id, check_render_device, make_cpu_env
 
 CONTROL_MODE = "pd_ee_delta_pose"  # the experts' action space
 
@@ -60,7 +60,7 @@ def make_env(env_id: str, image_size: int, max_episode_steps: Optional[int]):
     )
     if max_episode_steps:
         make_kwargs["max_episode_steps"] = max_episode_steps
-    return _make_single_cpu_env(env_id, make_kwargs)()
+    return make_cpu_env(env_id, make_kwargs)
 
 
 def record_episode(env, expert, seed: int, instruction: str) -> dict:

@@ -58,12 +58,28 @@ from transformers import DynamicCache, InternVLForConditionalGeneration
 
 from common import fsdp
 from common.action_text import ActionTemplate, build_inputs, load_processor_and_template
-from common.checkpoint import (check_run_flags, load_trainer_state, save_checkpoint, save_trainer_state,
-                               trainer_state)
-from common.dist import (all_reduce_mean, all_reduce_sum_, attn_implementation, bf16_autocast, broadcast_parameters,
-                         check_in_sync, cleanup, init_dist, print0, sum_gradients_, world_size)
-from common.guards import (NonFiniteGuard, StopRequest, check_finite_logits, check_finite_state, check_flags,
-                           named_state_tensors)
+from common.checkpoint import check_run_flags, load_trainer_state, save_checkpoint, save_trainer_state, trainer_state
+from common.dist import (
+    all_reduce_mean,
+    all_reduce_sum_,
+    attn_implementation,
+    bf16_autocast,
+    broadcast_parameters,
+    check_in_sync,
+    cleanup,
+    init_dist,
+    print0,
+    sum_gradients_,
+    world_size,
+)
+from common.guards import (
+    NonFiniteGuard,
+    StopRequest,
+    check_finite_logits,
+    check_finite_state,
+    check_flags,
+    named_state_tensors,
+)
 from common.logger import Logger, is_due
 from common.maniskill_env import ManiSkillVLAEnv, check_env_id, check_render_device
 
@@ -166,9 +182,18 @@ class Args:
 def validate(args: Args, world_size: int):
     """Every check that can fail on user input, before envs or weights are loaded. Returns the processor, the action
     template and the run directory."""
-    check_flags(args, positive=("num_envs", "num_minibatches", "micro_batch_size", "update_epochs", "total_iterations",
-                                "max_episode_steps"),
-                non_negative=("eval_interval", "save_interval", "keep_checkpoints", "eval_temperature", "top_k"))
+    check_flags(
+        args,
+        positive=(
+            "num_envs",
+            "num_minibatches",
+            "micro_batch_size",
+            "update_epochs",
+            "total_iterations",
+            "max_episode_steps",
+        ),
+        non_negative=("eval_interval", "save_interval", "keep_checkpoints", "eval_temperature", "top_k"),
+    )
     if args.group_size < 2:
         raise ValueError(f"--group-size must be >= 2 (GRPO normalises within a group), got {args.group_size}")
     if args.num_envs % args.group_size:
@@ -248,8 +273,13 @@ def generate_actions(policy, inputs, template: ActionTemplate, temperature: floa
         step_pos = torch.cat([step_pos, step_pos[:, -1:] + 1 + torch.arange(forced.size(1), device=device)], dim=1)
         mask = torch.cat([mask, mask.new_ones(batch, forced.size(1) + (f > 0))], dim=1)
         out = policy(
-            input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=cache, use_cache=True,
-            pixel_values=inputs["pixel_values"] if f == 0 else None, logits_to_keep=1,
+            input_ids=step_ids,
+            attention_mask=mask,
+            position_ids=step_pos,
+            past_key_values=cache,
+            use_cache=True,
+            pixel_values=inputs["pixel_values"] if f == 0 else None,
+            logits_to_keep=1,
         )
         k = template.free_set[f]
         logits = out.logits[:, -1, set_ids[k]]  # (B, S) logits of the slot's allowed tokens
@@ -279,9 +309,17 @@ def free_slot_logits(policy, inputs, answer_ids: torch.Tensor, template: ActionT
     ids = torch.cat([inputs["input_ids"], answer_ids[:, :last_free]], dim=1)  # the last free token is never an input
     mask = torch.cat([inputs["attention_mask"], inputs["attention_mask"].new_ones(ids.size(0), last_free)], dim=1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    rows = inputs["input_ids"].size(1) - 1 + template.free_pos.to(ids.device)  # (F,) positions predicting the free tokens
-    out = policy(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values=inputs["pixel_values"],
-                use_cache=False, logits_to_keep=rows)
+    rows = (
+        inputs["input_ids"].size(1) - 1 + template.free_pos.to(ids.device)
+    )  # (F,) positions predicting the free tokens
+    out = policy(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        pixel_values=inputs["pixel_values"],
+        use_cache=False,
+        logits_to_keep=rows,
+    )
     slot_ids = template.set_ids.to(ids.device)[template.free_set.to(ids.device)]  # (F, S)
     return out.logits.gather(2, slot_ids.expand(ids.size(0), -1, -1))  # (B, F, S)
 
@@ -306,8 +344,9 @@ def keep_groups(success: torch.Tensor, group_size: int, success_bounds: tuple[fl
     return keep.repeat_interleave(group_size)
 
 
-def clipped_token_loss(new_logprob, old_logprob, advantages, token_mask, clip_low: float, clip_high: float,
-                       num_tokens: float):
+def clipped_token_loss(
+    new_logprob, old_logprob, advantages, token_mask, clip_low: float, clip_high: float, num_tokens: float
+):
     """Token-level clipped surrogate with an asymmetric clip. new_logprob, old_logprob, token_mask (B, K);
     advantages (B,), broadcast to every token of its sample. Returns loss, approx_kl (k3) and clipfrac, each summed
     over the valid tokens and divided by num_tokens (the minibatch's token count over all ranks, so gradients summed
@@ -341,8 +380,9 @@ def load_policy(args: Args, device: torch.device, checkpoint_dir: Optional[str])
     """
     full_weights = checkpoint_dir if checkpoint_dir and args.lora_rank == 0 else args.model_path
     dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 and args.lora_rank > 0 else torch.float32
-    policy = InternVLForConditionalGeneration.from_pretrained(full_weights, dtype=dtype,
-                                                              attn_implementation=attn_implementation(device))
+    policy = InternVLForConditionalGeneration.from_pretrained(
+        full_weights, dtype=dtype, attn_implementation=attn_implementation(device)
+    )
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.lora_rank > 0:
@@ -352,7 +392,9 @@ def load_policy(args: Args, device: torch.device, checkpoint_dir: Optional[str])
             policy = PeftModel.from_pretrained(policy, checkpoint_dir, is_trainable=True)
         else:
             lora = LoraConfig(
-                r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                r=args.lora_rank,
+                lora_alpha=args.lora_alpha,
+                lora_dropout=0.0,
                 target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
             )
             policy = get_peft_model(policy, lora)
@@ -379,8 +421,9 @@ def rollout(policy, processor, template, envs, seeds, args, autocast, evaluation
     Returns a dict of (T, N, ...) tensors on CPU: rgb, tcp_pose, choices, tokens, logprobs, entropy, support, alive,
     plus instructions, success (N,), length (N,), the video frames of env 0 and the number of generated tokens.
     """
-    temperature, top_k, top_p = (args.eval_temperature, 0, 1.0) if evaluation else (args.temperature, args.top_k,
-                                                                                     args.top_p)
+    temperature, top_k, top_p = (
+        (args.eval_temperature, 0, 1.0) if evaluation else (args.temperature, args.top_k, args.top_p)
+    )
     device = next(policy.parameters()).device
     T, N = envs.max_episode_steps, envs.num_envs
     F, S = template.num_free, template.set_ids.size(1)
@@ -407,7 +450,11 @@ def rollout(policy, processor, template, envs, seeds, args, autocast, evaluation
         inputs = build_inputs(processor, instructions, obs["rgb"][idx], obs["tcp_pose"][idx], device)
         with autocast:
             sampled = generate_actions(policy, inputs, template, temperature, top_k, top_p)
-        choices[t, idx], tokens[t, idx], logprobs[t, idx] = sampled.choices.cpu(), sampled.tokens.cpu(), sampled.logp.cpu()
+        choices[t, idx], tokens[t, idx], logprobs[t, idx] = (
+            sampled.choices.cpu(),
+            sampled.tokens.cpu(),
+            sampled.logp.cpu(),
+        )
         support[t, idx], entropy[t, idx] = sampled.support.cpu(), sampled.entropy.cpu()
         actions = torch.zeros(N, 7)
         actions[idx] = template.to_env_action(choices[t, idx])
@@ -421,9 +468,19 @@ def rollout(policy, processor, template, envs, seeds, args, autocast, evaluation
         if not running.any():
             break
     return dict(
-        instructions=episode_instructions, rgb=rgb, tcp_pose=tcp_pose, choices=choices, tokens=tokens,
-        logprobs=logprobs, entropy=entropy, support=support, alive=alive, success=success, length=length,
-        frames=frames, tokens_generated=int(alive.sum()) * template.answer_len,
+        instructions=episode_instructions,
+        rgb=rgb,
+        tcp_pose=tcp_pose,
+        choices=choices,
+        tokens=tokens,
+        logprobs=logprobs,
+        entropy=entropy,
+        support=support,
+        alive=alive,
+        success=success,
+        length=length,
+        frames=frames,
+        tokens_generated=int(alive.sum()) * template.answer_len,
     )
 
 
@@ -432,8 +489,10 @@ def evaluate(policy, processor, template, envs, args, dist, autocast):
     seeds = [2**31 + dist.rank * envs.num_envs + i for i in range(envs.num_envs)]  # the same set for every run
     policy.eval()
     out = rollout(policy, processor, template, envs, seeds, args, autocast, evaluation=True)
-    metrics = {"eval/success_rate": out["success"].float().mean().item(),
-               "eval/episode_length": out["length"].float().mean().item()}
+    metrics = {
+        "eval/success_rate": out["success"].float().mean().item(),
+        "eval/episode_length": out["length"].float().mean().item(),
+    }
     return all_reduce_mean(metrics), out["frames"]
 
 
@@ -465,8 +524,11 @@ def update_policy(policy, optimizer, processor, template, batch, args, autocast,
             if num_tokens == 0:
                 continue
             micro_batches = list(minibatch.split(args.micro_batch_size))
-            weighted = (fsdp.even_micro_batches(micro_batches, filler=torch.tensor([num_samples])) if sharded
-                        else [(micro, 1.0) for micro in micro_batches])
+            weighted = (
+                fsdp.even_micro_batches(micro_batches, filler=torch.tensor([num_samples]))
+                if sharded
+                else [(micro, 1.0) for micro in micro_batches]
+            )
             minibatch_loss = 0.0
             for micro, weight in weighted:
                 t, n = step_idx[micro], env_idx[micro]
@@ -481,8 +543,13 @@ def update_policy(policy, optimizer, processor, template, batch, args, autocast,
                 # the log-prob under the same mask, temperature and top-k/top-p support as the rollout
                 new_logprob = policy_logprobs(logits, support, args.temperature).gather(2, choice).squeeze(2)  # (b, F)
                 loss, approx_kl, clipfrac = clipped_token_loss(
-                    new_logprob, batch["logprobs"][t, n].to(device), batch["advantages"][n].to(device), token_mask,
-                    args.clip_low, args.clip_high, num_tokens,
+                    new_logprob,
+                    batch["logprobs"][t, n].to(device),
+                    batch["advantages"][n].to(device),
+                    token_mask,
+                    args.clip_low,
+                    args.clip_high,
+                    num_tokens,
                 )
                 sums["pg_loss"] += weight * loss.item()
                 if args.kl_coef > 0:
@@ -547,12 +614,19 @@ def main(args: Args) -> None:
         if args.resume:
             print0(f"resumed from {args.resume} at iteration {start_iteration}")
 
-    envs = ManiSkillVLAEnv(args.env_id, args.num_envs, image_size=args.image_size, instruction=args.instruction,
-                           max_episode_steps=args.max_episode_steps)
+    envs = ManiSkillVLAEnv(
+        args.env_id,
+        args.num_envs,
+        image_size=args.image_size,
+        instruction=args.instruction,
+        max_episode_steps=args.max_episode_steps,
+    )
     logger = Logger(run_path, args, enabled=dist.is_main)
-    print0(f"run {run_path}: {dist.world_size} rank(s) x {args.num_envs} envs = {args.global_episodes} episodes per "
-           f"iteration, {args.num_groups} groups of {args.group_size} per rank; "
-           f"{sum(p.numel() for p in trainable):,} trainable parameters; {template.num_free} free tokens per action")
+    print0(
+        f"run {run_path}: {dist.world_size} rank(s) x {args.num_envs} envs = {args.global_episodes} episodes per "
+        f"iteration, {args.num_groups} groups of {args.group_size} per rank; "
+        f"{sum(p.numel() for p in trainable):,} trainable parameters; {template.num_free} free tokens per action"
+    )
 
     if args.eval_only:
         with fsdp.gathered_params(policy):
@@ -581,8 +655,9 @@ def main(args: Args) -> None:
             save_trainer_state(directory, trainer_state(args, iteration, optimizer_state or optimizer))
 
         if dist.is_main:
-            path = save_checkpoint(os.path.join(run_path, "checkpoints"), iteration, write,
-                                   keep_last=args.keep_checkpoints)
+            path = save_checkpoint(
+                os.path.join(run_path, "checkpoints"), iteration, write, keep_last=args.keep_checkpoints
+            )
             print0(f"saved {path}")
 
     guard = NonFiniteGuard()  # skips an optimizer step with a non-finite loss or gradient norm
@@ -611,8 +686,11 @@ def main(args: Args) -> None:
         # 3. Advantage: group-normalised, broadcast to every free token of the episode; dynamic sampling
         # -----------------------------------------------------------------------------------------------------------
         batch["advantages"] = group_advantages(rewards, args.group_size)  # (N,)
-        kept = (keep_groups(batch["success"], args.group_size, args.success_bounds) if args.dynamic_sampling
-                else torch.ones(args.num_envs, dtype=torch.bool))  # (N,)
+        kept = (
+            keep_groups(batch["success"], args.group_size, args.success_bounds)
+            if args.dynamic_sampling
+            else torch.ones(args.num_envs, dtype=torch.bool)
+        )  # (N,)
         batch["step_idx"], batch["env_idx"] = (batch["alive"] & kept[None, :]).nonzero(as_tuple=True)  # (M,) samples
 
         # -----------------------------------------------------------------------------------------------------------
@@ -657,15 +735,19 @@ def main(args: Args) -> None:
             if frames:
                 logger.video("eval/video", torch.stack(frames).numpy(), iteration)
         logger.log(metrics, iteration)
-        print0(f"iter {iteration}: success {metrics['rollout/success_rate']:.3f} "
-               f"reward {metrics['rollout/reward_mean']:.4f} kept {metrics['rollout/kept_groups_frac']:.2f} "
-               f"env steps/s {metrics['time/env_steps_per_s']:.1f}"
-               + (f" eval {metrics['eval/success_rate']:.3f}" if "eval/success_rate" in metrics else ""))
+        print0(
+            f"iter {iteration}: success {metrics['rollout/success_rate']:.3f} "
+            f"reward {metrics['rollout/reward_mean']:.4f} kept {metrics['rollout/kept_groups_frac']:.2f} "
+            f"env steps/s {metrics['time/env_steps_per_s']:.1f}"
+            + (f" eval {metrics['eval/success_rate']:.3f}" if "eval/success_rate" in metrics else "")
+        )
         if is_due(iteration, args.save_interval, args.total_iterations) or stop_now:
             save(iteration)
         if stop_now:
-            print0(f"stopped by {stop.signal_name} after iteration {iteration}; continue with --resume "
-                   f"{run_path}/checkpoints")
+            print0(
+                f"stopped by {stop.signal_name} after iteration {iteration}; continue with --resume "
+                f"{run_path}/checkpoints"
+            )
             break
 
     logger.close()

@@ -44,16 +44,38 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import DynamicCache
 
 from common import fsdp
-from common.checkpoint import (check_run_flags, load_safetensors, load_trainer_state, restore_rng, save_checkpoint,
-                               save_trainer_state, trainer_state, verify_safetensors_files)
-from common.dist import (all_reduce_mean, bf16_autocast, check_in_sync, cleanup,
-                         global_mean_std, init_dist, print0)
-from common.guards import (NonFiniteGuard, StopRequest, check_finite_logits, check_finite_state, check_flags,
-                           named_state_tensors)
+from common.checkpoint import (
+    check_run_flags,
+    load_safetensors,
+    load_trainer_state,
+    restore_rng,
+    save_checkpoint,
+    save_trainer_state,
+    trainer_state,
+    verify_safetensors_files,
+)
+from common.dist import all_reduce_mean, bf16_autocast, check_in_sync, cleanup, global_mean_std, init_dist, print0
+from common.guards import (
+    NonFiniteGuard,
+    StopRequest,
+    check_finite_logits,
+    check_finite_state,
+    check_flags,
+    named_state_tensors,
+)
 from common.logger import Logger, is_due
 from common.maniskill_env import ManiSkillVLAEnv, check_env_id, check_render_device
-from common.openvla import (ActionTokenizer, action_stats, load_lora_adapter, load_openvla, make_trainable,
-                            read_openvla_config, resolve_model_path, save_lora_adapter, save_openvla)
+from common.openvla import (
+    ActionTokenizer,
+    action_stats,
+    load_lora_adapter,
+    load_openvla,
+    make_trainable,
+    read_openvla_config,
+    resolve_model_path,
+    save_lora_adapter,
+    save_openvla,
+)
 
 ACTION_DIM = 7
 
@@ -166,12 +188,24 @@ class Args:
 def validate(args: Args, world_size: int) -> tuple[dict, str]:
     """Every check that can fail on user input, before envs or weights are loaded. Returns the model config and the
     run directory."""
-    check_flags(args, positive=("num_envs", "num_steps", "num_minibatches", "micro_batch_size", "update_epochs",
-                                "total_iterations", "max_episode_steps"),
-                non_negative=("eval_interval", "save_interval", "keep_checkpoints", "eval_temperature"))
+    check_flags(
+        args,
+        positive=(
+            "num_envs",
+            "num_steps",
+            "num_minibatches",
+            "micro_batch_size",
+            "update_epochs",
+            "total_iterations",
+            "max_episode_steps",
+        ),
+        non_negative=("eval_interval", "save_interval", "keep_checkpoints", "eval_temperature"),
+    )
     if not args.temperature > 0:
-        raise ValueError(f"--temperature must be > 0 for training rollouts, got {args.temperature} "
-                         "(--eval-temperature 0 is greedy evaluation)")
+        raise ValueError(
+            f"--temperature must be > 0 for training rollouts, got {args.temperature} "
+            "(--eval-temperature 0 is greedy evaluation)"
+        )
     if args.image_size < 32:
         raise ValueError(f"--image-size must be at least 32 (pixels per side), got {args.image_size}")
     if args.lora_rank < 0:
@@ -179,13 +213,19 @@ def validate(args: Args, world_size: int) -> tuple[dict, str]:
     fsdp.use_fsdp(args.fsdp, args.lora_rank, world_size)  # --fsdp on with LoRA -> error now
     args.batch_size = args.num_envs * args.num_steps
     if args.batch_size % args.num_minibatches:
-        raise ValueError(f"--num-envs x --num-steps ({args.batch_size}) is not divisible by "
-                         f"--num-minibatches ({args.num_minibatches})")
+        raise ValueError(
+            f"--num-envs x --num-steps ({args.batch_size}) is not divisible by "
+            f"--num-minibatches ({args.num_minibatches})"
+        )
     args.minibatch_size = args.batch_size // args.num_minibatches
     if args.minibatch_size % args.micro_batch_size:
-        raise ValueError(f"minibatch size {args.minibatch_size} (= num_envs x num_steps / num_minibatches) is not "
-                         f"divisible by --micro-batch-size ({args.micro_batch_size})")
-    run_path = check_run_flags(args, "ppo_openvla.py", inherited=("model_path", "unnorm_key", "lora_rank", "lora_alpha"))
+        raise ValueError(
+            f"minibatch size {args.minibatch_size} (= num_envs x num_steps / num_minibatches) is not "
+            f"divisible by --micro-batch-size ({args.micro_batch_size})"
+        )
+    run_path = check_run_flags(
+        args, "ppo_openvla.py", inherited=("model_path", "unnorm_key", "lora_rank", "lora_alpha")
+    )
     check_env_id(args.env_id)
     check_render_device()
     args.model_path = resolve_model_path(args.model_path)
@@ -226,8 +266,9 @@ class ActorCritic(nn.Module):
         lm = self.vla.language_model
         embeds, mask, position_ids = self.vla.embed_multimodal(input_ids, attention_mask, pixel_values)
         cache = DynamicCache()
-        hidden = lm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
-                          use_cache=True).last_hidden_state[:, -1]
+        hidden = lm.model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True
+        ).last_hidden_state[:, -1]
         value = self.value(hidden)
         tokens, logprob = [], torch.zeros(len(hidden), device=hidden.device)
         for i in range(ACTION_DIM):
@@ -243,15 +284,21 @@ class ActorCritic(nn.Module):
             if i < ACTION_DIM - 1:
                 mask = torch.cat([mask, mask.new_ones(len(mask), 1)], 1)
                 position_ids = position_ids[:, -1:] + 1
-                hidden = lm.model(input_ids=token[:, None], attention_mask=mask, position_ids=position_ids,
-                                  past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+                hidden = lm.model(
+                    input_ids=token[:, None],
+                    attention_mask=mask,
+                    position_ids=position_ids,
+                    past_key_values=cache,
+                    use_cache=True,
+                ).last_hidden_state[:, -1]
         return torch.stack(tokens, 1), logprob, value
 
     @torch.no_grad()
     def predict_value(self, pixel_values, input_ids, attention_mask):
         embeds, mask, position_ids = self.vla.embed_multimodal(input_ids, attention_mask, pixel_values)
-        hidden = self.vla.language_model.model(inputs_embeds=embeds, attention_mask=mask,
-                                               position_ids=position_ids).last_hidden_state[:, -1]
+        hidden = self.vla.language_model.model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids
+        ).last_hidden_state[:, -1]
         return self.value(hidden)
 
     def forward(self, pixel_values, input_ids, attention_mask, action_tokens, temperature: float):
@@ -260,8 +307,9 @@ class ActorCritic(nn.Module):
         ids = torch.cat([input_ids, action_tokens[:, :-1]], 1)
         mask = torch.cat([attention_mask, attention_mask.new_ones(len(ids), ACTION_DIM - 1)], 1)
         embeds, mask, position_ids = self.vla.embed_multimodal(ids, mask, pixel_values)
-        hidden = self.vla.language_model.model(inputs_embeds=embeds, attention_mask=mask,
-                                               position_ids=position_ids).last_hidden_state
+        hidden = self.vla.language_model.model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids
+        ).last_hidden_state
         hidden = hidden[:, -ACTION_DIM:]  # (B, 7, D): the positions that predict the 7 action tokens
         logp = self.action_logits(hidden, temperature).log_softmax(-1)  # (B, 7, 256)
         logprob = logp.gather(-1, (action_tokens - self.first_action_token)[..., None]).squeeze(-1).sum(-1)
@@ -340,8 +388,9 @@ def ppo_losses(new_logprob, old_logprob, advantages, new_value, old_value, retur
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints: LoRA adapter (or full weights in the openvla layout) + value head + trainer state
 # ---------------------------------------------------------------------------------------------------------------
-def save_policy(policy: ActorCritic, processor, lora_config: Optional[LoraConfig], directory: str,
-                full_state: Optional[dict] = None) -> None:
+def save_policy(
+    policy: ActorCritic, processor, lora_config: Optional[LoraConfig], directory: str, full_state: Optional[dict] = None
+) -> None:
     """full_state: the gathered state dict of an FSDP-sharded policy (its parameters are shards)."""
     if lora_config is not None:
         save_lora_adapter(policy.vla, lora_config, directory)
@@ -376,8 +425,10 @@ def evaluate(args, policy, env, processor, to_env_action, dist, autocast):
         frames.append(info["final_obs"]["rgb"][0].numpy())
     env.ignore_terminations = False
     assert truncated.all(), "every eval episode ends at the time limit"
-    metrics = {"eval/success_once": info["success_once"].float().mean().item(),
-               "eval/success_at_end": info["success"].float().mean().item()}
+    metrics = {
+        "eval/success_once": info["success_once"].float().mean().item(),
+        "eval/success_at_end": info["success"].float().mean().item(),
+    }
     return all_reduce_mean(metrics), np.stack(frames)
 
 
@@ -388,8 +439,10 @@ def main(args: Args) -> None:
     dist = init_dist()
     config, run_path = validate(args, dist.world_size)
     device = dist.device
-    print0(f"run {run_path}: {dist.world_size} rank(s) x {args.num_envs} envs, "
-           f"{args.batch_size * dist.world_size} samples per iteration")
+    print0(
+        f"run {run_path}: {dist.world_size} rank(s) x {args.num_envs} envs, "
+        f"{args.batch_size * dist.world_size} samples per iteration"
+    )
 
     random.seed(args.seed + dist.rank)
     np.random.seed(args.seed + dist.rank)
@@ -398,9 +451,15 @@ def main(args: Args) -> None:
     dtype = torch.bfloat16 if (on_gpu and args.bf16 and args.lora_rank > 0) else torch.float32
     autocast = bf16_autocast(device, args.bf16)
 
-    env = ManiSkillVLAEnv(args.env_id, args.num_envs, image_size=args.image_size,
-                          dense_reward=args.reward_mode == "dense", instruction=args.instruction,
-                          max_episode_steps=args.max_episode_steps, control_mode=args.control_mode)
+    env = ManiSkillVLAEnv(
+        args.env_id,
+        args.num_envs,
+        image_size=args.image_size,
+        dense_reward=args.reward_mode == "dense",
+        instruction=args.instruction,
+        max_episode_steps=args.max_episode_steps,
+        control_mode=args.control_mode,
+    )
 
     model_dir = args.model_path
     if args.lora_rank == 0 and (args.resume or args.checkpoint):
@@ -425,12 +484,17 @@ def main(args: Args) -> None:
 
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        [{"params": [p for p in policy.vla.parameters() if p.requires_grad], "lr": args.learning_rate},
-         {"params": list(policy.value_head.parameters()), "lr": args.value_learning_rate}],
-        eps=1e-5, weight_decay=0.0,
+        [
+            {"params": [p for p in policy.vla.parameters() if p.requires_grad], "lr": args.learning_rate},
+            {"params": list(policy.value_head.parameters()), "lr": args.value_learning_rate},
+        ],
+        eps=1e-5,
+        weight_decay=0.0,
     )
-    print0(f"trainable parameters: {sum(p.numel() for p in trainable):,} of "
-           f"{sum(p.numel() for p in policy.parameters()):,}")
+    print0(
+        f"trainable parameters: {sum(p.numel() for p in trainable):,} of "
+        f"{sum(p.numel() for p in policy.parameters()):,}"
+    )
 
     start_iteration = 0
     if args.resume:
@@ -472,8 +536,9 @@ def main(args: Args) -> None:
             save_trainer_state(directory, trainer_state(args, iteration, optimizer_state or optimizer))
 
         if dist.is_main:
-            path = save_checkpoint(os.path.join(run_path, "checkpoints"), iteration, write,
-                                   keep_last=args.keep_checkpoints)
+            path = save_checkpoint(
+                os.path.join(run_path, "checkpoints"), iteration, write, keep_last=args.keep_checkpoints
+            )
             print0(f"saved {path}")
 
     # Rollout storage, preallocated on CPU (images are stored as uint8 and preprocessed again at update time; the
@@ -517,14 +582,16 @@ def main(args: Args) -> None:
                 action_tokens[t], logprobs[t], values[t] = tokens.cpu(), logprob.cpu(), value.cpu()
                 obs, reward, terminated, truncated, info = env.step(env_action(tokens))
 
-                # -------------------------------------------------------------------------------------------------------
+                # ---------------------------------------------------------------------------------------------------
                 # 2. Reward: the task's, or grasp-shaped; a truncated episode is bootstrapped with V(final observation)
-                # -------------------------------------------------------------------------------------------------------
+                # ---------------------------------------------------------------------------------------------------
                 done = terminated | truncated
                 mode = args.reward_mode if args.reward_mode != "auto" else ("shaped" if "grasped" in info else "sparse")
                 if mode == "shaped":
                     if "grasped" not in info:
-                        raise ValueError(f"--reward-mode shaped: {args.env_id} reports no grasp signal; use sparse/dense")
+                        raise ValueError(
+                            f"--reward-mode shaped: {args.env_id} reports no grasp signal; use sparse/dense"
+                        )
                     reward = shaped_reward(info)
                     shaped_reward.reset(done)
                 elif mode == "sparse":
@@ -589,16 +656,26 @@ def main(args: Args) -> None:
                             pixel_values, mb_ids, mb_mask, b_tokens[mb].to(device), args.temperature
                         )
                         pg_loss, v_loss, approx_kl, clipfrac = ppo_losses(
-                            new_logprob, b_logprobs[mb].to(device), b_advantages[mb].to(device), new_value,
-                            b_values[mb].to(device), b_returns[mb].to(device), args.clip_coef, args.value_clip,
+                            new_logprob,
+                            b_logprobs[mb].to(device),
+                            b_advantages[mb].to(device),
+                            new_value,
+                            b_values[mb].to(device),
+                            b_returns[mb].to(device),
+                            args.clip_coef,
+                            args.value_clip,
                             args.huber_delta,
                         )
                         loss = pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy.mean()
                         (loss * len(mb) / len(minibatch)).backward()
                     minibatch_loss += loss.detach() * len(mb) / len(minibatch)
-                    for key, value in (("actor/pg_loss", pg_loss), ("critic/value_loss", v_loss),
-                                       ("actor/entropy", entropy.mean()), ("actor/approx_kl", approx_kl),
-                                       ("actor/clipfrac", clipfrac)):
+                    for key, value in (
+                        ("actor/pg_loss", pg_loss),
+                        ("critic/value_loss", v_loss),
+                        ("actor/entropy", entropy.mean()),
+                        ("actor/approx_kl", approx_kl),
+                        ("actor/clipfrac", clipfrac),
+                    ):
                         stats_sum[key] = stats_sum.get(key, 0.0) + value.item() * len(mb) / len(minibatch)
                 grad_norm = fsdp.clip_grad_norm_(trainable, args.max_grad_norm)  # the norm before clipping
                 if guard.step(optimizer, minibatch_loss, grad_norm):
@@ -639,16 +716,20 @@ def main(args: Args) -> None:
             if args.capture_video:
                 logger.video("eval/video", frames, iteration)
         logger.log(metrics, iteration)
-        print0(f"iter {iteration}: success {metrics['rollout/success_rate']:.3f} "
-               f"reward {metrics['rollout/reward_mean']:.4f} pg {metrics['actor/pg_loss']:.4f} "
-               f"v {metrics['critic/value_loss']:.4f} kl {metrics['actor/approx_kl']:.5f} "
-               f"env steps/s {metrics['time/env_steps_per_s']:.1f}"
-               + (f" eval {metrics['eval/success_once']:.3f}" if "eval/success_once" in metrics else ""))
+        print0(
+            f"iter {iteration}: success {metrics['rollout/success_rate']:.3f} "
+            f"reward {metrics['rollout/reward_mean']:.4f} pg {metrics['actor/pg_loss']:.4f} "
+            f"v {metrics['critic/value_loss']:.4f} kl {metrics['actor/approx_kl']:.5f} "
+            f"env steps/s {metrics['time/env_steps_per_s']:.1f}"
+            + (f" eval {metrics['eval/success_once']:.3f}" if "eval/success_once" in metrics else "")
+        )
         if is_due(iteration, args.save_interval, args.total_iterations) or stop_now:
             save(iteration)
         if stop_now:
-            print0(f"stopped by {stop.signal_name} after iteration {iteration}; continue with --resume "
-                   f"{run_path}/checkpoints")
+            print0(
+                f"stopped by {stop.signal_name} after iteration {iteration}; continue with --resume "
+                f"{run_path}/checkpoints"
+            )
             break
 
     logger.close()

@@ -50,11 +50,27 @@ import torch.nn.functional as F
 import tyro
 
 from common.action_text import ActionTemplate, build_inputs, load_processor_and_template
-from common.checkpoint import (git_commit, load_trainer_state, check_run_flags, restore_rng, save_checkpoint,
-                               save_trainer_state, script_name, trainer_state)
+from common.checkpoint import (
+    check_run_flags,
+    git_commit,
+    load_trainer_state,
+    restore_rng,
+    save_checkpoint,
+    save_trainer_state,
+    script_name,
+    trainer_state,
+)
 from common.demos import load_demos, read_meta
-from common.dist import (all_reduce_mean, bf16_autocast, broadcast_parameters, check_in_sync,
-                         cleanup, init_dist, print0, sum_gradients_)
+from common.dist import (
+    all_reduce_mean,
+    bf16_autocast,
+    broadcast_parameters,
+    check_in_sync,
+    cleanup,
+    init_dist,
+    print0,
+    sum_gradients_,
+)
 from common.logger import Logger, is_due
 from common.maniskill_env import ManiSkillVLAEnv, check_env_id, check_render_device
 from grpo_internvl import generate_actions, load_policy  # the RL script's decoding and model loading
@@ -140,8 +156,9 @@ def validate(args: Args, world_size: int):
     if min(args.batch_size, args.micro_batch_size, args.max_episode_steps) < 1 or args.num_envs < 0:
         raise ValueError("--batch-size, --micro-batch-size, --max-episode-steps must be >= 1 and --num-envs >= 0")
     if args.batch_size % args.micro_batch_size:
-        raise ValueError(f"--batch-size ({args.batch_size}) must be a multiple of --micro-batch-size "
-                         f"({args.micro_batch_size})")
+        raise ValueError(
+            f"--batch-size ({args.batch_size}) must be a multiple of --micro-batch-size ({args.micro_batch_size})"
+        )
     if args.lora_rank < 0:
         raise ValueError(f"--lora-rank must be >= 0 (0 = full fine-tuning), got {args.lora_rank}")
     if args.eval_only and args.num_envs == 0:
@@ -152,8 +169,10 @@ def validate(args: Args, world_size: int):
             raise FileNotFoundError(f"--demos {path!r} has no meta.json: write demos with collect_demos.py")
         metas.append(read_meta(path))
         if metas[-1]["control_mode"] != "pd_ee_delta_pose":
-            raise ValueError(f"--demos {path!r}: control mode {metas[-1]['control_mode']!r}, but the text actions are "
-                             "pd_ee_delta_pose steps")
+            raise ValueError(
+                f"--demos {path!r}: control mode {metas[-1]['control_mode']!r}, but the text actions are "
+                "pd_ee_delta_pose steps"
+            )
     args.num_samples = sum(m["action_norm_stats"]["num_transitions"] for m in metas)
     args.global_batch_size = args.batch_size * world_size
     if args.num_epochs is not None:
@@ -212,8 +231,14 @@ def answer_loss(policy, inputs, choices: torch.Tensor, template: ActionTemplate,
     ids = torch.cat([inputs["input_ids"], answer_ids[:, :-1]], dim=1)  # the last answer token is never an input
     mask = torch.cat([inputs["attention_mask"], inputs["attention_mask"].new_ones(batch, answer_len - 1)], dim=1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = policy(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values=inputs["pixel_values"],
-                 use_cache=False, logits_to_keep=answer_len)
+    out = policy(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        pixel_values=inputs["pixel_values"],
+        use_cache=False,
+        logits_to_keep=answer_len,
+    )
     logits = out.logits.float()  # (B, A, V)
     loss = F.cross_entropy(logits.flatten(0, 1), answer_ids.flatten(), reduction="sum") / num_tokens
     with torch.no_grad():
@@ -223,8 +248,11 @@ def answer_loss(policy, inputs, choices: torch.Tensor, template: ActionTemplate,
         slot_logits = logits[:, free_pos].gather(2, slot_ids.expand(batch, -1, -1))  # (B, F, S)
         greedy = slot_logits.masked_fill(~slot_valid, -math.inf).argmax(-1)  # (B, F)
         free_hit = greedy == choices.to(ids.device)
-        stats = {"token_correct": (logits.argmax(-1) == answer_ids).sum().item(),
-                 "free_correct": free_hit.sum().item(), "action_correct": free_hit.all(1).sum().item()}
+        stats = {
+            "token_correct": (logits.argmax(-1) == answer_ids).sum().item(),
+            "free_correct": free_hit.sum().item(),
+            "action_correct": free_hit.all(1).sum().item(),
+        }
     return loss, stats
 
 
@@ -244,8 +272,9 @@ def evaluate(policy, processor, template, envs, args, dist, autocast):
     frames = [obs["rgb"][0]] if args.capture_video else []
     for t in range(envs.max_episode_steps):
         idx = running.nonzero().squeeze(1)
-        inputs = build_inputs(processor, [envs.instructions[i] for i in idx], obs["rgb"][idx], obs["tcp_pose"][idx],
-                              device)
+        inputs = build_inputs(
+            processor, [envs.instructions[i] for i in idx], obs["rgb"][idx], obs["tcp_pose"][idx], device
+        )
         with autocast:
             sampled = generate_actions(policy, inputs, template, args.eval_temperature, 0, 1.0)
         actions = torch.zeros(N, 7)
@@ -292,14 +321,21 @@ def main(args: Args) -> None:
     data = load_samples(args.demos, template)
     envs = None
     if args.num_envs > 0:
-        envs = ManiSkillVLAEnv(args.env_id, args.num_envs, image_size=args.image_size, instruction=args.instruction,
-                               max_episode_steps=args.max_episode_steps)
+        envs = ManiSkillVLAEnv(
+            args.env_id,
+            args.num_envs,
+            image_size=args.image_size,
+            instruction=args.instruction,
+            max_episode_steps=args.max_episode_steps,
+        )
     logger = Logger(run_path, args, enabled=dist.is_main)
-    print0(f"run {run_path}: {args.num_samples} demo steps from {len(args.demos)} folder(s), {dist.world_size} "
-           f"rank(s) x {args.batch_size} = {args.global_batch_size} samples per step, {args.total_iterations} steps "
-           f"({args.total_iterations * args.global_batch_size / args.num_samples:.1f} epochs); "
-           f"{sum(p.numel() for p in trainable):,} trainable parameters; answer of {template.answer_len} tokens, "
-           f"{template.num_free} free")
+    print0(
+        f"run {run_path}: {args.num_samples} demo steps from {len(args.demos)} folder(s), {dist.world_size} "
+        f"rank(s) x {args.batch_size} = {args.global_batch_size} samples per step, {args.total_iterations} steps "
+        f"({args.total_iterations * args.global_batch_size / args.num_samples:.1f} epochs); "
+        f"{sum(p.numel() for p in trainable):,} trainable parameters; answer of {template.answer_len} tokens, "
+        f"{template.num_free} free"
+    )
 
     if args.eval_only:
         metrics, frames = evaluate(policy, processor, template, envs, args, dist, autocast)
@@ -313,6 +349,7 @@ def main(args: Args) -> None:
 
     def save(iteration: int) -> None:
         """LoRA adapter (or the full model) + processor + trainer state, written atomically by rank 0."""
+
         def write(directory: str) -> None:
             policy.save_pretrained(directory)
             processor.save_pretrained(directory)
@@ -320,8 +357,9 @@ def main(args: Args) -> None:
 
         check_in_sync(trainable)  # the hand-summed gradients keep ranks identical; verify before writing rank 0's copy
         if dist.is_main:
-            path = save_checkpoint(os.path.join(run_path, "checkpoints"), iteration, write,
-                                   keep_last=args.keep_checkpoints)
+            path = save_checkpoint(
+                os.path.join(run_path, "checkpoints"), iteration, write, keep_last=args.keep_checkpoints
+            )
             print0(f"saved {path}")
 
     policy.train()
@@ -338,8 +376,9 @@ def main(args: Args) -> None:
         num_tokens = float(args.global_batch_size * template.answer_len)
         sums = {"loss": 0.0, "token_correct": 0.0, "free_correct": 0.0, "action_correct": 0.0}
         for micro in indices.split(args.micro_batch_size):
-            inputs = build_inputs(processor, [data["instructions"][i] for i in micro], data["rgb"][micro],
-                                  data["tcp_pose"][micro], device)
+            inputs = build_inputs(
+                processor, [data["instructions"][i] for i in micro], data["rgb"][micro], data["tcp_pose"][micro], device
+            )
             with autocast:
                 loss, stats = answer_loss(policy, inputs, data["choices"][micro], template, num_tokens)
             loss.backward()
@@ -355,12 +394,14 @@ def main(args: Args) -> None:
         # -----------------------------------------------------------------------------------------------------------
         # 3. Log, evaluate, checkpoint
         # -----------------------------------------------------------------------------------------------------------
-        metrics = all_reduce_mean({
-            "actor/loss": sums["loss"] * dist.world_size,  # each rank's share is divided by the global token count
-            "actor/token_accuracy": sums["token_correct"] / (args.batch_size * template.answer_len),
-            "actor/free_slot_accuracy": sums["free_correct"] / (args.batch_size * template.num_free),
-            "actor/action_accuracy": sums["action_correct"] / args.batch_size,
-        })
+        metrics = all_reduce_mean(
+            {
+                "actor/loss": sums["loss"] * dist.world_size,  # each rank's share is divided by the global token count
+                "actor/token_accuracy": sums["token_correct"] / (args.batch_size * template.answer_len),
+                "actor/free_slot_accuracy": sums["free_correct"] / (args.batch_size * template.num_free),
+                "actor/action_accuracy": sums["action_correct"] / args.batch_size,
+            }
+        )
         metrics |= {
             "actor/grad_norm": grad_norm,
             "actor/lr": optimizer.param_groups[0]["lr"],
@@ -374,10 +415,12 @@ def main(args: Args) -> None:
             if frames:
                 logger.video("eval/video", torch.stack(frames).numpy(), iteration)
         logger.log(metrics, iteration)
-        print0(f"iter {iteration}: loss {metrics['actor/loss']:.4f} free-slot acc "
-               f"{metrics['actor/free_slot_accuracy']:.3f} action acc {metrics['actor/action_accuracy']:.3f} "
-               f"samples/s {metrics['time/update_samples_per_s']:.1f}"
-               + (f" eval {metrics['eval/success_rate']:.3f}" if "eval/success_rate" in metrics else ""))
+        print0(
+            f"iter {iteration}: loss {metrics['actor/loss']:.4f} free-slot acc "
+            f"{metrics['actor/free_slot_accuracy']:.3f} action acc {metrics['actor/action_accuracy']:.3f} "
+            f"samples/s {metrics['time/update_samples_per_s']:.1f}"
+            + (f" eval {metrics['eval/success_rate']:.3f}" if "eval/success_rate" in metrics else "")
+        )
         if is_due(iteration, args.save_interval, args.total_iterations):
             save(iteration)
 
@@ -390,8 +433,16 @@ def main(args: Args) -> None:
         model.save_pretrained(final_dir)
         processor.save_pretrained(final_dir)
         with open(os.path.join(final_dir, "sft_args.json"), "w") as f:
-            json.dump({"script": script_name(), "step": args.total_iterations, "git_commit": git_commit(),
-                       "args": asdict(args)}, f, indent=2)
+            json.dump(
+                {
+                    "script": script_name(),
+                    "step": args.total_iterations,
+                    "git_commit": git_commit(),
+                    "args": asdict(args),
+                },
+                f,
+                indent=2,
+            )
         print0(f"final model (for grpo_internvl.py --model-path): {final_dir}")
     logger.close()
     if envs is not None:

@@ -54,14 +54,28 @@ import tyro
 from peft.tuners.lora import LoraLayer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common.checkpoint import (load_trainer_state, check_run_flags, restore_rng, save_checkpoint,
-                               save_trainer_state, trainer_state)
+from common.checkpoint import (
+    check_run_flags,
+    load_trainer_state,
+    restore_rng,
+    save_checkpoint,
+    save_trainer_state,
+    trainer_state,
+)
 from common.demos import action_norm_stats, load_demos, read_meta
 from common.dist import all_reduce_mean, bf16_autocast, check_in_sync, cleanup, init_dist, print0
 from common.logger import Logger, is_due
 from common.maniskill_env import ManiSkillVLAEnv, check_env_id, check_render_device
-from common.openvla import (ActionTokenizer, load_lora_adapter, load_openvla, make_trainable, read_openvla_config,
-                            resolve_model_path, save_lora_adapter, save_openvla)
+from common.openvla import (
+    ActionTokenizer,
+    load_lora_adapter,
+    load_openvla,
+    make_trainable,
+    read_openvla_config,
+    resolve_model_path,
+    save_lora_adapter,
+    save_openvla,
+)
 from ppo_openvla import ActorCritic, to_env_action  # the RL script's greedy decoding and action conversion
 
 ACTION_DIM = 7
@@ -151,8 +165,9 @@ def validate(args: Args, world_size: int) -> None:
     if min(args.batch_size, args.micro_batch_size, args.max_episode_steps) < 1 or args.num_envs < 0:
         raise ValueError("--batch-size, --micro-batch-size, --max-episode-steps must be >= 1 and --num-envs >= 0")
     if args.batch_size % args.micro_batch_size:
-        raise ValueError(f"--batch-size ({args.batch_size}) must be a multiple of --micro-batch-size "
-                         f"({args.micro_batch_size})")
+        raise ValueError(
+            f"--batch-size ({args.batch_size}) must be a multiple of --micro-batch-size ({args.micro_batch_size})"
+        )
     if args.lora_rank < 0:
         raise ValueError(f"--lora-rank must be >= 0 (0 = full fine-tuning), got {args.lora_rank}")
     if args.eval_only and args.num_envs == 0:
@@ -211,9 +226,12 @@ def action_loss(vla, pixel_values, prompt_ids, prompt_mask, target_tokens, actio
         greedy = logits[..., first : first + action_tokenizer.n_bins].argmax(-1) + first  # (B, 7)
         free_hit = greedy == target_tokens
         l1 = action_tokenizer.tokens_to_normalized(greedy) - action_tokenizer.tokens_to_normalized(target_tokens)
-        stats = {"token_correct": (logits.argmax(-1) == target_tokens).sum().item(),
-                 "free_correct": free_hit.sum().item(), "action_correct": free_hit.all(1).sum().item(),
-                 "l1": l1.abs().sum().item()}
+        stats = {
+            "token_correct": (logits.argmax(-1) == target_tokens).sum().item(),
+            "free_correct": free_hit.sum().item(),
+            "action_correct": free_hit.all(1).sum().item(),
+            "l1": l1.abs().sum().item(),
+        }
     return loss, stats
 
 
@@ -332,13 +350,21 @@ def main(args: Args) -> None:
 
     env = None
     if args.num_envs > 0:
-        env = ManiSkillVLAEnv(args.env_id, args.num_envs, image_size=args.image_size, instruction=args.instruction,
-                              max_episode_steps=args.max_episode_steps, control_mode=args.control_mode)
+        env = ManiSkillVLAEnv(
+            args.env_id,
+            args.num_envs,
+            image_size=args.image_size,
+            instruction=args.instruction,
+            max_episode_steps=args.max_episode_steps,
+            control_mode=args.control_mode,
+        )
     logger = Logger(run_path, args, enabled=dist.is_main)
-    print0(f"run {run_path}: {args.num_samples} demo steps from {len(args.demos)} folder(s), {dist.world_size} "
-           f"rank(s) x {args.batch_size} = {args.global_batch_size} samples per step, {args.total_iterations} steps "
-           f"({args.total_iterations * args.global_batch_size / args.num_samples:.1f} epochs); "
-           f"{sum(p.numel() for p in trainable):,} trainable parameters; norm_stats key {args.unnorm_key!r}")
+    print0(
+        f"run {run_path}: {args.num_samples} demo steps from {len(args.demos)} folder(s), {dist.world_size} "
+        f"rank(s) x {args.batch_size} = {args.global_batch_size} samples per step, {args.total_iterations} steps "
+        f"({args.total_iterations * args.global_batch_size / args.num_samples:.1f} epochs); "
+        f"{sum(p.numel() for p in trainable):,} trainable parameters; norm_stats key {args.unnorm_key!r}"
+    )
 
     if args.eval_only:
         metrics, frames = evaluate(args, policy, env, processor, env_action, dist, autocast)
@@ -352,6 +378,7 @@ def main(args: Args) -> None:
 
     def save(iteration: int) -> None:
         """LoRA adapter (or the full model) + trainer state, written atomically by rank 0."""
+
         def write(directory: str) -> None:
             if lora_config is not None:
                 save_lora_adapter(vla, lora_config, directory)
@@ -361,8 +388,9 @@ def main(args: Args) -> None:
 
         check_in_sync(trainable)  # DDP keeps ranks identical; verify before writing rank 0's copy
         if dist.is_main:
-            path = save_checkpoint(os.path.join(run_path, "checkpoints"), iteration, write,
-                                   keep_last=args.keep_checkpoints)
+            path = save_checkpoint(
+                os.path.join(run_path, "checkpoints"), iteration, write, keep_last=args.keep_checkpoints
+            )
             print0(f"saved {path}")
 
     vla.train()
@@ -384,8 +412,9 @@ def main(args: Args) -> None:
             prompt_ids, prompt_mask = processor.prompt_ids([data["instructions"][i] for i in micro], device=device)
             with sync, autocast:
                 pixel_values = processor.preprocess_images(data["rgb"][micro].to(device))
-                loss, stats_mb = action_loss(ddp_vla, pixel_values, prompt_ids, prompt_mask,
-                                             data["tokens"][micro].to(device), action_tokenizer)
+                loss, stats_mb = action_loss(
+                    ddp_vla, pixel_values, prompt_ids, prompt_mask, data["tokens"][micro].to(device), action_tokenizer
+                )
                 (loss * len(micro) / len(indices)).backward()
             sums["loss"] += loss.item() * len(micro) / len(indices)
             for key, value in stats_mb.items():
@@ -398,13 +427,15 @@ def main(args: Args) -> None:
         # -----------------------------------------------------------------------------------------------------------
         # 3. Log, evaluate, checkpoint
         # -----------------------------------------------------------------------------------------------------------
-        metrics = all_reduce_mean({
-            "actor/loss": sums["loss"],
-            "actor/token_accuracy": sums["token_correct"] / (args.batch_size * ACTION_DIM),
-            "actor/free_slot_accuracy": sums["free_correct"] / (args.batch_size * ACTION_DIM),
-            "actor/action_accuracy": sums["action_correct"] / args.batch_size,
-            "actor/action_l1": sums["l1"] / (args.batch_size * ACTION_DIM),
-        })
+        metrics = all_reduce_mean(
+            {
+                "actor/loss": sums["loss"],
+                "actor/token_accuracy": sums["token_correct"] / (args.batch_size * ACTION_DIM),
+                "actor/free_slot_accuracy": sums["free_correct"] / (args.batch_size * ACTION_DIM),
+                "actor/action_accuracy": sums["action_correct"] / args.batch_size,
+                "actor/action_l1": sums["l1"] / (args.batch_size * ACTION_DIM),
+            }
+        )
         metrics |= {
             "actor/grad_norm": grad_norm,
             "actor/lr": optimizer.param_groups[0]["lr"],
@@ -418,10 +449,12 @@ def main(args: Args) -> None:
             if frames:
                 logger.video("eval/video", torch.stack(frames).numpy(), iteration)
         logger.log(metrics, iteration)
-        print0(f"iter {iteration}: loss {metrics['actor/loss']:.4f} free-slot acc "
-               f"{metrics['actor/free_slot_accuracy']:.3f} action l1 {metrics['actor/action_l1']:.4f} "
-               f"samples/s {metrics['time/update_samples_per_s']:.1f}"
-               + (f" eval {metrics['eval/success_rate']:.3f}" if "eval/success_rate" in metrics else ""))
+        print0(
+            f"iter {iteration}: loss {metrics['actor/loss']:.4f} free-slot acc "
+            f"{metrics['actor/free_slot_accuracy']:.3f} action l1 {metrics['actor/action_l1']:.4f} "
+            f"samples/s {metrics['time/update_samples_per_s']:.1f}"
+            + (f" eval {metrics['eval/success_rate']:.3f}" if "eval/success_rate" in metrics else "")
+        )
         if is_due(iteration, args.save_interval, args.total_iterations):
             save(iteration)
 

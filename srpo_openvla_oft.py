@@ -14,8 +14,8 @@ the policy. `--reward sparse` gives every failure 0: plain GRPO, the SimpleVLA-R
 
 Where this file departs from the anchors:
 - LoRA (rank 32) on every linear layer by default; the anchors fully fine-tune 7B with FSDP. `--lora-rank 0`
-  fully fine-tunes (sharded with FSDP2 over more than one rank). The loss is a token-mean over the whole minibatch of all ranks: each rank divides its summed
-  loss by the global token count and gradients are SUMMED over ranks.
+  fully fine-tunes (sharded with FSDP2 over more than one rank). The loss is a token-mean over the whole minibatch of
+  all ranks: each rank divides its summed loss by the global token count and gradients are SUMMED over ranks.
 - No KL-to-reference term (the anchors' coefficient is 0 too); no re-sampling to refill groups dropped by
   dynamic sampling: the iteration trains on the groups that were kept (and skips the update when none was).
 - The old log-probs are the rollout's own (one forward pass fewer); tests/test_srpo_logprob.py shows that the
@@ -60,17 +60,58 @@ import tyro
 from peft import LoraConfig
 
 from common import fsdp
-from common.checkpoint import (check_run_flags, load_trainer_state, restore_rng, save_checkpoint, save_trainer_state,
-                               trainer_state, verify_safetensors_files)
-from common.dist import (all_gather_cat, all_reduce_mean, all_reduce_sum_, bf16_autocast, broadcast_parameters,
-                         check_in_sync, cleanup, init_dist, print0, sum_gradients_, world_size)
-from common.guards import (NonFiniteGuard, StopRequest, check_finite_logits, check_finite_state, check_flags,
-                           named_state_tensors)
-from common.libero_env import (OFT_EVAL_MAX_STEPS, LiberoVectorEnv, check_task_ids, configure_rendering,
-                               eval_episodes, init_state_draws, load_suite, to_libero_actions)
+from common.checkpoint import (
+    check_run_flags,
+    load_trainer_state,
+    restore_rng,
+    save_checkpoint,
+    save_trainer_state,
+    trainer_state,
+    verify_safetensors_files,
+)
+from common.dist import (
+    all_gather_cat,
+    all_reduce_mean,
+    all_reduce_sum_,
+    bf16_autocast,
+    broadcast_parameters,
+    check_in_sync,
+    cleanup,
+    init_dist,
+    print0,
+    sum_gradients_,
+    world_size,
+)
+from common.guards import (
+    NonFiniteGuard,
+    StopRequest,
+    check_finite_logits,
+    check_finite_state,
+    check_flags,
+    named_state_tensors,
+)
+from common.libero_env import (
+    OFT_EVAL_MAX_STEPS,
+    LiberoVectorEnv,
+    check_task_ids,
+    configure_rendering,
+    eval_episodes,
+    init_state_draws,
+    load_suite,
+    to_libero_actions,
+)
 from common.logger import Logger, is_due
-from common.openvla import (ActionTokenizer, action_stats, load_lora_adapter, load_openvla, make_trainable,
-                            read_openvla_config, resolve_model_path, save_lora_adapter, save_openvla)
+from common.openvla import (
+    ActionTokenizer,
+    action_stats,
+    load_lora_adapter,
+    load_openvla,
+    make_trainable,
+    read_openvla_config,
+    resolve_model_path,
+    save_lora_adapter,
+    save_openvla,
+)
 from common.vjepa2 import VideoEmbedder, check_world_model
 
 CHUNK_STEPS, ACTION_DIM = 8, 7  # OpenVLA-OFT LIBERO: 8 actions of 7 dims per query
@@ -197,24 +238,39 @@ class Args:
 
 def validate(args: Args, world_size: int):
     """Every check that can fail on user input, before envs or weights are loaded. Returns the run directory."""
-    check_flags(args, positive=("num_envs", "tasks_per_iteration", "num_minibatches", "micro_batch_size",
-                                "update_epochs", "total_iterations", "max_episode_steps", "eval_init_states",
-                                "world_model_frames"),
-                non_negative=("eval_interval", "save_interval", "keep_checkpoints", "eval_temperature",
-                              "env_max_restarts"))
+    check_flags(
+        args,
+        positive=(
+            "num_envs",
+            "tasks_per_iteration",
+            "num_minibatches",
+            "micro_batch_size",
+            "update_epochs",
+            "total_iterations",
+            "max_episode_steps",
+            "eval_init_states",
+            "world_model_frames",
+        ),
+        non_negative=("eval_interval", "save_interval", "keep_checkpoints", "eval_temperature", "env_max_restarts"),
+    )
     if not args.temperature > 0:
-        raise ValueError(f"--temperature must be > 0 for training rollouts, got {args.temperature} "
-                         "(--eval-temperature 0 is greedy evaluation)")
+        raise ValueError(
+            f"--temperature must be > 0 for training rollouts, got {args.temperature} "
+            "(--eval-temperature 0 is greedy evaluation)"
+        )
     if args.group_size < 2:
         raise ValueError(f"--group-size must be >= 2 (GRPO normalises within a group), got {args.group_size}")
     if args.tasks_per_iteration % world_size:
-        raise ValueError(f"--tasks-per-iteration {args.tasks_per_iteration} must be divisible by the world size "
-                         f"{world_size}")
+        raise ValueError(
+            f"--tasks-per-iteration {args.tasks_per_iteration} must be divisible by the world size {world_size}"
+        )
     args.groups_per_rank = args.tasks_per_iteration // world_size
     args.rollouts_per_rank = args.groups_per_rank * args.group_size
     if args.rollouts_per_rank % args.num_envs:
-        raise ValueError(f"--tasks-per-iteration / world size x --group-size = {args.rollouts_per_rank} rollouts per "
-                         f"rank must be divisible by --num-envs {args.num_envs}")
+        raise ValueError(
+            f"--tasks-per-iteration / world size x --group-size = {args.rollouts_per_rank} rollouts per "
+            f"rank must be divisible by --num-envs {args.num_envs}"
+        )
     if not 0 <= args.success_bounds[0] <= args.success_bounds[1] <= 1:
         raise ValueError(f"--success-bounds must satisfy 0 <= lower <= upper <= 1, got {args.success_bounds}")
     if args.lora_rank < 0:
@@ -223,16 +279,19 @@ def validate(args: Args, world_size: int):
     tasks = load_suite(args.suite)  # unknown suite / missing assets
     args.task_ids = list(range(len(tasks))) if args.task_ids is None else args.task_ids
     check_task_ids(tasks, args.task_ids, args.suite)
-    run_path = check_run_flags(args, "srpo_openvla_oft.py",
-                               inherited=("model_path", "unnorm_key", "lora_rank", "lora_alpha"))
+    run_path = check_run_flags(
+        args, "srpo_openvla_oft.py", inherited=("model_path", "unnorm_key", "lora_rank", "lora_alpha")
+    )
     args.model_path = resolve_model_path(args.model_path)
     verify_safetensors_files(args.model_path)
     load_action_stats(args.model_path, read_openvla_config(args.model_path), args.suite, args.unnorm_key)
     if args.reward == "progress" and not args.eval_only:
         check_world_model(args.world_model_path)
     if args.eval_init_states > min(len(task.init_states) for task in tasks):
-        raise ValueError(f"--eval-init-states {args.eval_init_states}: the {args.suite} tasks have "
-                         f"{min(len(task.init_states) for task in tasks)} init states")
+        raise ValueError(
+            f"--eval-init-states {args.eval_init_states}: the {args.suite} tasks have "
+            f"{min(len(task.init_states) for task in tasks)} init states"
+        )
     configure_rendering(args.mujoco_gl)  # no rendering backend -> error now
     return run_path
 
@@ -252,23 +311,26 @@ class OFTPolicy(nn.Module):
         self.vla, self.stop_token_id = vla, stop_token_id
         self.first_action_token = vla.vocab_size - N_BINS
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor
+    ) -> torch.Tensor:
         """input_ids, attention_mask (B, L) left-padded prompts ending in "▁"; pixel_values (B, 6, 224, 224)
         -> action-bin logits (B, 56, 256)."""
         B = input_ids.shape[0]
         placeholders = torch.full((B, NUM_ACTION_TOKENS), self.first_action_token, device=input_ids.device)
         stop = torch.full((B, 1), self.stop_token_id, device=input_ids.device)
         ids = torch.cat([input_ids, placeholders, stop], 1)  # (B, L + 57)
-        mask = torch.cat([attention_mask, torch.ones_like(ids[:, input_ids.shape[1]:])], 1)
+        mask = torch.cat([attention_mask, torch.ones_like(ids[:, input_ids.shape[1] :])], 1)
         is_placeholder = torch.zeros_like(ids, dtype=torch.bool)
-        is_placeholder[:, input_ids.shape[1]:-1] = True
+        is_placeholder[:, input_ids.shape[1] : -1] = True
         text_embeds = self.vla.language_model.get_input_embeddings()(ids) * ~is_placeholder[..., None]  # (B, L + 57, D)
         embeds, mask, position_ids = self.vla.embed_multimodal(ids, mask, pixel_values, text_embeds)  # (B, S, D)
         bidirectional = mask[:, None, None, :].bool()  # (B, 1, 1, S): every query attends to every non-pad key
-        hidden = self.vla.language_model.model(inputs_embeds=embeds, attention_mask=bidirectional,
-                                               position_ids=position_ids).last_hidden_state  # (B, S, D)
-        action_hidden = hidden[:, -(NUM_ACTION_TOKENS + 2):-2]  # (B, 56, D): "▁" and the first 55 placeholders
-        bin_weights = self.vla.language_model.lm_head.weight[self.first_action_token:self.first_action_token + N_BINS]
+        hidden = self.vla.language_model.model(
+            inputs_embeds=embeds, attention_mask=bidirectional, position_ids=position_ids
+        ).last_hidden_state  # (B, S, D)
+        action_hidden = hidden[:, -(NUM_ACTION_TOKENS + 2) : -2]  # (B, 56, D): "▁" and the first 55 placeholders
+        bin_weights = self.vla.language_model.lm_head.weight[self.first_action_token : self.first_action_token + N_BINS]
         return action_hidden @ bin_weights.T  # (B, 56, 256), bin k <-> token first_action_token + k
 
 
@@ -277,7 +339,9 @@ def bin_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return F.log_softmax(logits.float() / temperature, dim=-1)
 
 
-def bins_to_actions(bins: torch.Tensor, policy: OFTPolicy, action_tokenizer: ActionTokenizer, stats: dict) -> np.ndarray:
+def bins_to_actions(
+    bins: torch.Tensor, policy: OFTPolicy, action_tokenizer: ActionTokenizer, stats: dict
+) -> np.ndarray:
     """(B, 56) bin indices -> (B, 8, 7) un-normalised actions (BOUNDS_Q99 with +1e-8, as OFT)."""
     normalized = action_tokenizer.tokens_to_normalized(bins.cpu() + policy.first_action_token).double()
     return ActionTokenizer.unnormalize(normalized.view(-1, CHUNK_STEPS, ACTION_DIM), stats, eps=1e-8).numpy()
@@ -298,9 +362,15 @@ def load_action_stats(model_dir: str, config: dict, suite: str, unnorm_key: Opti
 # ---------------------------------------------------------------------------------------------------------------
 # ALGO LOGIC: SRPO's world-model progress reward (siiRL's implementation; the paper's variant by flag)
 # ---------------------------------------------------------------------------------------------------------------
-def progress_rewards(embeddings: np.ndarray, success: np.ndarray, task_ids: np.ndarray,
-                     variant: str = "siirl", alpha: float = 0.8, eps: float = 0.5,
-                     min_samples: int = 2) -> tuple[np.ndarray, int]:
+def progress_rewards(
+    embeddings: np.ndarray,
+    success: np.ndarray,
+    task_ids: np.ndarray,
+    variant: str = "siirl",
+    alpha: float = 0.8,
+    eps: float = 0.5,
+    min_samples: int = 2,
+) -> tuple[np.ndarray, int]:
     """embeddings (N, D), success (N,) bool, task_ids (N,) -> rewards (N,), number of success clusters.
 
     Per task: successes get 1. The success embeddings are standardised and clustered with DBSCAN(eps 0.5,
@@ -360,8 +430,9 @@ def keep_groups(success: torch.Tensor, group_size: int, success_bounds: tuple[fl
     return keep.repeat_interleave(group_size)
 
 
-def clipped_token_loss(new_logprob, old_logprob, advantages, token_mask, clip_low: float, clip_high: float,
-                       num_tokens: float):
+def clipped_token_loss(
+    new_logprob, old_logprob, advantages, token_mask, clip_low: float, clip_high: float, num_tokens: float
+):
     """Token-level clipped surrogate with an asymmetric clip. new_logprob, old_logprob, token_mask (B, K);
     advantages (B,), broadcast to every token of its sample. Returns loss, approx_kl (k3) and clipfrac, each summed
     over the valid tokens and divided by num_tokens (the minibatch's token count over all ranks, so gradients summed
@@ -382,8 +453,17 @@ def clipped_token_loss(new_logprob, old_logprob, advantages, token_mask, clip_lo
 # Rollout: N episodes to the end, every policy query stored in preallocated (Q, N, ...) tensors
 # ---------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def rollout(policy, processor, envs, episodes, to_env_actions, args, autocast, evaluation: bool = False,
-            record_frames: bool = False) -> dict:
+def rollout(
+    policy,
+    processor,
+    envs,
+    episodes,
+    to_env_actions,
+    args,
+    autocast,
+    evaluation: bool = False,
+    record_frames: bool = False,
+) -> dict:
     """One episode per env from `episodes` [(task id, init state id)] * N, sampled at --temperature, or for evaluation
     at --eval-temperature (0 = greedy). Returns (Q, N, ...) tensors (Q = max policy queries per episode): images,
     bins, logprobs, token_mask (the tokens of executed actions), plus instructions, success (N,), length (N,) in env
@@ -420,8 +500,16 @@ def rollout(policy, processor, envs, episodes, to_env_actions, args, autocast, e
         images_now, success, done, executed = envs.step(env_actions)  # all 8 actions of the chunk, unless it ends
         token_mask[q] = torch.arange(NUM_ACTION_TOKENS)[None] // ACTION_DIM < torch.from_numpy(executed)[:, None]
         length += executed
-    return dict(images=images, bins=bins, logprobs=logprobs, token_mask=token_mask, instructions=instructions,
-                success=torch.from_numpy(success.copy()), length=torch.from_numpy(length), policy_s=policy_s)
+    return dict(
+        images=images,
+        bins=bins,
+        logprobs=logprobs,
+        token_mask=token_mask,
+        instructions=instructions,
+        success=torch.from_numpy(success.copy()),
+        length=torch.from_numpy(length),
+        policy_s=policy_s,
+    )
 
 
 def evaluate(policy, processor, envs, to_env_actions, args, dist, autocast, logger, iteration) -> dict:
@@ -435,8 +523,9 @@ def evaluate(policy, processor, envs, to_env_actions, args, dist, autocast, logg
         wave = mine[start : start + envs.num_envs]
         padded = wave + [wave[-1]] * (envs.num_envs - len(wave))  # idle envs repeat the last episode
         record = dist.is_main and args.capture_video and len(videos) < 2
-        out = rollout(policy, processor, envs, padded, to_env_actions, args, autocast, evaluation=True,
-                      record_frames=record)
+        out = rollout(
+            policy, processor, envs, padded, to_env_actions, args, autocast, evaluation=True, record_frames=record
+        )
         for k, (task_id, _) in enumerate(wave):
             totals[:, task_id] += torch.tensor([float(out["success"][k]), float(out["length"][k]), 1.0])
         if record:
@@ -445,8 +534,11 @@ def evaluate(policy, processor, envs, to_env_actions, args, dist, autocast, logg
                 videos.setdefault("success" if out["success"][k] else "failure", wave_videos[k])
     successes, lengths, counts = all_reduce_sum_(totals.to(dist.device)).cpu()
     suite_success = (successes.sum() / counts.sum()).item()
-    metrics = {"eval/success_rate": suite_success, "eval/episode_length": (lengths.sum() / counts.sum()).item(),
-               f"eval/{args.suite}/success_rate": suite_success}
+    metrics = {
+        "eval/success_rate": suite_success,
+        "eval/episode_length": (lengths.sum() / counts.sum()).item(),
+        f"eval/{args.suite}/success_rate": suite_success,
+    }
     for task_id in args.task_ids:
         metrics[f"eval/{args.suite}/task_{task_id:02d}_success_rate"] = (successes[task_id] / counts[task_id]).item()
     for key, frames in videos.items():
@@ -484,8 +576,11 @@ def update_policy(policy, optimizer, processor, batch, args, autocast, guard=Non
             for p in params:  # zeros, not None: a rank without samples still joins the gradient sum
                 p.grad = None if sharded else torch.zeros_like(p)
             micro_batches = list(minibatch.split(args.micro_batch_size))
-            weighted = (fsdp.even_micro_batches(micro_batches, filler=torch.tensor([num_samples])) if sharded
-                        else [(micro, 1.0) for micro in micro_batches])
+            weighted = (
+                fsdp.even_micro_batches(micro_batches, filler=torch.tensor([num_samples]))
+                if sharded
+                else [(micro, 1.0) for micro in micro_batches]
+            )
             minibatch_loss = 0.0
             for micro, weight in weighted:
                 q, r = query_idx[micro], episode_idx[micro]
@@ -499,8 +594,13 @@ def update_policy(policy, optimizer, processor, batch, args, autocast, guard=Non
                 new_logprob = logp_all.gather(-1, bins[..., None]).squeeze(-1)  # (b, 56)
                 micro_mask = batch["token_mask"][q, r].to(device).float()  # (b, 56)
                 loss, approx_kl, clipfrac = clipped_token_loss(
-                    new_logprob, batch["logprobs"][q, r].to(device), batch["advantages"][r].to(device), micro_mask,
-                    args.clip_low, args.clip_high, num_tokens,
+                    new_logprob,
+                    batch["logprobs"][q, r].to(device),
+                    batch["advantages"][r].to(device),
+                    micro_mask,
+                    args.clip_low,
+                    args.clip_high,
+                    num_tokens,
                 )
                 (weight * loss).backward()
                 minibatch_loss += weight * loss.detach()
@@ -527,8 +627,14 @@ def update_policy(policy, optimizer, processor, batch, args, autocast, guard=Non
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints: LoRA adapter (or the full model in the OFT layout) + trainer state
 # ---------------------------------------------------------------------------------------------------------------
-def save_policy(policy: OFTPolicy, processor, lora_config: Optional[LoraConfig], model_dir: str, directory: str,
-                full_state: Optional[dict] = None):
+def save_policy(
+    policy: OFTPolicy,
+    processor,
+    lora_config: Optional[LoraConfig],
+    model_dir: str,
+    directory: str,
+    full_state: Optional[dict] = None,
+):
     """LoRA: adapter_model.safetensors + adapter_config.json; full fine-tuning: the OFT layout under model/.
     full_state: the gathered state dict of an FSDP-sharded policy (its parameters are shards)."""
     if lora_config is not None:
@@ -548,8 +654,10 @@ def main(args: Args) -> None:
     dist = init_dist()
     run_path = validate(args, dist.world_size)
     device = dist.device
-    print0(f"run {run_path}: {dist.world_size} rank(s) x {args.num_envs} envs, {args.tasks_per_iteration} groups x "
-           f"{args.group_size} rollouts per iteration")
+    print0(
+        f"run {run_path}: {dist.world_size} rank(s) x {args.num_envs} envs, {args.tasks_per_iteration} groups x "
+        f"{args.group_size} rollouts per iteration"
+    )
 
     torch.manual_seed(args.seed)  # identical initial weights (LoRA) on every rank
     np.random.seed(args.seed + dist.rank)
@@ -561,8 +669,9 @@ def main(args: Args) -> None:
         model_dir = os.path.join(args.resume or args.checkpoint, "model")
     sharded = fsdp.use_fsdp(args.fsdp, args.lora_rank, dist.world_size)  # FSDP2 moves each shard to the GPU itself
     # SDPA: the bidirectional mask below is not expressible in flash-attention's causal kernel
-    vla, processor = load_openvla(model_dir, device="cpu" if sharded else device, dtype=dtype,
-                                  attn_implementation="sdpa")
+    vla, processor = load_openvla(
+        model_dir, device="cpu" if sharded else device, dtype=dtype, attn_implementation="sdpa"
+    )
     stats = load_action_stats(model_dir, vla.config, args.suite, args.unnorm_key)
     action_tokenizer = ActionTokenizer(vla.vocab_size, N_BINS)
     lora_config = make_trainable(vla, args.lora_rank, args.lora_alpha)  # None = full fine-tuning
@@ -577,8 +686,10 @@ def main(args: Args) -> None:
         broadcast_parameters(policy.to(device))
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=0.0)
-    print0(f"trainable parameters: {sum(p.numel() for p in trainable):,} of "
-           f"{sum(p.numel() for p in policy.parameters()):,}")
+    print0(
+        f"trainable parameters: {sum(p.numel() for p in trainable):,} of "
+        f"{sum(p.numel() for p in policy.parameters()):,}"
+    )
 
     def to_env_actions(bins: torch.Tensor) -> np.ndarray:
         """(n, 56) bins -> (n, 8, 7) LIBERO commands (gripper -sign(2 g - 1))."""
@@ -586,8 +697,13 @@ def main(args: Args) -> None:
 
     embedder = None
     if args.reward == "progress" and not args.eval_only:
-        embedder = VideoEmbedder(args.world_model_path, device, torch.bfloat16 if on_gpu and args.bf16 else torch.float32,
-                                 args.world_model_frames, args.world_model_offload)
+        embedder = VideoEmbedder(
+            args.world_model_path,
+            device,
+            torch.bfloat16 if on_gpu and args.bf16 else torch.float32,
+            args.world_model_frames,
+            args.world_model_offload,
+        )
 
     start_iteration = 0
     if args.resume:
@@ -601,10 +717,17 @@ def main(args: Args) -> None:
         print0(f"resumed from {args.resume} at iteration {start_iteration}")
     logger = Logger(run_path, args, enabled=dist.is_main)
     max_steps = OFT_EVAL_MAX_STEPS[args.suite] if args.oft_eval_max_steps else args.max_episode_steps
-    envs = LiberoVectorEnv(args.suite, args.num_envs, camera_size=args.camera_size, max_steps=max_steps,
-                           use_workers=args.env_workers, gpu_id=dist.local_rank if on_gpu else -1,
-                           seed=args.seed + dist.rank * args.num_envs, center_crop=args.center_crop,
-                           max_restarts=args.env_max_restarts)
+    envs = LiberoVectorEnv(
+        args.suite,
+        args.num_envs,
+        camera_size=args.camera_size,
+        max_steps=max_steps,
+        use_workers=args.env_workers,
+        gpu_id=dist.local_rank if on_gpu else -1,
+        seed=args.seed + dist.rank * args.num_envs,
+        center_crop=args.center_crop,
+        max_restarts=args.env_max_restarts,
+    )
 
     if args.eval_only:
         with fsdp.gathered_params(policy):
@@ -630,8 +753,9 @@ def main(args: Args) -> None:
             save_trainer_state(directory, trainer_state(args, iteration, optimizer_state or optimizer))
 
         if dist.is_main:
-            path = save_checkpoint(os.path.join(run_path, "checkpoints"), iteration, write,
-                                   keep_last=args.keep_checkpoints)
+            path = save_checkpoint(
+                os.path.join(run_path, "checkpoints"), iteration, write, keep_last=args.keep_checkpoints
+            )
             print0(f"saved {path}")
 
     # Rollout storage for this rank's R episodes, preallocated on CPU (filled wave by wave, num_envs at a time).
@@ -656,8 +780,9 @@ def main(args: Args) -> None:
         #    action sampling derives from (seed, rank, iteration), so a resume replays exactly
         # -----------------------------------------------------------------------------------------------------------
         rollout_start = time.time()
-        groups = init_state_draws(args.task_ids, args.seed, start=(iteration - 1) * args.tasks_per_iteration,
-                                  count=args.tasks_per_iteration)
+        groups = init_state_draws(
+            args.task_ids, args.seed, start=(iteration - 1) * args.tasks_per_iteration, count=args.tasks_per_iteration
+        )
         groups = groups[dist.rank * args.groups_per_rank : (dist.rank + 1) * args.groups_per_rank]
         episodes = [g for g in groups for _ in range(args.group_size)]  # (R,) episode r belongs to group r // n
         torch.manual_seed(int(np.random.default_rng([args.seed, dist.rank, iteration]).integers(2**62)))
@@ -666,8 +791,16 @@ def main(args: Args) -> None:
         for start in range(0, R, args.num_envs):
             wave = slice(start, start + args.num_envs)
             with fsdp.gathered_params(policy):  # FSDP: the full weights for the rollout's forwards
-                out = rollout(policy, processor, envs, episodes[wave], to_env_actions, args, autocast,
-                              record_frames=embedder is not None)
+                out = rollout(
+                    policy,
+                    processor,
+                    envs,
+                    episodes[wave],
+                    to_env_actions,
+                    args,
+                    autocast,
+                    record_frames=embedder is not None,
+                )
             for key in ("images", "bins", "logprobs", "token_mask"):
                 batch[key][:, wave] = out[key]
             batch["success"][wave], batch["length"][wave] = out["success"], out["length"]
@@ -682,19 +815,27 @@ def main(args: Args) -> None:
         # 2. Reward: success 1; failures of kept groups get the progress reward (per-task pools over all ranks)
         # -----------------------------------------------------------------------------------------------------------
         reward_start = time.time()
-        kept = (keep_groups(batch["success"], args.group_size, args.success_bounds) if args.dynamic_sampling
-                else torch.ones(R, dtype=torch.bool))  # (R,)
+        kept = (
+            keep_groups(batch["success"], args.group_size, args.success_bounds)
+            if args.dynamic_sampling
+            else torch.ones(R, dtype=torch.bool)
+        )  # (R,)
         rewards = batch["success"].double()  # (R,) failures 0 unless shaped
         num_clusters, progress_mean = 0, 0.0
         if embedder is not None:
             all_embeddings = all_gather_cat(torch.cat(embeddings)).numpy()  # (world x R, hidden)
-            all_success, all_task, all_kept = (all_gather_cat(x.long()).numpy()
-                                               for x in (batch["success"], batch["task"], kept))
+            all_success, all_task, all_kept = (
+                all_gather_cat(x.long()).numpy() for x in (batch["success"], batch["task"], kept)
+            )
             pooled = np.flatnonzero(all_kept)  # the reward sees only kept groups, as the anchor does
             all_rewards = np.zeros(len(all_success))
             all_rewards[pooled], num_clusters = progress_rewards(
-                all_embeddings[pooled], all_success[pooled].astype(bool), all_task[pooled], args.progress_variant,
-                args.paper_alpha)
+                all_embeddings[pooled],
+                all_success[pooled].astype(bool),
+                all_task[pooled],
+                args.progress_variant,
+                args.paper_alpha,
+            )
             mine = torch.from_numpy(all_rewards[dist.rank * R : (dist.rank + 1) * R])
             rewards = torch.where(kept, mine, rewards)
             failed = pooled[all_success[pooled] == 0]
@@ -748,15 +889,19 @@ def main(args: Args) -> None:
             with fsdp.gathered_params(policy):
                 metrics |= evaluate(policy, processor, envs, to_env_actions, args, dist, autocast, logger, iteration)
         logger.log(metrics, iteration)
-        print0(f"iter {iteration}: success {metrics['rollout/success_rate']:.3f} "
-               f"reward {metrics['rollout/reward_mean']:.4f} kept {metrics['rollout/kept_groups_frac']:.2f} "
-               f"env steps/s {metrics['time/env_steps_per_s']:.1f}"
-               + (f" eval {metrics['eval/success_rate']:.3f}" if "eval/success_rate" in metrics else ""))
+        print0(
+            f"iter {iteration}: success {metrics['rollout/success_rate']:.3f} "
+            f"reward {metrics['rollout/reward_mean']:.4f} kept {metrics['rollout/kept_groups_frac']:.2f} "
+            f"env steps/s {metrics['time/env_steps_per_s']:.1f}"
+            + (f" eval {metrics['eval/success_rate']:.3f}" if "eval/success_rate" in metrics else "")
+        )
         if is_due(iteration, args.save_interval, args.total_iterations) or stop_now:
             save(iteration)
         if stop_now:
-            print0(f"stopped by {stop.signal_name} after iteration {iteration}; continue with --resume "
-                   f"{run_path}/checkpoints")
+            print0(
+                f"stopped by {stop.signal_name} after iteration {iteration}; continue with --resume "
+                f"{run_path}/checkpoints"
+            )
             break
 
     logger.close()

@@ -62,18 +62,28 @@ def main():
             rgb = torch.randint(0, 256, (batch, 224, 224, 3), dtype=torch.uint8)
             tcp_pose = torch.tensor([[0.1, 0.0, 0.2, 0.0, 1.0, 0.0, 0.0]]).expand(batch, -1)
             inputs = grpo.build_inputs(processor, ["push the cube to the goal region"] * batch, rgb, tcp_pose, device)
-            constraint = TemplateLogitsProcessor(template, inputs["input_ids"].size(1), model.config.text_config.vocab_size)
+            constraint = TemplateLogitsProcessor(
+                template, inputs["input_ids"].size(1), model.config.text_config.vocab_size
+            )
 
             def ours():
-                return template.assemble(grpo.generate_actions(model, inputs, template, args.temperature, 0, 1.0).tokens)
+                return template.assemble(
+                    grpo.generate_actions(model, inputs, template, args.temperature, 0, 1.0).tokens
+                )
 
             def hf_generate():
                 out = model.generate(
-                    **inputs, do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0,
-                    max_new_tokens=template.answer_len, min_new_tokens=template.answer_len,
-                    logits_processor=LogitsProcessorList([constraint]), pad_token_id=tokenizer.pad_token_id,
+                    **inputs,
+                    do_sample=True,
+                    temperature=args.temperature,
+                    top_k=0,
+                    top_p=1.0,
+                    max_new_tokens=template.answer_len,
+                    min_new_tokens=template.answer_len,
+                    logits_processor=LogitsProcessorList([constraint]),
+                    pad_token_id=tokenizer.pad_token_id,
                 )
-                return out[:, inputs["input_ids"].size(1):]
+                return out[:, inputs["input_ids"].size(1) :]
 
             results = {}
             for name, fn in (("constrained generate_actions", ours), ("model.generate + LogitsProcessor", hf_generate)):
@@ -91,8 +101,10 @@ def main():
                     times.append(time.perf_counter() - start)
                 median = sorted(times)[len(times) // 2]  # robust to other processes sharing the CPU
                 results[name] = batch * template.answer_len / median
-                print(f"batch {batch:4d} {name:34s} {results[name]:9.1f} tokens/s "
-                      f"(median {median * 1000:.1f} ms per action batch of {template.answer_len} tokens/answer)")
+                print(
+                    f"batch {batch:4d} {name:34s} {results[name]:9.1f} tokens/s "
+                    f"(median {median * 1000:.1f} ms per action batch of {template.answer_len} tokens/answer)"
+                )
             ours_tps, hf_tps = results.values()
             print(f"batch {batch:4d} speed-up {ours_tps / hf_tps:.2f}x")
 

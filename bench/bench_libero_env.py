@@ -20,7 +20,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common.libero_env import LiberoVectorEnv, configure_rendering, to_libero_actions  # noqa: E402
 
 
-def bench(suite: str, num_envs: int, use_workers: bool, steps: int, camera_size: int, record_frames: bool) -> tuple[float, float]:
+def bench(
+    suite: str, num_envs: int, use_workers: bool, steps: int, camera_size: int, record_frames: bool
+) -> tuple[float, float]:
     envs = LiberoVectorEnv(suite, num_envs, camera_size=camera_size, max_steps=steps, use_workers=use_workers)
     try:
         t = time.time()
@@ -44,12 +46,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64, help="env steps per env (a multiple of 8)")
     parser.add_argument("--camera-size", type=int, default=256)
     args = parser.parse_args()
-    print(f"MUJOCO_GL={configure_rendering()}, {os.cpu_count()} CPU cores, suite {args.suite}, camera {args.camera_size} px")
+    print(
+        f"MUJOCO_GL={configure_rendering()}, {os.cpu_count()} CPU cores, suite {args.suite}, "
+        f"camera {args.camera_size} px"
+    )
     print(f"{'envs':>4} {'mode':>10} {'frames':>9} {'reset s':>8} {'steps/s':>8}")
     for num_envs in args.num_envs:
         for use_workers in (False, True):
             for record_frames in (True, False):
-                reset_s, steps_per_s = bench(args.suite, num_envs, use_workers, args.steps, args.camera_size, record_frames)
+                reset_s, steps_per_s = bench(
+                    args.suite, num_envs, use_workers, args.steps, args.camera_size, record_frames
+                )
                 mode = "workers" if use_workers else "in-process"
                 frames = "all" if record_frames else "per chunk"
                 print(f"{num_envs:>4} {mode:>10} {frames:>9} {reset_s:>8.1f} {steps_per_s:>8.1f}", flush=True)

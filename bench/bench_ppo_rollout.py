@@ -16,14 +16,21 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.openvla import OpenVLA, OpenVLAProcessor, load_openvla  # noqa: E402
+from common.openvla import (  # noqa: E402
+    ActionTokenizer,  # noqa: E402
+    OpenVLA,
+    OpenVLAProcessor,
+    load_openvla,
+    make_trainable,  # noqa: E402
+)
 from common.tiny_models import build_tiny_tokenizer, make_tiny_openvla, preprocessor_config  # noqa: E402
-from common.openvla import ActionTokenizer  # noqa: E402
-from common.openvla import make_trainable  # noqa: E402
 from ppo_openvla import ActorCritic  # noqa: E402
 
 OPENVLA_7B = {
-    "model_type": "openvla", "vision_backbone_id": "dinosiglip-vit-so-224px", "pad_to_multiple_of": 64, "n_action_bins": 256,
+    "model_type": "openvla",
+    "vision_backbone_id": "dinosiglip-vit-so-224px",
+    "pad_to_multiple_of": 64,
+    "n_action_bins": 256,
     "text_config": {"model_type": "llama", "vocab_size": 32064, "rms_norm_eps": 1e-5, "pad_token_id": 32000},
 }
 
@@ -38,7 +45,9 @@ def build(size: str, device: torch.device, tmp: str):
         with torch.no_grad():
             for p in vla.parameters():
                 p.normal_(0, 0.02)
-        vla.language_model.model.rotary_emb = type(vla.language_model.model.rotary_emb)(vla.language_model.config).to(device)
+        vla.language_model.model.rotary_emb = type(vla.language_model.model.rotary_emb)(vla.language_model.config).to(
+            device
+        )
         processor = OpenVLAProcessor(build_tiny_tokenizer(os.path.join(tmp, "tok")), preprocessor_config())
     make_trainable(vla, 32, 16)
     return ActorCritic(vla, ActionTokenizer(vla.vocab_size, 256)).to(device).eval(), processor
@@ -70,8 +79,10 @@ def main():
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - start
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-            print(f"size={args.size} batch={batch}: {batch * args.iters / elapsed:.1f} actions/s, "
-                  f"{elapsed / args.iters * 1000:.1f} ms per step, peak GPU memory {peak:.2f} GiB")
+            print(
+                f"size={args.size} batch={batch}: {batch * args.iters / elapsed:.1f} actions/s, "
+                f"{elapsed / args.iters * 1000:.1f} ms per step, peak GPU memory {peak:.2f} GiB"
+            )
 
 
 if __name__ == "__main__":

@@ -24,8 +24,16 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import libero_image  # noqa: E402  (numpy only: importable in the TensorFlow venv)
 
-EPISODES = [("libero_spatial", 0), ("libero_spatial", 5), ("libero_object", 1), ("libero_object", 7),
-            ("libero_goal", 2), ("libero_goal", 8), ("libero_10", 0), ("libero_10", 6)]
+EPISODES = [
+    ("libero_spatial", 0),
+    ("libero_spatial", 5),
+    ("libero_object", 1),
+    ("libero_object", 7),
+    ("libero_goal", 2),
+    ("libero_goal", 8),
+    ("libero_10", 0),
+    ("libero_10", 6),
+]
 
 
 def render(out_dir: str) -> None:
@@ -69,10 +77,12 @@ def compare(frames_dir: str) -> None:
     for path in paths:
         raw = np.load(path)
         ref = tf_stages(raw)
-        ours = {"jpeg": libero_image.jpeg_round_trip(np.ascontiguousarray(raw[::-1, ::-1])),
-                "resize": libero_image.resize_lanczos3(ref["jpeg"], 224),
-                "crop": libero_image.crop_center(ref["resize"]),
-                "full": libero_image.model_image(raw)}
+        ours = {
+            "jpeg": libero_image.jpeg_round_trip(np.ascontiguousarray(raw[::-1, ::-1])),
+            "resize": libero_image.resize_lanczos3(ref["jpeg"], 224),
+            "crop": libero_image.crop_center(ref["resize"]),
+            "full": libero_image.model_image(raw),
+        }
         ref["full"] = ref["crop"]
         for stage, image in ours.items():
             diffs[stage].append(np.abs(image.astype(np.int32) - ref[stage].astype(np.int32)))

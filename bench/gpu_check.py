@@ -44,22 +44,59 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-PARTS = ("param_counts", "ppo_rollout", "ppo_update", "oft_forward_backward", "grpo_decoding", "maniskill_gpu",
-         "libero", "scripts")
+PARTS = (
+    "param_counts",
+    "ppo_rollout",
+    "ppo_update",
+    "oft_forward_backward",
+    "grpo_decoding",
+    "maniskill_gpu",
+    "libero",
+    "scripts",
+)
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0}  # dense, no sparsity
 
 # InternVL3 -hf shapes (InternViT-300M-448px-V2.5 + Qwen2.5-0.5B / 1.5B), as in their config.json files.
-_INTERNVIT_300M = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24,
-                       image_size=[448, 448], patch_size=[14, 14], layer_scale_init_value=0.1)
+_INTERNVIT_300M = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_attention_heads=16,
+    num_hidden_layers=24,
+    image_size=[448, 448],
+    patch_size=[14, 14],
+    layer_scale_init_value=0.1,
+)
 INTERNVL3 = {
-    "1B": dict(vision_config=_INTERNVIT_300M, text_config=dict(
-        model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-        num_key_value_heads=2, vocab_size=151674, max_position_embeddings=32768, rope_theta=1e6,
-        tie_word_embeddings=True)),
-    "2B": dict(vision_config=_INTERNVIT_300M, text_config=dict(
-        model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-        num_key_value_heads=2, vocab_size=151674, max_position_embeddings=32768, rope_theta=1e6,
-        tie_word_embeddings=True)),
+    "1B": dict(
+        vision_config=_INTERNVIT_300M,
+        text_config=dict(
+            model_type="qwen2",
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            vocab_size=151674,
+            max_position_embeddings=32768,
+            rope_theta=1e6,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "2B": dict(
+        vision_config=_INTERNVIT_300M,
+        text_config=dict(
+            model_type="qwen2",
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            vocab_size=151674,
+            max_position_embeddings=32768,
+            rope_theta=1e6,
+            tie_word_embeddings=True,
+        ),
+    ),
 }
 
 
@@ -153,9 +190,13 @@ def part_ppo_rollout(ctx: Context) -> dict:
         prefill_tokens = batch * (prompt[0].shape[1] + 256)  # prompt + 256 image patches per sample
         tflops = prefill_tokens * 2 * params / seconds / 1e12
         peak = ctx.peak_tflops()
-        out[f"batch{batch}"] = {"actions_per_s": batch / seconds, "ms_per_step": seconds * 1e3,
-                                "achieved_tflops": tflops, "flop_floor_fraction": tflops / peak if peak else None,
-                                **ctx.peak()}
+        out[f"batch{batch}"] = {
+            "actions_per_s": batch / seconds,
+            "ms_per_step": seconds * 1e3,
+            "achieved_tflops": tflops,
+            "flop_floor_fraction": tflops / peak if peak else None,
+            **ctx.peak(),
+        }
     return out
 
 
@@ -182,8 +223,13 @@ def part_ppo_update(ctx: Context) -> dict:
         seconds = timed(ctx, step, ctx.args.iters)
     finally:
         agent.eval()
-    return {"micro_batch": batch, "s_per_step": seconds, "samples_per_s": batch / seconds,
-            "trainable_params": sum(p.numel() for p in trainable), **ctx.peak()}
+    return {
+        "micro_batch": batch,
+        "s_per_step": seconds,
+        "samples_per_s": batch / seconds,
+        "trainable_params": sum(p.numel() for p in trainable),
+        **ctx.peak(),
+    }
 
 
 def part_oft_forward_backward(ctx: Context) -> dict:
@@ -209,8 +255,14 @@ def part_oft_forward_backward(ctx: Context) -> dict:
     fb_s = timed(ctx, forward_backward, ctx.args.iters)
     for p in policy.parameters():
         p.grad = None
-    return {"batch": batch, "action_tokens": NUM_ACTION_TOKENS, "forward_ms": forward_s * 1e3,
-            "forward_backward_ms": fb_s * 1e3, "chunks_per_s": batch / forward_s, **ctx.peak()}
+    return {
+        "batch": batch,
+        "action_tokens": NUM_ACTION_TOKENS,
+        "forward_ms": forward_s * 1e3,
+        "forward_backward_ms": fb_s * 1e3,
+        "chunks_per_s": batch / forward_s,
+        **ctx.peak(),
+    }
 
 
 def _internvl_1b_shaped(ctx: Context):
@@ -263,16 +315,27 @@ def part_grpo_decoding(ctx: Context) -> dict:
 
         def hf_generate():
             with torch.no_grad(), ctx.autocast:
-                model.generate(**inputs, do_sample=True, temperature=1.6, top_k=0, top_p=1.0,
-                               max_new_tokens=template.answer_len, min_new_tokens=template.answer_len,
-                               logits_processor=LogitsProcessorList([constraint]), pad_token_id=pad_id)
+                model.generate(
+                    **inputs,
+                    do_sample=True,
+                    temperature=1.6,
+                    top_k=0,
+                    top_p=1.0,
+                    max_new_tokens=template.answer_len,
+                    min_new_tokens=template.answer_len,
+                    logits_processor=LogitsProcessorList([constraint]),
+                    pad_token_id=pad_id,
+                )
 
         ctx.reset_peak()
         ours_s = timed(ctx, ours, ctx.args.iters)
         hf_s = timed(ctx, hf_generate, ctx.args.iters)
-        out[f"batch{batch}"] = {"constrained_tokens_per_s": batch * template.answer_len / ours_s,
-                                "generate_tokens_per_s": batch * template.answer_len / hf_s,
-                                "speedup": hf_s / ours_s, **ctx.peak()}
+        out[f"batch{batch}"] = {
+            "constrained_tokens_per_s": batch * template.answer_len / ours_s,
+            "generate_tokens_per_s": batch * template.answer_len / hf_s,
+            "speedup": hf_s / ours_s,
+            **ctx.peak(),
+        }
     return out
 
 
@@ -306,8 +369,9 @@ def part_libero(ctx: Context) -> dict:
     backend = configure_rendering("egl" if ctx.cuda else None)
     num_envs, steps = (4, 64) if ctx.cuda else (1, 16)
     t = time.perf_counter()
-    envs = LiberoVectorEnv("libero_spatial", num_envs, max_steps=steps, use_workers=ctx.cuda,
-                           gpu_id=0 if ctx.cuda else -1)
+    envs = LiberoVectorEnv(
+        "libero_spatial", num_envs, max_steps=steps, use_workers=ctx.cuda, gpu_id=0 if ctx.cuda else -1
+    )
     try:
         envs.reset([0] * num_envs, list(range(num_envs)), False)
         build_s = time.perf_counter() - t
@@ -327,25 +391,96 @@ def part_scripts(ctx: Context) -> dict:
     tmp = os.path.join(ctx.tmp, "scripts")
     models = os.path.join(tmp, "tiny-models")
     py = sys.executable
-    prepare = [[py, "-m", "common.tiny_models", "openvla", f"{models}/openvla"],
-               [py, "-m", "common.tiny_models", "internvl", f"{models}/internvl"],
-               [py, "-m", "common.tiny_models", "vjepa2", f"{models}/vjepa2"]]
+    prepare = [
+        [py, "-m", "common.tiny_models", "openvla", f"{models}/openvla"],
+        [py, "-m", "common.tiny_models", "internvl", f"{models}/internvl"],
+        [py, "-m", "common.tiny_models", "vjepa2", f"{models}/vjepa2"],
+    ]
     runs = {
-        "ppo_openvla": [py, "ppo_openvla.py", "--model-path", f"{models}/openvla", "--env-id", "PushCube-v1",
-                        "--num-envs", "2", "--num-steps", "16", "--max-episode-steps", "16", "--total-iterations", "2",
-                        "--num-minibatches", "2", "--micro-batch-size", "8", "--lora-rank", "8", "--eval-interval", "2",
-                        "--save-interval", "2"],
-        "grpo_internvl": [py, "grpo_internvl.py", "--model-path", f"{models}/internvl", "--env-id", "PushCube-v1",
-                          "--num-envs", "4", "--group-size", "2", "--max-episode-steps", "16",
-                          "--total-iterations", "2",
-                          "--num-minibatches", "2", "--micro-batch-size", "16", "--lora-rank", "8",
-                          "--no-dynamic-sampling", "--eval-interval", "2", "--save-interval", "2"],
-        "srpo_openvla_oft": [py, "srpo_openvla_oft.py", "--model-path", f"{models}/openvla", "--world-model-path",
-                             f"{models}/vjepa2", "--suite", "libero_spatial", "--task-ids", "0", "--num-envs", "2",
-                             "--group-size", "2", "--tasks-per-iteration", "1", "--no-dynamic-sampling",
-                             "--max-episode-steps", "32", "--lora-rank", "8", "--total-iterations", "2",
-                             "--eval-interval", "2",
-                             "--eval-init-states", "2", "--save-interval", "2"],
+        "ppo_openvla": [
+            py,
+            "ppo_openvla.py",
+            "--model-path",
+            f"{models}/openvla",
+            "--env-id",
+            "PushCube-v1",
+            "--num-envs",
+            "2",
+            "--num-steps",
+            "16",
+            "--max-episode-steps",
+            "16",
+            "--total-iterations",
+            "2",
+            "--num-minibatches",
+            "2",
+            "--micro-batch-size",
+            "8",
+            "--lora-rank",
+            "8",
+            "--eval-interval",
+            "2",
+            "--save-interval",
+            "2",
+        ],
+        "grpo_internvl": [
+            py,
+            "grpo_internvl.py",
+            "--model-path",
+            f"{models}/internvl",
+            "--env-id",
+            "PushCube-v1",
+            "--num-envs",
+            "4",
+            "--group-size",
+            "2",
+            "--max-episode-steps",
+            "16",
+            "--total-iterations",
+            "2",
+            "--num-minibatches",
+            "2",
+            "--micro-batch-size",
+            "16",
+            "--lora-rank",
+            "8",
+            "--no-dynamic-sampling",
+            "--eval-interval",
+            "2",
+            "--save-interval",
+            "2",
+        ],
+        "srpo_openvla_oft": [
+            py,
+            "srpo_openvla_oft.py",
+            "--model-path",
+            f"{models}/openvla",
+            "--world-model-path",
+            f"{models}/vjepa2",
+            "--suite",
+            "libero_spatial",
+            "--task-ids",
+            "0",
+            "--num-envs",
+            "2",
+            "--group-size",
+            "2",
+            "--tasks-per-iteration",
+            "1",
+            "--no-dynamic-sampling",
+            "--max-episode-steps",
+            "32",
+            "--lora-rank",
+            "8",
+            "--total-iterations",
+            "2",
+            "--eval-interval",
+            "2",
+            "--eval-init-states",
+            "2",
+            "--save-interval",
+            "2",
+        ],
     }
     for cmd in prepare:
         subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
@@ -354,8 +489,13 @@ def part_scripts(ctx: Context) -> dict:
         if ctx.args.scripts and name not in ctx.args.scripts:
             continue
         t = time.perf_counter()
-        proc = subprocess.run(cmd + ["--run-dir", os.path.join(tmp, "runs"), "--exp-name", name], cwd=ROOT,
-                              capture_output=True, text=True, timeout=ctx.args.script_timeout)
+        proc = subprocess.run(
+            cmd + ["--run-dir", os.path.join(tmp, "runs"), "--exp-name", name],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=ctx.args.script_timeout,
+        )
         out[name] = {"returncode": proc.returncode, "wall_s": time.perf_counter() - t}
         if proc.returncode != 0:
             out[name]["tail"] = (proc.stdout + proc.stderr)[-2000:]
@@ -422,8 +562,12 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         ctx = Context(args, tmp)
-        results = {"size": args.size, "device": torch.cuda.get_device_name() if ctx.cuda else "cpu",
-                   "torch": torch.__version__, "parts": {}}
+        results = {
+            "size": args.size,
+            "device": torch.cuda.get_device_name() if ctx.cuda else "cpu",
+            "torch": torch.__version__,
+            "parts": {},
+        }
         for name in args.parts:
             print(f"[gpu_check] {name} ...", flush=True)
             results["parts"][name] = result = run_part(name, ctx)

@@ -100,7 +100,9 @@ class ActionTemplate:
     def choices_from_action(self, actions: torch.Tensor) -> torch.Tensor:
         """Normalised pd_ee_delta_pose (B, 7) -> the allowed-set indices (B, F) that write it (nearest integer mm and
         degrees, at most 999); the inverse of `to_env_action` up to that rounding. Supervised targets come from here."""
-        value = torch.cat([actions[:, :3] * EE_POS_LIMIT_M * MM_PER_M, actions[:, 3:6] * EE_ROT_LIMIT_RAD * DEG_PER_RAD], 1)
+        value = torch.cat(
+            [actions[:, :3] * EE_POS_LIMIT_M * MM_PER_M, actions[:, 3:6] * EE_ROT_LIMIT_RAD * DEG_PER_RAD], 1
+        )
         magnitude = value.abs().round().clamp(max=999).long()  # (B, 6)
         place = 10 ** torch.arange(self.digits_per_number - 1, -1, -1)  # (D,)
         digits = magnitude[:, :, None] // place % (1000 if self.digits_per_number == 1 else 10)  # (B, 6, D)

@@ -21,7 +21,8 @@ import struct
 import subprocess
 import sys
 import warnings
-from typing import Any, Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -82,8 +83,11 @@ def _steps_on_disk(ckpt_root: str) -> list[str]:
     """Published steps plus the complete `.old_` copies a crashed re-save would put back (see `_clean_leftovers`)."""
     names = set(step_dirs(ckpt_root))
     if os.path.isdir(ckpt_root):
-        names |= {d.removeprefix(OLD_PREFIX) for d in os.listdir(ckpt_root)
-                  if d.startswith(OLD_PREFIX + "step_") and _is_complete(os.path.join(ckpt_root, d))}
+        names |= {
+            d.removeprefix(OLD_PREFIX)
+            for d in os.listdir(ckpt_root)
+            if d.startswith(OLD_PREFIX + "step_") and _is_complete(os.path.join(ckpt_root, d))
+        }
     return sorted(names)
 
 
@@ -98,7 +102,7 @@ def _clean_leftovers(ckpt_root: str) -> None:
         elif entry.startswith((TMP_PREFIX, "latest.tmp")):
             os.remove(path)
         elif entry.startswith(OLD_PREFIX):
-            final = os.path.join(ckpt_root, entry[len(OLD_PREFIX):])
+            final = os.path.join(ckpt_root, entry[len(OLD_PREFIX) :])
             if os.path.exists(final) or not _is_complete(path):
                 shutil.rmtree(path)
             else:
@@ -117,11 +121,15 @@ def _disk_full(error: BaseException, directory: str) -> bool:
 def _write_error(error: BaseException, final: str, full: bool) -> OSError:
     if full:
         free = shutil.disk_usage(os.path.dirname(final)).free / 2**30
-        message = (f"no space left on device while writing checkpoint {final} ({free:.1f} GiB free after removing "
-                   f"the partial copy): free space or change --run-dir. The previous checkpoint is intact.")
+        message = (
+            f"no space left on device while writing checkpoint {final} ({free:.1f} GiB free after removing "
+            f"the partial copy): free space or change --run-dir. The previous checkpoint is intact."
+        )
         return OSError(errno.ENOSPC, message)
-    return OSError(getattr(error, "errno", None), f"could not write checkpoint {final}: {error}. The previous "
-                                                  f"checkpoint is intact.")
+    return OSError(
+        getattr(error, "errno", None),
+        f"could not write checkpoint {final}: {error}. The previous checkpoint is intact.",
+    )
 
 
 def save_checkpoint(ckpt_root: str, step: int, write_fn: Callable[[str], None], keep_last: Optional[int] = None) -> str:
@@ -195,7 +203,10 @@ def resolve_checkpoint(path: str, flag: str = "--resume") -> str:
             return found
         for name in reversed(step_dirs(path)):
             if _is_complete(os.path.join(path, name)):
-                warnings.warn(f"{flag} {path}: `latest` names {latest}, which is missing or incomplete; using {name}")
+                warnings.warn(
+                    f"{flag} {path}: `latest` names {latest}, which is missing or incomplete; using {name}",
+                    stacklevel=2,
+                )
                 return os.path.join(path, name)
     raise FileNotFoundError(
         f"{flag} {path!r}: not a checkpoint. Pass a step directory containing {STATE_FILE} "
@@ -226,8 +237,9 @@ def script_name() -> str:
     return os.path.basename(sys.argv[0])
 
 
-def trainer_state(args, step: int, optimizer: Optional[torch.optim.Optimizer | dict], script: Optional[str] = None,
-                  **extra) -> dict[str, Any]:
+def trainer_state(
+    args, step: int, optimizer: Optional[torch.optim.Optimizer | dict], script: Optional[str] = None, **extra
+) -> dict[str, Any]:
     """Everything besides the weights that a resume needs, plus the settings, script and code version that produced
     it (`script` defaults to the running script's file name). optimizer: an optimizer, or its state dict already
     gathered (common.fsdp.full_optimizer_state_dict)."""
@@ -303,20 +315,32 @@ def check_run_dir(run_path: str, resume: Optional[str], overwrite: bool, eval_on
         if resume and not os.path.basename(os.path.normpath(resume)).startswith(("step_", OLD_PREFIX)):
             resume = resolve_checkpoint(resume)
         if not resume:
-            in_the_way, replace_all, reason = steps, True, (
-                f"{run_path} already holds checkpoints of an earlier run ({len(steps)}, newest {steps[-1]}): pass "
-                f"--resume {ckpt_root} to continue it, a new --exp-name to start another run, or --overwrite to "
-                f"delete them and start over")
+            in_the_way, replace_all, reason = (
+                steps,
+                True,
+                (
+                    f"{run_path} already holds checkpoints of an earlier run ({len(steps)}, newest {steps[-1]}): pass "
+                    f"--resume {ckpt_root} to continue it, a new --exp-name to start another run, or --overwrite to "
+                    f"delete them and start over"
+                ),
+            )
         elif not _is_inside(resume, ckpt_root):
-            in_the_way, replace_all, reason = steps, True, (
-                f"--resume {resume} would continue into {run_path}, which holds checkpoints of another run "
-                f"({len(steps)}, newest {steps[-1]}): pass a new --exp-name, or --overwrite to delete them")
+            in_the_way, replace_all, reason = (
+                steps,
+                True,
+                (
+                    f"--resume {resume} would continue into {run_path}, which holds checkpoints of another run "
+                    f"({len(steps)}, newest {steps[-1]}): pass a new --exp-name, or --overwrite to delete them"
+                ),
+            )
         else:
             resumed = os.path.basename(os.path.normpath(os.path.realpath(resume))).removeprefix(OLD_PREFIX)
             in_the_way = [name for name in steps if name > resumed]
-            reason = (f"--resume {resume} is not the newest checkpoint of {run_path}: continuing would replace the "
-                      f"later {', '.join(in_the_way)}. Pass --resume {ckpt_root} to continue from the newest, a new "
-                      f"--exp-name to branch into another run, or --overwrite to delete the later steps")
+            reason = (
+                f"--resume {resume} is not the newest checkpoint of {run_path}: continuing would replace the "
+                f"later {', '.join(in_the_way)}. Pass --resume {ckpt_root} to continue from the newest, a new "
+                f"--exp-name to branch into another run, or --overwrite to delete the later steps"
+            )
     if in_the_way and not overwrite:
         raise CheckpointError(reason)
     if in_the_way and _is_main_process():
@@ -335,8 +359,9 @@ def check_run_dir(run_path: str, resume: Optional[str], overwrite: bool, eval_on
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        raise CheckpointError(f"cannot write to the run directory {run_path} ({e.strerror or e}): pass a writable "
-                              f"--run-dir") from e
+        raise CheckpointError(
+            f"cannot write to the run directory {run_path} ({e.strerror or e}): pass a writable --run-dir"
+        ) from e
 
 
 def _model_id(path: str) -> str:
@@ -357,17 +382,20 @@ def _same_setting(key: str, saved, current) -> bool:
     return saved == current
 
 
-def check_checkpoint_compatible(step_dir: str, script: str, args, keys: Iterable[str] = WEIGHT_SETTINGS,
-                                flag: str = "--resume") -> None:
+def check_checkpoint_compatible(
+    step_dir: str, script: str, args, keys: Iterable[str] = WEIGHT_SETTINGS, flag: str = "--resume"
+) -> None:
     """Refuse a checkpoint of another script, or one trained with settings (`keys`: what shapes or defines the
     weights) that differ from this run's, naming the setting, both values and the fix. Reads args.json only.
     A checkpoint written before the script was recorded skips that check."""
     info = read_checkpoint_info(step_dir)
     saved_script = info.get("script")
     if saved_script and saved_script != script:
-        raise CheckpointError(f"{flag} {step_dir} is a checkpoint of {saved_script}, not {script}: resume it with "
-                              f"`python {saved_script} {flag} {step_dir}`, or start a new run of {script} without "
-                              f"{flag}")
+        raise CheckpointError(
+            f"{flag} {step_dir} is a checkpoint of {saved_script}, not {script}: resume it with "
+            f"`python {saved_script} {flag} {step_dir}`, or start a new run of {script} without "
+            f"{flag}"
+        )
     saved_args = info.get("args") or {}
     for key in keys:
         if key not in saved_args:
@@ -375,8 +403,10 @@ def check_checkpoint_compatible(step_dir: str, script: str, args, keys: Iterable
         saved, current = saved_args[key], getattr(args, key)
         if not _same_setting(key, saved, current):
             option = "--" + key.replace("_", "-")
-            raise CheckpointError(f"{option} {current} but the checkpoint {step_dir} was trained with {option} "
-                                  f"{saved}: pass {option} {saved} or start a new run without {flag}")
+            raise CheckpointError(
+                f"{option} {current} but the checkpoint {step_dir} was trained with {option} "
+                f"{saved}: pass {option} {saved} or start a new run without {flag}"
+            )
 
 
 def check_run_flags(args, script: str, inherited: tuple[str, ...]) -> str:
@@ -425,8 +455,23 @@ def _damaged(path: str, error) -> str:
     return f"{path}: the checkpoint is damaged ({error}); {_earlier_checkpoint_hint(path)}"
 
 
-_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_DTYPE_BYTES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
 
 
 def _check_safetensors_header(path: str) -> None:
@@ -457,8 +502,9 @@ def _check_safetensors_header(path: str) -> None:
             raise CheckpointError(_damaged(path, f"tensor {name!r} has {stop - begin} bytes for shape {shape}"))
         end = max(end, stop)
     if size != 8 + header_len + end:
-        raise CheckpointError(_damaged(path, f"truncated or padded: {size} bytes, the header describes "
-                                             f"{8 + header_len + end}"))
+        raise CheckpointError(
+            _damaged(path, f"truncated or padded: {size} bytes, the header describes {8 + header_len + end}")
+        )
 
 
 def verify_safetensors_files(directory: str) -> int:

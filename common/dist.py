@@ -30,7 +30,9 @@ def init_dist() -> Dist:
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
+        )
     return Dist(rank, local_rank, world_size, device)
 
 
@@ -138,7 +140,9 @@ def check_in_sync(params: list[torch.Tensor]) -> None:
     gathered = [torch.zeros_like(fingerprint) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, fingerprint)
     if any(not torch.equal(g, gathered[0]) for g in gathered):
-        raise RuntimeError(f"ranks hold different weights after the update: fingerprints {[g.item() for g in gathered]}")
+        raise RuntimeError(
+            f"ranks hold different weights after the update: fingerprints {[g.item() for g in gathered]}"
+        )
 
 
 def bf16_autocast(device: torch.device, enabled: bool = True):

@@ -17,13 +17,19 @@ episodes ending at different steps) in `gathered_params`.
 """
 
 import contextlib
-from typing import Iterable, Iterator, Optional
+from collections.abc import Iterable, Iterator
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
@@ -33,8 +39,9 @@ from common.dist import is_dist
 # One FSDP group per module of these classes: transformers' decoder and vision layers, timm's ViT `Block`
 # (the DINOv2 and SigLIP featurizers of OpenVLA). Everything else (embeddings, LM head, norms, projector, value
 # head) goes to the root's group.
-LAYER_CLASSES = frozenset({"LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer", "InternVLVisionLayer",
-                           "Block"})
+LAYER_CLASSES = frozenset(
+    {"LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer", "InternVLVisionLayer", "Block"}
+)
 FSDP_MODES = ("auto", "on", "off")
 
 
@@ -52,8 +59,13 @@ def fsdp_modules(model: nn.Module) -> list[FSDPModule]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
-def shard_model(model: nn.Module, reduce: str = "mean", layer_classes: Iterable[str] = LAYER_CLASSES,
-                forward_methods: Iterable[str] = (), device: Optional[torch.device] = None) -> nn.Module:
+def shard_model(
+    model: nn.Module,
+    reduce: str = "mean",
+    layer_classes: Iterable[str] = LAYER_CLASSES,
+    forward_methods: Iterable[str] = (),
+    device: Optional[torch.device] = None,
+) -> nn.Module:
     """Shard `model` in place over all ranks (a 1-rank world works too) and return it.
 
     Call it after the weights are loaded and `requires_grad` is set, and build the optimizer afterwards: sharding
@@ -181,8 +193,9 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], from_
     set_model_state_dict(model, _containers_copied(state), options=_options(broadcast_from_rank0=from_rank0))
 
 
-def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
-                                   from_rank0: bool = False) -> None:
+def load_full_optimizer_state_dict(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, from_rank0: bool = False
+) -> None:
     """Collective: restore the optimizer from `full_optimizer_state_dict`'s output (see load_full_state_dict)."""
     options = _options(broadcast_from_rank0=from_rank0)
     set_optimizer_state_dict(model, optimizer, _containers_copied(state), options=options)
@@ -190,4 +203,4 @@ def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Opti
 
 def sub_state_dict(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries under `prefix` with the prefix removed (e.g. "vla." of PPO's Agent -> the OpenVLA keys)."""
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}

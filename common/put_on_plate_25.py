@@ -20,11 +20,11 @@ import cv2
 import numpy as np
 import sapien
 import torch
+from mani_skill.envs.sapien_env import BaseEnv
 from mani_skill.envs.tasks.digital_twins.bridge_dataset_eval.base_env import (
     BaseBridgeEnv,
     WidowX250SBridgeDatasetFlatTable,
 )
-from mani_skill.envs.sapien_env import BaseEnv
 from mani_skill.utils import io_utils, sapien_utils
 from mani_skill.utils.geometry import rotation_conversions
 from mani_skill.utils.registration import register_env
@@ -103,8 +103,10 @@ class PutOnPlateInScene25MainV3(BaseBridgeEnv):
             raise ValueError(f"obj_set must be one of {sorted(OBJ_SETS)}, got {obj_set!r}")
         missing = missing_assets()
         if missing:
-            raise FileNotFoundError(f"{ENV_ID} needs assets that are not on disk ({missing[0]}, ...). "
-                                    f"Download them with: {download_command()}")
+            raise FileNotFoundError(
+                f"{ENV_ID} needs assets that are not on disk ({missing[0]}, ...). "
+                f"Download them with: {download_command()}"
+            )
         self.obj_set = obj_set
         custom = asset_root() / CUSTOM_ASSETS / "carrot"
         self.custom_dir = custom
@@ -113,11 +115,15 @@ class PutOnPlateInScene25MainV3(BaseBridgeEnv):
         first_plate = next(iter(plate_db))
         self.plate_db = {first_plate: plate_db[first_plate]}  # the Main task uses the first plate only
         table_db = io_utils.load_json(custom / "more_table" / "model_db.json")
-        self.backgrounds = np.stack([
-            cv2.resize(cv2.cvtColor(cv2.imread(str(custom / "more_table" / "imgs" / name)), cv2.COLOR_BGR2RGB),
-                       self.image_hw[::-1])
-            for name in table_db
-        ])  # (21, 480, 640, 3) uint8
+        self.backgrounds = np.stack(
+            [
+                cv2.resize(
+                    cv2.cvtColor(cv2.imread(str(custom / "more_table" / "imgs" / name)), cv2.COLOR_BGR2RGB),
+                    self.image_hw[::-1],
+                )
+                for name in table_db
+            ]
+        )  # (21, 480, 640, 3) uint8
         self.object_names, self.plate_names = list(self.object_db), list(self.plate_db)
         n_obj, _, n_tables, _ = OBJ_SETS["all"]
         if len(self.object_names) < n_obj or len(self.backgrounds) < n_tables:
@@ -146,14 +152,25 @@ class PutOnPlateInScene25MainV3(BaseBridgeEnv):
 
     # -- scene ---------------------------------------------------------------------------------------------------
     def _build_model(self, folder: Path, name: str, info: dict, index: int, parked_x: float):
-        material = PhysxMaterial(static_friction=self.obj_static_friction,
-                                 dynamic_friction=self.obj_dynamic_friction, restitution=0.0)
+        material = PhysxMaterial(
+            static_friction=self.obj_static_friction, dynamic_friction=self.obj_dynamic_friction, restitution=0.0
+        )
         scale = float(self._batched_episode_rng[0].choice(info.get("scale", [1.0])))
         builder = self.scene.create_actor_builder()
-        builder.add_multiple_convex_collisions_from_file(str(folder / name / "collision.obj"), scale=[scale] * 3,
-                                                          material=material, density=info.get("density", 1000))
-        visual = next((folder / name / f"textured.{ext}" for ext in ("obj", "dae", "glb")
-                       if (folder / name / f"textured.{ext}").exists()), folder / name / "collision.obj")
+        builder.add_multiple_convex_collisions_from_file(
+            str(folder / name / "collision.obj"),
+            scale=[scale] * 3,
+            material=material,
+            density=info.get("density", 1000),
+        )
+        visual = next(
+            (
+                folder / name / f"textured.{ext}"
+                for ext in ("obj", "dae", "glb")
+                if (folder / name / f"textured.{ext}").exists()
+            ),
+            folder / name / "collision.obj",
+        )
         builder.add_visual_from_file(str(visual), scale=[scale] * 3)
         builder.initial_pose = sapien.Pose(self._parked(index, parked_x))
         bbox = np.asarray(info["bbox"]["max"]) - np.asarray(info["bbox"]["min"])
@@ -177,10 +194,14 @@ class PutOnPlateInScene25MainV3(BaseBridgeEnv):
         shelf.add_box_collision(half_size=[1.0, 5.0, 0.05])
         shelf.initial_pose = sapien.Pose([1.5, 3.5, -0.05])
         shelf.build_static(name="shelf")
-        objects = [self._build_model(self.custom_dir / "more_carrot", n, self.object_db[n], i, 1.0)
-                   for i, n in enumerate(self.object_names)]
-        plates = [self._build_model(self.custom_dir / "more_plate", n, self.plate_db[n], i, 2.0)
-                  for i, n in enumerate(self.plate_names)]
+        objects = [
+            self._build_model(self.custom_dir / "more_carrot", n, self.object_db[n], i, 1.0)
+            for i, n in enumerate(self.object_names)
+        ]
+        plates = [
+            self._build_model(self.custom_dir / "more_plate", n, self.plate_db[n], i, 2.0)
+            for i, n in enumerate(self.plate_names)
+        ]
         self.objects, self.object_bbox = [a for a, _ in objects], torch.stack([b for _, b in objects])  # (K, 3)
         self.plates, self.plate_bbox = [a for a, _ in plates], torch.stack([b for _, b in plates])
 
@@ -208,13 +229,16 @@ class PutOnPlateInScene25MainV3(BaseBridgeEnv):
         self.episode["id"][env_idx] = episode_id
         for key, value in self._decode_episode(episode_id).items():
             self.episode[key][env_idx] = value
-        self.background[env_idx] = torch.as_tensor(self.backgrounds[self.episode["table"][env_idx].cpu().numpy()],
-                                                   device=self.device)
+        self.background[env_idx] = torch.as_tensor(
+            self.backgrounds[self.episode["table"][env_idx].cpu().numpy()], device=self.device
+        )
         xyz = torch.as_tensor(self.xyz_configs, device=self.device)[self.episode["pos"][env_idx]]  # (b, 2, 3)
         quat = torch.as_tensor(self.quat_configs, device=self.device)[self.episode["quat"][env_idx]]  # (b, 2, 4)
         self.agent.robot.set_pose(self.robot_pose)
-        drawn_sets = ((self.objects, self.episode["obj"][env_idx], 1.0),
-                      (self.plates, self.episode["plate"][env_idx], 2.0))
+        drawn_sets = (
+            (self.objects, self.episode["obj"][env_idx], 1.0),
+            (self.plates, self.episode["plate"][env_idx], 2.0),
+        )
         for slot, (actors, chosen, parked_x) in enumerate(drawn_sets):
             for i, actor in enumerate(actors):
                 drawn = (chosen == i)[:, None]
@@ -265,12 +289,18 @@ class PutOnPlateInScene25MainV3(BaseBridgeEnv):
         xy_ok = torch.linalg.norm(offset[:, :2], dim=1) <= plate_half.max(dim=1).values + 0.01
         z_ok = (offset[:, 2] > 0) & (offset[:, 2] - plate_half[:, 2] - obj_half[:, 2] <= 0.05)
         on_plate = xy_ok & z_ok & contact
-        return dict(success=on_plate, src_on_target=on_plate, is_src_obj_grasped=self.ever_grasped,
-                    consecutive_grasp=self.ever_consecutive_grasp)
+        return dict(
+            success=on_plate,
+            src_on_target=on_plate,
+            is_src_obj_grasped=self.ever_grasped,
+            consecutive_grasp=self.ever_consecutive_grasp,
+        )
 
     def get_language_instruction(self, **kwargs) -> list[str]:
-        return [f"put {self.object_db[self.object_names[o]]['name']} on {self.plate_db[self.plate_names[p]]['name']}"
-                for o, p in zip(self.episode["obj"].tolist(), self.episode["plate"].tolist())]
+        return [
+            f"put {self.object_db[self.object_names[o]]['name']} on {self.plate_db[self.plate_names[p]]['name']}"
+            for o, p in zip(self.episode["obj"].tolist(), self.episode["plate"].tolist())
+        ]
 
 
 def _rotated_extent(size: torch.Tensor, quat: torch.Tensor) -> torch.Tensor:

@@ -37,10 +37,14 @@ from common.openvla import PROMPT, VISION_BACKBONES, OpenVLA, OpenVLAProcessor, 
 # OpenVLA: random weights, offline sentencepiece tokenizer
 # ---------------------------------------------------------------------------------------------------------------
 def preprocessor_config(image_size: int = 224) -> dict:
-    """openvla-7b's preprocessor_config.json (DINOv2 then SigLIP constants, rounded to bf16 as the reference has them)."""
+    """openvla-7b's preprocessor_config.json (DINOv2 then SigLIP constants, rounded to bf16 as the reference has
+    them)."""
     resize = {"antialias": True, "interpolation": 3, "max_size": None, "size": [image_size, image_size]}
     return {
-        "auto_map": {"AutoImageProcessor": "processing_prismatic.PrismaticImageProcessor", "AutoProcessor": "processing_prismatic.PrismaticProcessor"},
+        "auto_map": {
+            "AutoImageProcessor": "processing_prismatic.PrismaticImageProcessor",
+            "AutoProcessor": "processing_prismatic.PrismaticProcessor",
+        },
         "image_processor_type": "PrismaticImageProcessor",
         "processor_class": "PrismaticProcessor",
         "image_resize_strategy": "resize-naive",
@@ -53,7 +57,11 @@ def preprocessor_config(image_size: int = 224) -> dict:
         "tvf_do_letterbox": False,
         "tvf_letterbox_fill": None,
         "tvf_normalize_params": [
-            {"inplace": False, "mean": [0.484375, 0.455078125, 0.40625], "std": [0.228515625, 0.2236328125, 0.224609375]},
+            {
+                "inplace": False,
+                "mean": [0.484375, 0.455078125, 0.40625],
+                "std": [0.228515625, 0.2236328125, 0.224609375],
+            },
             {"inplace": False, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
         ],
         "tvf_resize_params": [resize, resize],
@@ -70,7 +78,26 @@ def build_tiny_tokenizer(out_dir: str, vocab_size: int = 1024):
 
     rng = random.Random(0)
     words = " ".join(PROMPT.format(t) for t in _TINY_CORPUS).split()
-    syllables = ["ka", "lo", "mi", "ne", "ru", "ta", "so", "pi", "de", "vu", "ba", "go", "ze", "fi", "wo", "xu", "ly", "qe"]
+    syllables = [
+        "ka",
+        "lo",
+        "mi",
+        "ne",
+        "ru",
+        "ta",
+        "so",
+        "pi",
+        "de",
+        "vu",
+        "ba",
+        "go",
+        "ze",
+        "fi",
+        "wo",
+        "xu",
+        "ly",
+        "qe",
+    ]
     lines = [PROMPT.format(t) for t in _TINY_CORPUS] * 20
     lines += [chr(0x4E00 + i) for i in range(300)]  # rare characters take the last ids, as in Llama-2's vocabulary
     for _ in range(4000):
@@ -79,9 +106,19 @@ def build_tiny_tokenizer(out_dir: str, vocab_size: int = 1024):
     os.makedirs(out_dir, exist_ok=True)
     prefix = os.path.join(out_dir, "spm")
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=prefix, vocab_size=vocab_size, model_type="bpe", byte_fallback=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0, add_dummy_prefix=True,
-        num_threads=1, minloglevel=2,
+        sentence_iterator=iter(lines),
+        model_prefix=prefix,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        character_coverage=1.0,
+        add_dummy_prefix=True,
+        num_threads=1,
+        minloglevel=2,
     )
     tokenizer = LlamaTokenizer(vocab_file=prefix + ".model", legacy=False, add_bos_token=True, add_eos_token=False)
     tokenizer.add_special_tokens({"pad_token": "<PAD>"})
@@ -91,17 +128,31 @@ def build_tiny_tokenizer(out_dir: str, vocab_size: int = 1024):
 
 
 _TINY_CORPUS = [
-    "push the cube to the goal region", "pick up the cube and move it to the goal position",
-    "stack the red cube on top of the green cube", "pull the cube to the goal region",
-    "put the carrot on the plate", "put the spoon on the towel", "put eggplant into yellow basket",
-    "open the top drawer and put the bowl inside", "turn on the stove", "put the black bowl on the plate",
-    "pick up the alphabet soup and place it in the basket", "lift the peg and stand it upright",
-    "insert the peg into the hole on the side of the box", "place the sphere into the bin",
+    "push the cube to the goal region",
+    "pick up the cube and move it to the goal position",
+    "stack the red cube on top of the green cube",
+    "pull the cube to the goal region",
+    "put the carrot on the plate",
+    "put the spoon on the towel",
+    "put eggplant into yellow basket",
+    "open the top drawer and put the bowl inside",
+    "turn on the stove",
+    "put the black bowl on the plate",
+    "pick up the alphabet soup and place it in the basket",
+    "lift the peg and stand it upright",
+    "insert the peg into the hole on the side of the box",
+    "place the sphere into the bin",
 ]
 
 
-def make_tiny_openvla(out_dir: str, seed: int = 0, hidden_size: int = 64, num_layers: int = 2, vision_dim: int = 32,
-                      norm_stats: Optional[dict] = None) -> str:
+def make_tiny_openvla(
+    out_dir: str,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    vision_dim: int = 32,
+    norm_stats: Optional[dict] = None,
+) -> str:
     """Write a random tiny OpenVLA (fused DINOv2 + SigLIP ViTs, Llama) in the openvla-7b on-disk layout."""
     tokenizer = build_tiny_tokenizer(out_dir)
     tokenizer_vocab = tokenizer.vocab_size  # without the added <PAD>, like 32000 for openvla-7b
@@ -110,7 +161,10 @@ def make_tiny_openvla(out_dir: str, seed: int = 0, hidden_size: int = 64, num_la
     vit = dict(embed_dim=vision_dim, depth=3, num_heads=2)
     config = {
         "architectures": ["OpenVLAForActionPrediction"],
-        "auto_map": {"AutoConfig": "configuration_prismatic.OpenVLAConfig", "AutoModelForVision2Seq": "modeling_prismatic.OpenVLAForActionPrediction"},
+        "auto_map": {
+            "AutoConfig": "configuration_prismatic.OpenVLAConfig",
+            "AutoModelForVision2Seq": "modeling_prismatic.OpenVLAForActionPrediction",
+        },
         "model_type": "openvla",
         "vision_backbone_id": "dinosiglip-vit-so-224px",
         "llm_backbone_id": "llama2-7b-pure",
@@ -126,13 +180,32 @@ def make_tiny_openvla(out_dir: str, seed: int = 0, hidden_size: int = 64, num_la
         "pad_token_id": tokenizer.pad_token_id,
         "pad_to_multiple_of": pad_to,
         "n_action_bins": 256,
-        "norm_stats": norm_stats or {"maniskill": {"action": {
-            "q01": [-1.0] * 6 + [0.0], "q99": [1.0] * 6 + [1.0], "mask": [True] * 6 + [False],
-            "mean": [0.0] * 7, "std": [1.0] * 7, "min": [-1.0] * 7, "max": [1.0] * 7}}},
+        "norm_stats": norm_stats
+        or {
+            "maniskill": {
+                "action": {
+                    "q01": [-1.0] * 6 + [0.0],
+                    "q99": [1.0] * 6 + [1.0],
+                    "mask": [True] * 6 + [False],
+                    "mean": [0.0] * 7,
+                    "std": [1.0] * 7,
+                    "min": [-1.0] * 7,
+                    "max": [1.0] * 7,
+                }
+            }
+        },
         "text_config": {
-            "model_type": "llama", "vocab_size": lm_vocab, "hidden_size": hidden_size, "intermediate_size": 2 * hidden_size,
-            "num_hidden_layers": num_layers, "num_attention_heads": 4, "num_key_value_heads": 4,
-            "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "pad_token_id": tokenizer.pad_token_id, "torch_dtype": "float32",
+            "model_type": "llama",
+            "vocab_size": lm_vocab,
+            "hidden_size": hidden_size,
+            "intermediate_size": 2 * hidden_size,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "max_position_embeddings": 2048,
+            "rms_norm_eps": 1e-5,
+            "pad_token_id": tokenizer.pad_token_id,
+            "torch_dtype": "float32",
         },
         "torch_dtype": "float32",
         "transformers_version": "4.40.1",
@@ -204,10 +277,12 @@ def build_tokenizer(digits: str = "grouped") -> Qwen2TokenizerFast:
     digit_rule = r"\p{N}{1,3}" if digits == "grouped" else r"\p{N}"
 
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_QWEN2_SPLIT.replace("DIGITS", digit_rule)), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN2_SPLIT.replace("DIGITS", digit_rule)), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(SPECIAL_TOKENS)
     return Qwen2TokenizerFast(
@@ -228,13 +303,23 @@ def make_tiny_internvl(out_dir: str, digits: str = "grouped", image_size: int = 
     image_seq_length = (patches_per_side // 2) ** 2  # pixel shuffle with downsample_ratio 0.5
     config = InternVLConfig(
         vision_config=dict(
-            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-            image_size=[image_size, image_size], patch_size=[14, 14],
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=[image_size, image_size],
+            patch_size=[14, 14],
         ),
         text_config=dict(
-            model_type="qwen2", vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-            max_position_embeddings=4096, tie_word_embeddings=False,
+            model_type="qwen2",
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=4096,
+            tie_word_embeddings=False,
         ),
         image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
         image_seq_length=image_seq_length,
@@ -243,16 +328,23 @@ def make_tiny_internvl(out_dir: str, digits: str = "grouped", image_size: int = 
     torch.manual_seed(seed)
     InternVLForConditionalGeneration(config).save_pretrained(out_dir)
     image_processor = GotOcr2ImageProcessorFast(
-        size={"height": image_size, "width": image_size}, crop_to_patches=False,
-        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], do_convert_rgb=True,
+        size={"height": image_size, "width": image_size},
+        crop_to_patches=False,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+        do_convert_rgb=True,
     )
     video_processor = InternVLVideoProcessor(
         size={"height": image_size, "width": image_size},
-        image_mean=image_processor.image_mean, image_std=image_processor.image_std,
+        image_mean=image_processor.image_mean,
+        image_std=image_processor.image_std,
     )
     processor = InternVLProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
-        image_seq_length=image_seq_length, chat_template=CHAT_TEMPLATE,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        image_seq_length=image_seq_length,
+        chat_template=CHAT_TEMPLATE,
     )
     processor.save_pretrained(out_dir)
     return out_dir
@@ -265,10 +357,21 @@ def make_tiny_vjepa2(out_dir: str, hidden_size: int = 48, crop_size: int = 32, s
     """A random tiny V-JEPA 2 in the real save_pretrained layout, for tests and the CPU quickstart."""
     from transformers import VJEPA2Config, VJEPA2Model
 
-    config = VJEPA2Config(crop_size=crop_size, image_size=crop_size, frames_per_clip=16, patch_size=16,
-                          tubelet_size=2, hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=4,
-                          mlp_ratio=2.0, pred_hidden_size=32, pred_num_hidden_layers=1, pred_num_attention_heads=4,
-                          num_pooler_layers=1)
+    config = VJEPA2Config(
+        crop_size=crop_size,
+        image_size=crop_size,
+        frames_per_clip=16,
+        patch_size=16,
+        tubelet_size=2,
+        hidden_size=hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        mlp_ratio=2.0,
+        pred_hidden_size=32,
+        pred_num_hidden_layers=1,
+        pred_num_attention_heads=4,
+        num_pooler_layers=1,
+    )
     torch.manual_seed(seed)
     VJEPA2Model(config).save_pretrained(out_dir)
     return out_dir

@@ -32,7 +32,7 @@ def preprocess_video(frames: np.ndarray, size: int, num_frames: int = 64) -> tor
     new_h, new_w = max(short_side, round(h * scale)), max(short_side, round(w * scale))
     video = F.interpolate(video, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
     top, left = (new_h - size) // 2, (new_w - size) // 2
-    video = video[:, :, top:top + size, left:left + size]  # (F, 3, size, size)
+    video = video[:, :, top : top + size, left : left + size]  # (F, 3, size, size)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return (video - mean) / std
@@ -47,8 +47,10 @@ def check_world_model(path: str, flag: str = "--world-model-path") -> None:
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"{flag} {path!r}: no V-JEPA 2 checkpoint there ({e})") from e
     if config.get("model_type") != "vjepa2":
-        raise ValueError(f"{flag} {path!r} is a {config.get('model_type')!r} model, not V-JEPA 2 "
-                         "(e.g. facebook/vjepa2-vitg-fpc64-384)")
+        raise ValueError(
+            f"{flag} {path!r} is a {config.get('model_type')!r} model, not V-JEPA 2 "
+            "(e.g. facebook/vjepa2-vitg-fpc64-384)"
+        )
 
 
 class VideoEmbedder:
@@ -58,8 +60,14 @@ class VideoEmbedder:
     save_pretrained directory. offload: keep the weights on the CPU between calls.
     """
 
-    def __init__(self, path: str, device: torch.device, dtype: torch.dtype = torch.float32,
-                 num_frames: int = 64, offload: bool = False):
+    def __init__(
+        self,
+        path: str,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        num_frames: int = 64,
+        offload: bool = False,
+    ):
         from transformers import VJEPA2Model
 
         check_world_model(path)
@@ -75,7 +83,9 @@ class VideoEmbedder:
             self.model.to(self.device)
         embeddings = []
         for start in range(0, len(videos), batch_size):
-            clips = torch.stack([preprocess_video(v, self.size, self.num_frames) for v in videos[start:start + batch_size]])
+            clips = torch.stack(
+                [preprocess_video(v, self.size, self.num_frames) for v in videos[start : start + batch_size]]
+            )
             clips = clips.to(self.device, self.dtype)  # (B, F, 3, size, size)
             tokens = self.model(pixel_values_videos=clips, skip_predictor=True).last_hidden_state  # (B, L, hidden)
             embeddings.append(tokens.float().mean(dim=1).cpu())

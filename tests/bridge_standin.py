@@ -26,20 +26,24 @@ def _link(name: str, box=None, origin=(0, 0, 0), mass: float = 0.1) -> str:
 
 def _joint(name, kind, parent, child, xyz, axis=(0, 0, 1), limits=(-3.1, 3.1)) -> str:
     limit = f'<limit lower="{limits[0]}" upper="{limits[1]}" effort="100" velocity="3"/>' if kind != "fixed" else ""
-    return (f'<joint name="{name}" type="{kind}"><parent link="{parent}"/><child link="{child}"/>'
-            f'<origin xyz="{" ".join(map(str, xyz))}"/><axis xyz="{" ".join(map(str, axis))}"/>{limit}</joint>')
+    return (
+        f'<joint name="{name}" type="{kind}"><parent link="{parent}"/><child link="{child}"/>'
+        f'<origin xyz="{" ".join(map(str, xyz))}"/><axis xyz="{" ".join(map(str, axis))}"/>{limit}</joint>'
+    )
 
 
 def widowx_urdf() -> str:
     """A 6-joint arm (waist, shoulder, elbow, forearm_roll, wrist_angle, wrist_rotate) with two prismatic fingers and
     an ee_gripper_link, sized like a WidowX 250."""
     links = [
-        _link("base_link", (0.1, 0.1, 0.06), (0, 0, 0.03), 1.0), _link("shoulder_link", (0.04, 0.04, 0.03)),
+        _link("base_link", (0.1, 0.1, 0.06), (0, 0, 0.03), 1.0),
+        _link("shoulder_link", (0.04, 0.04, 0.03)),
         _link("upper_arm_link", (0.03, 0.03, 0.2), (0.0, 0, 0.125)),
         _link("upper_forearm_link", (0.15, 0.03, 0.03), (0.09, 0, 0)),
         _link("lower_forearm_link", (0.05, 0.03, 0.03), (0.04, 0, 0)),
         _link("wrist_link", (0.04, 0.03, 0.03), (0.03, 0, 0)),
-        _link("gripper_link", (0.04, 0.05, 0.02), (0.03, 0, 0)), _link("ee_gripper_link"),
+        _link("gripper_link", (0.04, 0.05, 0.02), (0.03, 0, 0)),
+        _link("ee_gripper_link"),
         _link("left_finger_link", (0.04, 0.008, 0.02), (0.02, 0.004, 0), 0.02),
         _link("right_finger_link", (0.04, 0.008, 0.02), (0.02, -0.004, 0), 0.02),
     ]
@@ -52,8 +56,9 @@ def widowx_urdf() -> str:
         _joint("wrist_rotate", "revolute", "wrist_link", "gripper_link", (0.065, 0, 0), (1, 0, 0)),
         _joint("ee_gripper", "fixed", "gripper_link", "ee_gripper_link", (0.1, 0, 0)),
         _joint("left_finger", "prismatic", "gripper_link", "left_finger_link", (0.07, 0, 0), (0, 1, 0), (0.01, 0.04)),
-        _joint("right_finger", "prismatic", "gripper_link", "right_finger_link", (0.07, 0, 0), (0, -1, 0),
-               (0.01, 0.04)),
+        _joint(
+            "right_finger", "prismatic", "gripper_link", "right_finger_link", (0.07, 0, 0), (0, -1, 0), (0.01, 0.04)
+        ),
     ]
     return f'<?xml version="1.0"?><robot name="wx250s">{"".join(links)}{"".join(joints)}</robot>'
 

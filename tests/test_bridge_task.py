@@ -74,8 +74,14 @@ for _ in range(3):
     _, _, _, _, after = env.step(np.array([0, 0, 0, 0, 0, 0, 1], dtype=np.float32))
 print(json.dumps({"before": bool(before["success"][0]), "after": bool(after["success"][0])}))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                         env={**os.environ, "MS_ASSET_DIR": assets})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "MS_ASSET_DIR": assets},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"before": False, "after": True}
 

@@ -44,6 +44,7 @@ def write_payload(text: str):
             f.write(text)
         with open(os.path.join(directory, STATE_FILE), "w") as f:
             f.write("state")
+
     return write
 
 
@@ -118,8 +119,13 @@ def check_run_dir_refuses(run_path: str) -> bool:
 
 
 # the copy a resume finds after a kill -9 in each phase of re-saving step 10
-EXPECTED_AFTER_CRASH = {"writing": "old", "after_rename_1": "old", "after_rename_2": "new", "after_rename_3": "new",
-                        "removing_old": "new"}
+EXPECTED_AFTER_CRASH = {
+    "writing": "old",
+    "after_rename_1": "old",
+    "after_rename_2": "new",
+    "after_rename_3": "new",
+    "removing_old": "new",
+}
 
 
 @pytest.mark.parametrize("phase", EXPECTED_AFTER_CRASH)
@@ -187,6 +193,7 @@ def test_full_disk_removes_the_partial_copy_and_keeps_the_previous(tmp_path, mon
         save_checkpoint(root, 2, write_until_full)
     assert sorted(os.listdir(root)) == ["latest", "step_00000001"]
     assert read(os.path.join(resolve_checkpoint(root), "payload")) == "one"
+
     def torch_save_on_a_full_disk(directory: str) -> None:  # torch.save does not say ENOSPC
         os.makedirs(os.path.join(directory, "model"))
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
@@ -267,6 +274,7 @@ class Args:
 def saved_checkpoint(tmp_path, args: Args, script: str, optimizer=None) -> str:
     def write(directory: str) -> None:
         save_trainer_state(directory, trainer_state(args, 3, optimizer, script=script))
+
     return save_checkpoint(str(tmp_path / "checkpoints"), 3, write)
 
 
@@ -275,13 +283,18 @@ def test_checkpoint_compatibility_names_the_setting_and_the_fix(tmp_path):
     check_checkpoint_compatible(step_dir, "ppo_openvla.py", Args(seed=2))
     moved = Args(model_path="/other/machine/hub/models--openvla--openvla-7b/snapshots/abc")  # same model elsewhere
     check_checkpoint_compatible(step_dir, "ppo_openvla.py", moved)
-    with pytest.raises(CheckpointError, match="--lora-rank 8 but the checkpoint .* was trained with --lora-rank 4: "
-                                              "pass --lora-rank 4 or start a new run"):
+    with pytest.raises(
+        CheckpointError,
+        match="--lora-rank 8 but the checkpoint .* was trained with --lora-rank 4: "
+        "pass --lora-rank 4 or start a new run",
+    ):
         check_checkpoint_compatible(step_dir, "ppo_openvla.py", Args(lora_rank=8))
     with pytest.raises(CheckpointError, match="--model-path /models/other-vla but .*--model-path"):
         check_checkpoint_compatible(step_dir, "ppo_openvla.py", Args(model_path="/models/other-vla"))
-    with pytest.raises(CheckpointError, match="checkpoint of ppo_openvla.py, not grpo_internvl.py: resume it with "
-                                              "`python ppo_openvla.py"):
+    with pytest.raises(
+        CheckpointError,
+        match="checkpoint of ppo_openvla.py, not grpo_internvl.py: resume it with `python ppo_openvla.py",
+    ):
         check_checkpoint_compatible(step_dir, "grpo_internvl.py", Args())
     os.remove(os.path.join(step_dir, "args.json"))  # an older checkpoint: read from the trainer state
     with pytest.raises(CheckpointError, match="--lora-alpha 16"):
@@ -433,8 +446,13 @@ STOPPABLE = textwrap.dedent("""
 def start_stoppable(tmp_path, launcher: list[str], repeat_window_s: float = 2.0, iteration_s: float = 0.3):
     program = tmp_path / "stoppable.py"
     program.write_text(STOPPABLE.format(root=ROOT))
-    return subprocess.Popen(launcher + [str(program), str(tmp_path), str(repeat_window_s), str(iteration_s)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        launcher + [str(program), str(tmp_path), str(repeat_window_s), str(iteration_s)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def test_sigterm_finishes_the_iteration_saves_and_exits_0(tmp_path):

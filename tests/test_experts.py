@@ -40,8 +40,18 @@ def test_expert_succeeds_within_the_default_episode(env_id):
 @pytest.fixture(scope="module")
 def push_demos(tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("demos"))
-    cmd = [sys.executable, "collect_demos.py", "--env-id", "PushCube-v1", "--num-episodes", "2", "--image-size", "64",
-           "--out-dir", out]
+    cmd = [
+        sys.executable,
+        "collect_demos.py",
+        "--env-id",
+        "PushCube-v1",
+        "--num-episodes",
+        "2",
+        "--image-size",
+        "64",
+        "--out-dir",
+        out,
+    ]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
     return out
 

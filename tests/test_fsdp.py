@@ -31,7 +31,7 @@ class TinyAgent(torch.nn.Module):
         self.value_head = torch.nn.Linear(vla.hidden_size, 1)
 
     def bin_logits(self, hidden):
-        return hidden @ self.vla.language_model.lm_head.weight[self.first:self.first + NUM_BINS].T
+        return hidden @ self.vla.language_model.lm_head.weight[self.first : self.first + NUM_BINS].T
 
     def last_hidden(self, pixel_values, input_ids, attention_mask):
         embeds, mask, position_ids = self.vla.embed_multimodal(input_ids, attention_mask, pixel_values)
@@ -128,7 +128,8 @@ def _openvla_checks(model_dir: str, out_dir: str, rank: int, world: int) -> dict
     # 3. ranks agree: different local shards, identical gathered weights
     local = agent.vla.language_model.model.layers[0].mlp.up_proj.weight.to_local()
     everywhere = torch.distributed.checkpoint.state_dict.get_model_state_dict(
-        agent, options=torch.distributed.checkpoint.state_dict.StateDictOptions(full_state_dict=True))
+        agent, options=torch.distributed.checkpoint.state_dict.StateDictOptions(full_state_dict=True)
+    )
     check_in_sync(list(everywhere.values()))  # raises if the gathered weights differ between ranks
     shards = [torch.zeros_like(local) for _ in range(world)]
     dist.all_gather(shards, local.contiguous())
@@ -139,8 +140,10 @@ def _openvla_checks(model_dir: str, out_dir: str, rank: int, world: int) -> dict
     ckpt = os.path.join(out_dir, "openvla_ckpt")
     if rank == 0:
         save_openvla(agent.vla, processor, os.path.join(ckpt, "model"), state_dict=fsdp.sub_state_dict(full, "vla."))
-        torch.save({"value_head": fsdp.sub_state_dict(full, "value_head."), "optimizer": optim_state},
-                   os.path.join(ckpt, "trainer_state.pt"))
+        torch.save(
+            {"value_head": fsdp.sub_state_dict(full, "value_head."), "optimizer": optim_state},
+            os.path.join(ckpt, "trainer_state.pt"),
+        )
     dist.barrier()
     fsdp_step(agent, optimizer, mine)
     continued = fsdp.full_state_dict(agent)
@@ -189,8 +192,11 @@ def _internvl_checks(model_dir: str, out_dir: str, rank: int) -> dict:
     labels = inputs["input_ids"]
 
     def token_loss_sum(m, rows):
-        out = m(input_ids=inputs["input_ids"][rows], attention_mask=inputs["attention_mask"][rows],
-                pixel_values=inputs["pixel_values"][rows])
+        out = m(
+            input_ids=inputs["input_ids"][rows],
+            attention_mask=inputs["attention_mask"][rows],
+            pixel_values=inputs["pixel_values"][rows],
+        )
         logp = out.logits[:, :-1].log_softmax(-1).gather(-1, labels[rows, 1:, None]).squeeze(-1)
         return -logp.sum()
 
@@ -241,8 +247,18 @@ def fsdp_results(tiny_openvla, tmp_path_factory) -> dict:
     internvl = make_tiny_internvl(str(tmp_path_factory.mktemp("tiny_internvl")))
     out = tmp_path_factory.mktemp("fsdp")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           os.path.abspath(__file__), tiny_openvla, internvl, str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        os.path.abspath(__file__),
+        tiny_openvla,
+        internvl,
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     with open(out / "results.json") as f:
@@ -274,7 +290,8 @@ def test_save_resume_equals_continuing(fsdp_results):
 def test_internvl(fsdp_results):
     r = fsdp_results["internvl"]
     assert {"Qwen2DecoderLayer", "InternVLVisionLayer", "InternVLForConditionalGeneration"} <= {
-        name.removeprefix("FSDP") for name in r["groups"]}
+        name.removeprefix("FSDP") for name in r["groups"]
+    }
     assert r["update_max_diff"] < 1e-5
     assert r["save_pretrained_max_diff"] < 1e-5
 

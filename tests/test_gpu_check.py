@@ -13,9 +13,25 @@ def _finite(x) -> bool:
 
 def test_gpu_check_tiny(tmp_path):
     out = tmp_path / "gpu_check.json"
-    gpu_check.main(["--size", "tiny", "--out", str(out), "--rollout-batch-sizes", "2", "--decode-batch-sizes", "2",
-                    "--parts", "param_counts", "ppo_rollout", "ppo_update", "oft_forward_backward", "grpo_decoding",
-                    "maniskill_gpu"])
+    gpu_check.main(
+        [
+            "--size",
+            "tiny",
+            "--out",
+            str(out),
+            "--rollout-batch-sizes",
+            "2",
+            "--decode-batch-sizes",
+            "2",
+            "--parts",
+            "param_counts",
+            "ppo_rollout",
+            "ppo_update",
+            "oft_forward_backward",
+            "grpo_decoding",
+            "maniskill_gpu",
+        ]
+    )
     results = json.loads(out.read_text())
     assert results["size"] == "tiny" and results["device"] == "cpu"
     parts = results["parts"]

@@ -12,8 +12,25 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from common.tiny_models import make_tiny_internvl
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_RUN = ["--env-id", "PushCube-v1", "--num-envs", "2", "--group-size", "2", "--max-episode-steps", "3",
-            "--image-size", "64", "--micro-batch-size", "4", "--num-minibatches", "2", "--no-dynamic-sampling", "--save-interval", "1"]
+TINY_RUN = [
+    "--env-id",
+    "PushCube-v1",
+    "--num-envs",
+    "2",
+    "--group-size",
+    "2",
+    "--max-episode-steps",
+    "3",
+    "--image-size",
+    "64",
+    "--micro-batch-size",
+    "4",
+    "--num-minibatches",
+    "2",
+    "--no-dynamic-sampling",
+    "--save-interval",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +39,9 @@ def model_path(tmp_path_factory) -> str:
 
 
 def run(*args: str, launcher=(sys.executable,), timeout: int = 400) -> str:
-    proc = subprocess.run([*launcher, str(ROOT / "grpo_internvl.py"), *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [*launcher, str(ROOT / "grpo_internvl.py"), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     return output
@@ -43,8 +61,19 @@ def test_two_ranks_train_checkpoint_resume_eval(model_path, tmp_path):
     """torchrun with 2 gloo ranks: train, checkpoint, resume (replays exactly), then --eval-only on one process."""
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
     first, resumed = tmp_path / "first", tmp_path / "resumed"
-    out = run(*TINY_RUN, "--model-path", model_path, "--total-iterations", "2", "--eval-interval", "2",
-              "--capture-video", "--run-dir", str(first), launcher=torchrun)
+    out = run(
+        *TINY_RUN,
+        "--model-path",
+        model_path,
+        "--total-iterations",
+        "2",
+        "--eval-interval",
+        "2",
+        "--capture-video",
+        "--run-dir",
+        str(first),
+        launcher=torchrun,
+    )
     assert "2 rank(s) x 2 envs = 4 episodes" in out and out.count("iter 1:") == 1  # rank 0 prints
     assert "iter 2:" in out and " eval " in out
     ckpts = first / "grpo_internvl__s1" / "checkpoints"
@@ -54,15 +83,35 @@ def test_two_ranks_train_checkpoint_resume_eval(model_path, tmp_path):
     assert (ckpts / "step_00000001" / "adapter_model.safetensors").exists()
     assert list((first / "grpo_internvl__s1" / "videos").glob("*.mp4"))
     logged = scalars(first / "grpo_internvl__s1")
-    for tag in ("rollout/kept_groups_frac", "actor/pg_loss", "actor/clipfrac", "actor/skipped_steps",
-                "rollout/success_rate", "eval/success_rate", "time/env_steps_per_s", "time/decode_tokens_per_s"):
+    for tag in (
+        "rollout/kept_groups_frac",
+        "actor/pg_loss",
+        "actor/clipfrac",
+        "actor/skipped_steps",
+        "rollout/success_rate",
+        "eval/success_rate",
+        "time/env_steps_per_s",
+        "time/decode_tokens_per_s",
+    ):
         assert tag in logged, tag
     assert logged["actor/samples"][1] > 0
     assert logged["actor/approx_kl"][1] == pytest.approx(0.0, abs=1e-6)  # rollout and training log-probs agree
 
     # Resume from step 1 into a fresh run folder: it starts at iteration 2 and replays it exactly.
-    out = run(*TINY_RUN, "--model-path", model_path, "--total-iterations", "2", "--eval-interval", "0",
-              "--run-dir", str(resumed), "--resume", str(ckpts / "step_00000001"), launcher=torchrun)
+    out = run(
+        *TINY_RUN,
+        "--model-path",
+        model_path,
+        "--total-iterations",
+        "2",
+        "--eval-interval",
+        "0",
+        "--run-dir",
+        str(resumed),
+        "--resume",
+        str(ckpts / "step_00000001"),
+        launcher=torchrun,
+    )
     assert "iter 2:" in out and "iter 1:" not in out
     assert (resumed / "grpo_internvl__s1" / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     replay = scalars(resumed / "grpo_internvl__s1")
@@ -74,6 +123,12 @@ def test_two_ranks_train_checkpoint_resume_eval(model_path, tmp_path):
 
 
 def test_cli_rejects_indivisible_groups():
-    proc = subprocess.run([sys.executable, str(ROOT / "grpo_internvl.py"), "--num-envs", "6", "--group-size", "4"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "grpo_internvl.py"), "--num-envs", "6", "--group-size", "4"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ),
+    )
     assert proc.returncode != 0 and "--num-envs (6) must be a multiple of --group-size (4)" in proc.stderr

@@ -42,7 +42,9 @@ def test_template_layout(tiny):
     assert answer.shape == (1, template.answer_len)
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(0.0, 0, 1.0), (0.3, 0, 1.0), (1.0, 0, 1.0), (1.6, 20, 0.7), (5.0, 0, 0.9)])
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p", [(0.0, 0, 1.0), (0.3, 0, 1.0), (1.0, 0, 1.0), (1.6, 20, 0.7), (5.0, 0, 0.9)]
+)
 def test_every_sampled_answer_parses(tiny, temperature, top_k, top_p):
     """Property: any sample is a well-formed template, canonically tokenized, decoding to the same action."""
     processor, template, model = tiny
@@ -135,9 +137,15 @@ def rollout_batch(policy, processor, template, temperature, T=2, N=4):
     rgb, tcp_pose = make_inputs(processor, N * T, seed=3)
     inputs = grpo.build_inputs(processor, [INSTRUCTION] * (N * T), rgb, tcp_pose, "cpu")
     sampled = grpo.generate_actions(policy, inputs, template, temperature, 0, 1.0)
-    return dict(instructions=[INSTRUCTION] * N, rgb=rgb.view(T, N, *rgb.shape[1:]), tcp_pose=tcp_pose.view(T, N, 7),
-                choices=sampled.choices.view(T, N, -1), tokens=sampled.tokens.view(T, N, -1),
-                logprobs=sampled.logp.view(T, N, -1), support=sampled.support.view(T, N, *sampled.support.shape[1:]))
+    return dict(
+        instructions=[INSTRUCTION] * N,
+        rgb=rgb.view(T, N, *rgb.shape[1:]),
+        tcp_pose=tcp_pose.view(T, N, 7),
+        choices=sampled.choices.view(T, N, -1),
+        tokens=sampled.tokens.view(T, N, -1),
+        logprobs=sampled.logp.view(T, N, -1),
+        support=sampled.support.view(T, N, *sampled.support.shape[1:]),
+    )
 
 
 def run_update(policy, reference, processor, template, batch, success, args):
@@ -149,14 +157,16 @@ def run_update(policy, reference, processor, template, batch, success, args):
     batch["advantages"] = grpo.group_advantages(args.reward_coef * success.float(), args.group_size)
     kept = grpo.keep_groups(success, args.group_size, args.success_bounds)
     batch["step_idx"], batch["env_idx"] = (torch.ones(T, N, dtype=torch.bool) & kept[None]).nonzero(as_tuple=True)
-    metrics = grpo.update_policy(policy, optimizer, processor, template, batch, args, contextlib.nullcontext(),
-                                 reference)
+    metrics = grpo.update_policy(
+        policy, optimizer, processor, template, batch, args, contextlib.nullcontext(), reference
+    )
     change = sum((p.detach() - b).abs().sum().item() for p, b in zip(params, before))
     return change, metrics
 
 
 def test_filtered_groups_contribute_nothing(tiny):
-    """LoRA update on a hand-made batch: groups outside [0.1, 0.9] leave the weights untouched, a mixed one moves them."""
+    """LoRA update on a hand-made batch: groups outside [0.1, 0.9] leave the weights untouched, a mixed one moves
+    them."""
     processor, template, model = tiny
     torch.manual_seed(0)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
@@ -177,10 +187,19 @@ def test_full_finetuning_with_reference_and_checkpointing(tiny):
     policy = copy.deepcopy(model)
     policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     reference = copy.deepcopy(model).eval().requires_grad_(False)
-    args = grpo.Args(group_size=2, lora_rank=0, kl_coef=0.1, update_epochs=2, num_minibatches=2, micro_batch_size=4,
-                     learning_rate=0.5)
+    args = grpo.Args(
+        group_size=2,
+        lora_rank=0,
+        kl_coef=0.1,
+        update_epochs=2,
+        num_minibatches=2,
+        micro_batch_size=4,
+        learning_rate=0.5,
+    )
     ep = rollout_batch(policy, processor, template, args.temperature)
-    change, metrics = run_update(policy, reference, processor, template, ep, torch.tensor([True, False, False, True]), args)
+    change, metrics = run_update(
+        policy, reference, processor, template, ep, torch.tensor([True, False, False, True]), args
+    )
     assert change > 0 and 0 < metrics["actor/kl"] < 1 and metrics["actor/approx_kl"] > 0
 
 
@@ -191,7 +210,9 @@ def test_bad_input_fails_before_expensive_work(tmp_path):
         grpo.main(grpo.Args(num_envs=6, group_size=4))
     with pytest.raises(ValueError, match="--env-id"):
         grpo.main(grpo.Args(env_id="NoSuchTask-v9"))
-    Qwen2Config(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=1).save_pretrained(tmp_path / "qwen")
+    Qwen2Config(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=1).save_pretrained(
+        tmp_path / "qwen"
+    )
     with pytest.raises(ValueError, match="--model-path .*not 'internvl'"):
         grpo.main(grpo.Args(model_path=str(tmp_path / "qwen")))
     with pytest.raises(FileNotFoundError, match="--resume"):

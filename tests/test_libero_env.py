@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 
 from common import libero_env
-from common.libero_env import (MAX_STEPS, OFT_EVAL_MAX_STEPS, LiberoVectorEnv, configure_rendering, eval_episodes,
-                               init_state_draws, load_suite, to_libero_actions)
+from common.libero_env import (
+    MAX_STEPS,
+    OFT_EVAL_MAX_STEPS,
+    LiberoVectorEnv,
+    configure_rendering,
+    eval_episodes,
+    init_state_draws,
+    load_suite,
+    to_libero_actions,
+)
 from common.libero_image import center_crop_box, model_image, resize_lanczos3
 
 
@@ -46,8 +54,13 @@ def test_gripper_convention():
     env_actions = to_libero_actions(actions)
     np.testing.assert_array_equal(env_actions[:, :6], actions[:, :6])
     np.testing.assert_array_equal(env_actions[:, 6], [-1.0, 1.0])  # g -> -sign(2g - 1): 0.9 -> -1 (close)
-    assert MAX_STEPS == 512 and OFT_EVAL_MAX_STEPS == {"libero_spatial": 220, "libero_object": 280,
-                                                       "libero_goal": 300, "libero_10": 520, "libero_90": 400}
+    assert MAX_STEPS == 512 and OFT_EVAL_MAX_STEPS == {
+        "libero_spatial": 220,
+        "libero_object": 280,
+        "libero_goal": 300,
+        "libero_10": 520,
+        "libero_90": 400,
+    }
 
 
 def test_init_state_draws():
@@ -62,12 +75,15 @@ def test_workers_match_in_process_and_episode_limits():
     """Same (task, init state, actions) -> identical frames with and without subprocess workers."""
     configure_rendering()
     rng = np.random.default_rng(0)
-    chunks = [to_libero_actions(np.concatenate([rng.uniform(-0.5, 0.5, (1, 8, 6)), rng.uniform(0, 1, (1, 8, 1))], -1))
-              for _ in range(3)]  # (1, 8, 7) each
+    chunks = [
+        to_libero_actions(np.concatenate([rng.uniform(-0.5, 0.5, (1, 8, 6)), rng.uniform(0, 1, (1, 8, 1))], -1))
+        for _ in range(3)
+    ]  # (1, 8, 7) each
     results = {}
     for use_workers in (True, False):
-        envs = LiberoVectorEnv("libero_spatial", 1, camera_size=64, image_size=32, max_steps=12,
-                               use_workers=use_workers)
+        envs = LiberoVectorEnv(
+            "libero_spatial", 1, camera_size=64, image_size=32, max_steps=12, use_workers=use_workers
+        )
         try:
             images, instructions = envs.reset([2], [7])
             assert images.shape == (1, 32, 32, 3) and images.dtype == np.uint8
@@ -98,8 +114,11 @@ def test_workers_match_in_process_and_episode_limits():
         envs.close()
 
 
-CHUNKS = [to_libero_actions(np.concatenate([rng.uniform(-0.5, 0.5, (1, 8, 6)), rng.uniform(0, 1, (1, 8, 1))], -1))
-          for rng in [np.random.default_rng(1)] for _ in range(3)]  # (1, 8, 7) each
+CHUNKS = [
+    to_libero_actions(np.concatenate([rng.uniform(-0.5, 0.5, (1, 8, 6)), rng.uniform(0, 1, (1, 8, 1))], -1))
+    for rng in [np.random.default_rng(1)]
+    for _ in range(3)
+]  # (1, 8, 7) each
 
 
 def run_episode(envs, disturb=None) -> list:

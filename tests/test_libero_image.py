@@ -7,8 +7,17 @@ import io
 import numpy as np
 from PIL import Image
 
-from common.libero_image import (CHROMA_QUANT, LUMA_QUANT, center_crop_box, crop_center, jpeg_round_trip,
-                                 lanczos3_weights, model_image, quant_table, resize_lanczos3)
+from common.libero_image import (
+    CHROMA_QUANT,
+    LUMA_QUANT,
+    center_crop_box,
+    crop_center,
+    jpeg_round_trip,
+    lanczos3_weights,
+    model_image,
+    quant_table,
+    resize_lanczos3,
+)
 
 
 def test_quality_95_tables():
@@ -45,7 +54,7 @@ def test_lanczos3_weights():
 
 def test_crop_box_and_bilinear_by_hand():
     start, end = center_crop_box(0.9)
-    np.testing.assert_allclose([start, end], [(1 - 0.9 ** 0.5) / 2, (1 + 0.9 ** 0.5) / 2], rtol=1e-6)
+    np.testing.assert_allclose([start, end], [(1 - 0.9**0.5) / 2, (1 + 0.9**0.5) / 2], rtol=1e-6)
     # A 5-pixel ramp 0, 51, .., 204: the crop samples x = 4 * 0.02566 + k * 0.94868 = 0.103, 1.051, 2.0, 2.949,
     # 3.897, i.e. 51 x / 255 in [0, 1], and converts back with floor(v * 255.5): 5, 53, 102, 150, 199.
     ramp = np.tile((51 * np.arange(5)).astype(np.uint8)[None, :, None], (5, 1, 3))

@@ -31,7 +31,7 @@ def test_reset_is_seeded_per_env(env):
 
 def test_truncation_auto_resets_and_keeps_final_obs(env):
     env.reset([1, 2])
-    for t in range(3):
+    for _ in range(3):
         obs, reward, terminated, truncated, info = env.step(torch.zeros(2, 7))
         assert reward.shape == (2,) and info["success"].shape == (2,) and info["success_once"].shape == (2,)
         assert torch.equal(info["reset_mask"], terminated | truncated)
@@ -63,7 +63,7 @@ def test_eval_mode_runs_to_the_time_limit(env):
     env.ignore_terminations = True  # eval protocol: terminated never ends an episode, success_once is reported
     try:
         env.reset([3, 4])
-        for t in range(3):
+        for _ in range(3):
             _, _, terminated, truncated, info = env.step(torch.zeros(2, 7))
             assert not terminated.any() and torch.equal(info["reset_mask"], truncated)
             assert torch.equal(info["success_once"], info["success_once"] | info["success"])

@@ -21,14 +21,21 @@ def test_checkpoint_layout_matches_openvla_7b(tiny_openvla):
     assert "vision_backbone.featurizer.blocks.0.ls1.scale_factor" in keys  # LayerScale stored as scale_factor
     assert "vision_backbone.fused_featurizer.attn_pool.latent" in keys  # SigLIP's MAP head
     assert not any(k.endswith(".gamma") for k in keys)
-    assert {"projector.fc1.weight", "projector.fc3.bias", "language_model.lm_head.weight", "language_model.model.embed_tokens.weight"} <= keys
+    assert {
+        "projector.fc1.weight",
+        "projector.fc3.bias",
+        "language_model.lm_head.weight",
+        "language_model.model.embed_tokens.weight",
+    } <= keys
     pre = json.load(open(os.path.join(tiny_openvla, "preprocessor_config.json")))
     assert pre["tvf_normalize_params"][0]["mean"] == [0.484375, 0.455078125, 0.40625]
 
 
 def test_save_load_round_trip_gives_identical_logits(tiny_openvla, tmp_path):
     model, processor = load_openvla(tiny_openvla)
-    ids, mask = processor.prompt_ids(["push the cube to the goal region", "stack the red cube on top of the green cube"])
+    ids, mask = processor.prompt_ids(
+        ["push the cube to the goal region", "stack the red cube on top of the green cube"]
+    )
     pixels = processor.preprocess_images(torch.randint(0, 256, (2, 224, 224, 3), dtype=torch.uint8))
     with torch.no_grad():
         before = model(ids, mask, pixels).logits
@@ -100,7 +107,11 @@ def test_action_tokenizer_round_trip_and_bin_edges():
     decoded = at.tokens_to_normalized(tokens)
     assert (decoded - actions).abs().max() <= 1 / 255 + 1e-6  # within half a bin width (bins are 2/255 wide)
     # the token -> bin rule at the edges: 31999 -> bin 0, 31745 -> bin 254, 31744 -> clipped to bin 254
-    assert at.tokens_to_normalized(torch.tensor([31999, 31745, 31744])).tolist() == [at.bin_centers[0].item(), at.bin_centers[254].item(), at.bin_centers[254].item()]
+    assert at.tokens_to_normalized(torch.tensor([31999, 31745, 31744])).tolist() == [
+        at.bin_centers[0].item(),
+        at.bin_centers[254].item(),
+        at.bin_centers[254].item(),
+    ]
 
 
 def test_unnormalize_uses_q01_q99_and_mask():

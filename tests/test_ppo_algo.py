@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from common.openvla import ActionTokenizer, load_openvla
-from common.openvla import make_trainable
+from common.openvla import ActionTokenizer, load_openvla, make_trainable
 from ppo_openvla import ActorCritic, GraspShapedReward, compute_gae, ppo_losses
 
 
@@ -26,9 +25,15 @@ def test_gae_hand_worked_with_termination_and_truncation():
 def test_ppo_losses_hand_worked():
     new_logprob = torch.log(torch.tensor([1.5, 0.5, 1.0]))
     pg, v, kl, clipfrac = ppo_losses(
-        new_logprob, torch.zeros(3), torch.tensor([1.0, -1.0, 2.0]),
-        new_value=torch.tensor([0.0, 5.0, 30.0]), old_value=torch.tensor([0.0, 4.5, 0.0]), returns=torch.tensor([1.0, 5.0, 0.0]),
-        clip_coef=0.2, value_clip=0.2, huber_delta=10.0,
+        new_logprob,
+        torch.zeros(3),
+        torch.tensor([1.0, -1.0, 2.0]),
+        new_value=torch.tensor([0.0, 5.0, 30.0]),
+        old_value=torch.tensor([0.0, 4.5, 0.0]),
+        returns=torch.tensor([1.0, 5.0, 0.0]),
+        clip_coef=0.2,
+        value_clip=0.2,
+        huber_delta=10.0,
     )
     assert pg.item() == pytest.approx((-1.2 + 0.8 - 2.0) / 3)  # clipped at 1.2 for A>0, at 0.8 for A<0
     assert v.item() == pytest.approx((0.5 + 0.045 + 250.0) / 3)  # max(unclipped, clipped) Huber, linear beyond 10
@@ -46,7 +51,9 @@ def agent_and_inputs(tiny_openvla):
             if "lora_B" in name:
                 p.normal_(0, 0.05)
     agent = ActorCritic(vla, ActionTokenizer(vla.vocab_size)).eval()
-    ids, mask = processor.prompt_ids(["push the cube to the goal region", "pick up the cube", "stack the red cube on top of the green cube"])
+    ids, mask = processor.prompt_ids(
+        ["push the cube to the goal region", "pick up the cube", "stack the red cube on top of the green cube"]
+    )
     pixels = processor.preprocess_images(torch.randint(0, 256, (3, 224, 224, 3), dtype=torch.uint8))
     return agent, pixels, ids, mask
 
@@ -67,7 +74,9 @@ def test_greedy_decoding_is_the_masked_argmax(agent_and_inputs):
     with torch.no_grad():
         logits = agent.vla(ids[:1], mask[:1], pixels[:1]).logits[0, -1]
     masked = torch.full_like(logits, -math.inf)
-    masked[agent.first_action_token : agent.first_action_token + 256] = logits[agent.first_action_token : agent.first_action_token + 256]
+    masked[agent.first_action_token : agent.first_action_token + 256] = logits[
+        agent.first_action_token : agent.first_action_token + 256
+    ]
     assert tokens[0, 0].item() == masked.argmax().item()
 
 
@@ -88,7 +97,9 @@ def test_lora_trains_only_adapters(tiny_openvla):
     make_trainable(vla, lora_rank=4, lora_alpha=8)
     trainable = [n for n, p in vla.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
-    assert any("fused_featurizer" in n for n in trainable) and any("language_model.model.layers" in n for n in trainable)
+    assert any("fused_featurizer" in n for n in trainable) and any(
+        "language_model.model.layers" in n for n in trainable
+    )
     assert not any("lm_head" in n for n in trainable)
 
 

@@ -8,8 +8,24 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_RUN = ["--env-id", "PushCube-v1", "--num-envs", "2", "--num-steps", "4", "--max-episode-steps", "4",
-            "--num-minibatches", "2", "--micro-batch-size", "2", "--lora-rank", "4", "--image-size", "64"]
+TINY_RUN = [
+    "--env-id",
+    "PushCube-v1",
+    "--num-envs",
+    "2",
+    "--num-steps",
+    "4",
+    "--max-episode-steps",
+    "4",
+    "--num-minibatches",
+    "2",
+    "--micro-batch-size",
+    "2",
+    "--lora-rank",
+    "4",
+    "--image-size",
+    "64",
+]
 
 
 def run(cmd, **kw):
@@ -19,7 +35,17 @@ def run(cmd, **kw):
 
 
 def test_train_checkpoint_resume_and_eval(tiny_openvla, tmp_path):
-    base = [sys.executable, "ppo_openvla.py", "--model-path", tiny_openvla, "--run-dir", str(tmp_path), "--exp-name", "t", *TINY_RUN]
+    base = [
+        sys.executable,
+        "ppo_openvla.py",
+        "--model-path",
+        tiny_openvla,
+        "--run-dir",
+        str(tmp_path),
+        "--exp-name",
+        "t",
+        *TINY_RUN,
+    ]
     out = run(base + ["--total-iterations", "2", "--save-interval", "1", "--eval-interval", "2", "--capture-video"])
     assert "iter 2:" in out and "eval" in out
     ckpts = tmp_path / "t__s1" / "checkpoints"
@@ -30,9 +56,23 @@ def test_train_checkpoint_resume_and_eval(tiny_openvla, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tags = set(EventAccumulator(str(tmp_path / "t__s1")).Reload().Tags()["scalars"])
-    expected = {"actor/pg_loss", "critic/value_loss", "actor/entropy", "actor/grad_norm", "actor/approx_kl", "actor/clipfrac",
-                "actor/lr", "rollout/reward_mean", "rollout/success_rate", "rollout/episode_length", "eval/success_once", "eval/success_at_end",
-                "time/env_steps_per_s", "time/actions_per_s", "time/update_samples_per_s"}
+    expected = {
+        "actor/pg_loss",
+        "critic/value_loss",
+        "actor/entropy",
+        "actor/grad_norm",
+        "actor/approx_kl",
+        "actor/clipfrac",
+        "actor/lr",
+        "rollout/reward_mean",
+        "rollout/success_rate",
+        "rollout/episode_length",
+        "eval/success_once",
+        "eval/success_at_end",
+        "time/env_steps_per_s",
+        "time/actions_per_s",
+        "time/update_samples_per_s",
+    }
     assert expected <= tags, expected - tags
 
     # Resuming from iteration 1 replays iteration 2 exactly: same env seeds, sampling, minibatches and optimizer state.
@@ -45,7 +85,18 @@ def test_train_checkpoint_resume_and_eval(tiny_openvla, tmp_path):
     for k in step2:
         torch.testing.assert_close(step2_resumed[k], step2[k], rtol=0, atol=1e-6)
 
-    out = run([sys.executable, "ppo_openvla.py", "--eval-only", "--checkpoint", str(ckpts), "--run-dir", str(tmp_path), *TINY_RUN])
+    out = run(
+        [
+            sys.executable,
+            "ppo_openvla.py",
+            "--eval-only",
+            "--checkpoint",
+            str(ckpts),
+            "--run-dir",
+            str(tmp_path),
+            *TINY_RUN,
+        ]
+    )
     assert '"eval/success_once"' in out and '"eval/success_at_end"' in out
 
 
@@ -66,9 +117,30 @@ def test_torchrun_two_ranks_stay_in_sync_full_finetuning(tiny_openvla, tmp_path)
     full model in the openvla layout."""
     from common.openvla import load_openvla
 
-    cmd = ["torchrun", "--standalone", "--nproc-per-node", "2", "ppo_openvla.py", "--model-path", tiny_openvla,
-           "--run-dir", str(tmp_path), "--exp-name", "ddp", *TINY_RUN, "--num-envs", "1", "--micro-batch-size", "1",
-           "--lora-rank", "0", "--total-iterations", "1", "--eval-interval", "0"]
+    cmd = [
+        "torchrun",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "ppo_openvla.py",
+        "--model-path",
+        tiny_openvla,
+        "--run-dir",
+        str(tmp_path),
+        "--exp-name",
+        "ddp",
+        *TINY_RUN,
+        "--num-envs",
+        "1",
+        "--micro-batch-size",
+        "1",
+        "--lora-rank",
+        "0",
+        "--total-iterations",
+        "1",
+        "--eval-interval",
+        "0",
+    ]
     out = run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert "2 rank(s)" in out and "iter 1:" in out  # the script raises if the ranks' weights differ after the update
     step = tmp_path / "ddp__s1" / "checkpoints" / "step_00000001"

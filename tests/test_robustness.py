@@ -43,8 +43,11 @@ BAD_FLAGS = [  # (script, flags, text the error must contain)
 ]
 
 
-@pytest.mark.parametrize("script,flags,message", BAD_FLAGS,
-                         ids=[f"{s.__name__}-{next(iter(f))}={next(iter(f.values()))}" for s, f, _ in BAD_FLAGS])
+@pytest.mark.parametrize(
+    "script,flags,message",
+    BAD_FLAGS,
+    ids=[f"{s.__name__}-{next(iter(f))}={next(iter(f.values()))}" for s, f, _ in BAD_FLAGS],
+)
 def test_bad_flags_fail_before_any_work(script, flags, message):
     with pytest.raises(ValueError, match=message):
         script.main(script.Args(**flags))
@@ -70,8 +73,9 @@ def test_resume_checks_script_and_lora_rank(tiny_openvla, tmp_path):
     fake_checkpoint(str(tmp_path / "t__s1"), "ppo_openvla.py", args)
     ckpts = str(tmp_path / "t__s1" / "checkpoints")
     with pytest.raises(CheckpointError, match="--lora-rank 8 but .* --lora-rank 4"):
-        ppo_openvla.main(ppo_openvla.Args(model_path=tiny_openvla, run_dir=str(tmp_path), exp_name="t",
-                                          lora_rank=8, resume=ckpts))
+        ppo_openvla.main(
+            ppo_openvla.Args(model_path=tiny_openvla, run_dir=str(tmp_path), exp_name="t", lora_rank=8, resume=ckpts)
+        )
     with pytest.raises(CheckpointError, match="checkpoint of ppo_openvla.py, not grpo_internvl.py"):
         grpo_internvl.main(grpo_internvl.Args(run_dir=str(tmp_path), exp_name="t", resume=ckpts))
 
@@ -90,12 +94,39 @@ def test_corrupted_weights_name_the_file(tiny_openvla, tmp_path):
 def test_sigterm_saves_a_checkpoint_and_resume_continues(tiny_openvla, tmp_path):
     """SIGTERM (what Slurm and Kubernetes send) in the middle of a run: exit 0 with a checkpoint of the iteration
     that was running; --resume continues from it."""
-    base = [sys.executable, "ppo_openvla.py", "--model-path", tiny_openvla, "--run-dir", str(tmp_path),
-            "--exp-name", "t", "--env-id", "PushCube-v1", "--num-envs", "2", "--num-steps", "4",
-            "--max-episode-steps", "4", "--num-minibatches", "1", "--micro-batch-size", "8", "--lora-rank", "4",
-            "--image-size", "64", "--eval-interval", "0", "--save-interval", "0"]
-    proc = subprocess.Popen(base + ["--total-iterations", "1000"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    base = [
+        sys.executable,
+        "ppo_openvla.py",
+        "--model-path",
+        tiny_openvla,
+        "--run-dir",
+        str(tmp_path),
+        "--exp-name",
+        "t",
+        "--env-id",
+        "PushCube-v1",
+        "--num-envs",
+        "2",
+        "--num-steps",
+        "4",
+        "--max-episode-steps",
+        "4",
+        "--num-minibatches",
+        "1",
+        "--micro-batch-size",
+        "8",
+        "--lora-rank",
+        "4",
+        "--image-size",
+        "64",
+        "--eval-interval",
+        "0",
+        "--save-interval",
+        "0",
+    ]
+    proc = subprocess.Popen(
+        base + ["--total-iterations", "1000"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -107,8 +138,13 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tiny_openvla, tmp_path)
     ckpts = tmp_path / "t__s1" / "checkpoints"
     stopped_at = int((ckpts / "latest").read_text().strip().removeprefix("step_"))
     assert "stopped by SIGTERM" in output and stopped_at >= 1
-    out = subprocess.run(base + ["--total-iterations", str(stopped_at + 1), "--resume", str(ckpts)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        base + ["--total-iterations", str(stopped_at + 1), "--resume", str(ckpts)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert f"at iteration {stopped_at}" in out.stdout and f"iter {stopped_at + 1}:" in out.stdout
 
@@ -131,11 +167,40 @@ def test_non_finite_loss_skips_the_step_and_stops_after_three():
 
 def test_diverged_weights_stop_with_a_clear_error_and_no_nan_checkpoint(tiny_openvla, tmp_path):
     """--learning-rate 1e6 used to write an all-NaN checkpoint and point `latest` at it."""
-    cmd = [sys.executable, "ppo_openvla.py", "--model-path", tiny_openvla, "--run-dir", str(tmp_path),
-           "--env-id", "PushCube-v1", "--num-envs", "2", "--num-steps", "4", "--max-episode-steps", "4",
-           "--num-minibatches", "1", "--micro-batch-size", "8", "--lora-rank", "0", "--image-size", "64",
-           "--eval-interval", "0", "--save-interval", "1", "--total-iterations", "4",
-           "--learning-rate", "1e6", "--value-learning-rate", "1e6"]
+    cmd = [
+        sys.executable,
+        "ppo_openvla.py",
+        "--model-path",
+        tiny_openvla,
+        "--run-dir",
+        str(tmp_path),
+        "--env-id",
+        "PushCube-v1",
+        "--num-envs",
+        "2",
+        "--num-steps",
+        "4",
+        "--max-episode-steps",
+        "4",
+        "--num-minibatches",
+        "1",
+        "--micro-batch-size",
+        "8",
+        "--lora-rank",
+        "0",
+        "--image-size",
+        "64",
+        "--eval-interval",
+        "0",
+        "--save-interval",
+        "1",
+        "--total-iterations",
+        "4",
+        "--learning-rate",
+        "1e6",
+        "--value-learning-rate",
+        "1e6",
+    ]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     ckpts = tmp_path / "ppo_openvla__s1" / "checkpoints"
     if out.returncode != 0:

@@ -36,14 +36,29 @@ def demo_dir(tmp_path_factory) -> str:
     rng = np.random.default_rng(0)
     episodes = []
     for i in range(3):
-        episode = dict(rgb=rng.integers(0, 256, size=(4, 64, 64, 3), dtype=np.uint8),
-                       tcp_pose=np.tile(np.array([0.0, 0.0, 0.1, 0.0, 1.0, 0.0, 0.0], np.float32), (4, 1)),
-                       action=fake_actions(rng, 4), instruction=INSTRUCTION, success=True, seed=i)
+        episode = dict(
+            rgb=rng.integers(0, 256, size=(4, 64, 64, 3), dtype=np.uint8),
+            tcp_pose=np.tile(np.array([0.0, 0.0, 0.1, 0.0, 1.0, 0.0, 0.0], np.float32), (4, 1)),
+            action=fake_actions(rng, 4),
+            instruction=INSTRUCTION,
+            success=True,
+            seed=i,
+        )
         save_episode(str(path / f"episode_{i:06d}.npz"), episode)
         episodes.append(episode)
-    meta = dict(env_id="PushCube-v1", control_mode="pd_ee_delta_pose", instruction=INSTRUCTION, image_size=64,
-                max_episode_steps=50, first_seed=0, episodes_tried=3, num_episodes=3, keep_failed=False,
-                expert_success_rate=1.0, action_norm_stats=action_norm_stats(episodes))
+    meta = dict(
+        env_id="PushCube-v1",
+        control_mode="pd_ee_delta_pose",
+        instruction=INSTRUCTION,
+        image_size=64,
+        max_episode_steps=50,
+        first_seed=0,
+        episodes_tried=3,
+        num_episodes=3,
+        keep_failed=False,
+        expert_success_rate=1.0,
+        action_norm_stats=action_norm_stats(episodes),
+    )
     (path / "meta.json").write_text(json.dumps(meta))
     return str(path)
 
@@ -54,8 +69,9 @@ def tiny_internvl(tmp_path_factory) -> str:
 
 
 def run(script: str, *args: str, timeout: int = 600) -> str:
-    proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / script), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     return output
@@ -120,8 +136,9 @@ def test_internvl_memorises_a_fixed_batch(demo_dir, tiny_internvl):
     processor, template = load_processor_and_template(tiny_internvl)
     data = load_samples((demo_dir,), template)
     torch.manual_seed(0)
-    settings = SimpleNamespace(model_path=tiny_internvl, lora_rank=0, lora_alpha=0, gradient_checkpointing=False,
-                               bf16=False)
+    settings = SimpleNamespace(
+        model_path=tiny_internvl, lora_rank=0, lora_alpha=0, gradient_checkpointing=False, bf16=False
+    )
     policy = load_policy(settings, torch.device("cpu"), None)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3, weight_decay=0.0)
     idx = torch.arange(4)
@@ -162,8 +179,24 @@ def test_openvla_memorises_a_fixed_batch(demo_dir, tiny_openvla):
 # ---------------------------------------------------------------------------------------------------------------
 # The scripts end to end; their final models in the RL scripts' loaders
 # ---------------------------------------------------------------------------------------------------------------
-TINY_SFT = ["--batch-size", "4", "--micro-batch-size", "2", "--num-envs", "1", "--max-episode-steps", "2",
-            "--lora-rank", "4", "--learning-rate", "1e-2", "--save-interval", "2", "--seed", "3"]
+TINY_SFT = [
+    "--batch-size",
+    "4",
+    "--micro-batch-size",
+    "2",
+    "--num-envs",
+    "1",
+    "--max-episode-steps",
+    "2",
+    "--lora-rank",
+    "4",
+    "--learning-rate",
+    "1e-2",
+    "--save-interval",
+    "2",
+    "--seed",
+    "3",
+]
 
 
 def test_sft_internvl_train_eval_resume_final_model(demo_dir, tiny_internvl, tmp_path):
@@ -179,17 +212,35 @@ def test_sft_internvl_train_eval_resume_final_model(demo_dir, tiny_internvl, tmp
     run_path = tmp_path / "a" / "sft_internvl__s3"
     ckpts = run_path / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step_00000004"
-    expected = {"actor/loss", "actor/token_accuracy", "actor/free_slot_accuracy", "actor/action_accuracy",
-                "actor/grad_norm", "actor/lr", "actor/epoch", "eval/success_rate", "time/update_samples_per_s"}
+    expected = {
+        "actor/loss",
+        "actor/token_accuracy",
+        "actor/free_slot_accuracy",
+        "actor/action_accuracy",
+        "actor/grad_norm",
+        "actor/lr",
+        "actor/epoch",
+        "eval/success_rate",
+        "time/update_samples_per_s",
+    }
     assert expected <= scalar_tags(run_path)
     assert list((run_path / "videos").glob("*.mp4"))
 
     # Resuming from step 2 (no simulator) replays steps 3 and 4 exactly.
-    run("sft_internvl.py", *common, "--run-dir", str(tmp_path / "b"), "--num-envs", "0",
-        "--resume", str(ckpts / "step_00000002"))
+    run(
+        "sft_internvl.py",
+        *common,
+        "--run-dir",
+        str(tmp_path / "b"),
+        "--num-envs",
+        "0",
+        "--resume",
+        str(ckpts / "step_00000002"),
+    )
     trained = load_file(ckpts / "step_00000004" / "adapter_model.safetensors")
-    resumed = load_file(tmp_path / "b" / "sft_internvl__s3" / "checkpoints" / "step_00000004" /
-                        "adapter_model.safetensors")
+    resumed = load_file(
+        tmp_path / "b" / "sft_internvl__s3" / "checkpoints" / "step_00000004" / "adapter_model.safetensors"
+    )
     for key in trained:
         torch.testing.assert_close(resumed[key], trained[key], rtol=0, atol=1e-6)
 
@@ -199,22 +250,44 @@ def test_sft_internvl_train_eval_resume_final_model(demo_dir, tiny_internvl, tmp
     processor, template = load_processor_and_template(final)
     settings = SimpleNamespace(model_path=final, lora_rank=8, lora_alpha=16, gradient_checkpointing=False, bf16=False)
     grpo_policy = load_policy(settings, torch.device("cpu"), None).eval()
-    adapter = PeftModel.from_pretrained(InternVLForConditionalGeneration.from_pretrained(tiny_internvl),
-                                        str(ckpts / "step_00000004")).eval()
+    adapter = PeftModel.from_pretrained(
+        InternVLForConditionalGeneration.from_pretrained(tiny_internvl), str(ckpts / "step_00000004")
+    ).eval()
     rng = np.random.default_rng(5)
-    inputs = build_inputs(processor, [INSTRUCTION] * 2, torch.from_numpy(rng.integers(0, 256, (2, 64, 64, 3),
-                          dtype=np.uint8)), torch.tensor([[0.0, 0.0, 0.1, 0.0, 1.0, 0.0, 0.0]] * 2), "cpu")
+    inputs = build_inputs(
+        processor,
+        [INSTRUCTION] * 2,
+        torch.from_numpy(rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)),
+        torch.tensor([[0.0, 0.0, 0.1, 0.0, 1.0, 0.0, 0.0]] * 2),
+        "cpu",
+    )
     answer_ids = template.answer_ids(template.choices_from_action(torch.from_numpy(fake_actions(rng, 2))))
     with torch.no_grad():
-        torch.testing.assert_close(free_slot_logits(grpo_policy, inputs, answer_ids, template),
-                                   free_slot_logits(adapter, inputs, answer_ids, template), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            free_slot_logits(grpo_policy, inputs, answer_ids, template),
+            free_slot_logits(adapter, inputs, answer_ids, template),
+            rtol=1e-4,
+            atol=1e-4,
+        )
 
 
 def test_sft_openvla_train_eval_final_model(demo_dir, tiny_openvla, tmp_path):
     from sft_openvla import action_loss, load_samples
 
-    out = run("sft_openvla.py", "--demos", demo_dir, "--model-path", tiny_openvla, *TINY_SFT, "--total-iterations",
-              "3", "--eval-interval", "3", "--run-dir", str(tmp_path))
+    out = run(
+        "sft_openvla.py",
+        "--demos",
+        demo_dir,
+        "--model-path",
+        tiny_openvla,
+        *TINY_SFT,
+        "--total-iterations",
+        "3",
+        "--eval-interval",
+        "3",
+        "--run-dir",
+        str(tmp_path),
+    )
     assert "iter 3:" in out and "eval" in out and "maniskill_pushcube-v1" in out
     run_path = tmp_path / "sft_openvla__s3"
     expected = {"actor/loss", "actor/free_slot_accuracy", "actor/action_l1", "eval/success_rate", "actor/epoch"}
@@ -234,10 +307,12 @@ def test_sft_openvla_train_eval_final_model(demo_dir, tiny_openvla, tmp_path):
     prompt_ids, prompt_mask = processor.prompt_ids([INSTRUCTION] * 2)
     pixel_values = processor.preprocess_images(data["rgb"][:2])
     with torch.no_grad():
-        merged_loss, _ = action_loss(final.eval(), pixel_values, prompt_ids, prompt_mask, data["tokens"][:2],
-                                     action_tokenizer)
-        adapter_loss, _ = action_loss(base.eval(), pixel_values, prompt_ids, prompt_mask, data["tokens"][:2],
-                                      action_tokenizer)
+        merged_loss, _ = action_loss(
+            final.eval(), pixel_values, prompt_ids, prompt_mask, data["tokens"][:2], action_tokenizer
+        )
+        adapter_loss, _ = action_loss(
+            base.eval(), pixel_values, prompt_ids, prompt_mask, data["tokens"][:2], action_tokenizer
+        )
     torch.testing.assert_close(merged_loss, adapter_loss, rtol=1e-4, atol=1e-4)
     assert os.path.isfile(run_path / "final" / "preprocessor_config.json")
 
@@ -263,8 +338,9 @@ def test_bad_flags_fail_in_validate(demo_dir, tiny_internvl, tiny_openvla, tmp_p
 def test_num_epochs_sets_the_iterations(demo_dir, tiny_internvl):
     import sft_internvl
 
-    args = sft_internvl.Args(demos=(demo_dir,), model_path=tiny_internvl, num_envs=0, batch_size=4,
-                             micro_batch_size=4, num_epochs=2.5)
+    args = sft_internvl.Args(
+        demos=(demo_dir,), model_path=tiny_internvl, num_envs=0, batch_size=4, micro_batch_size=4, num_epochs=2.5
+    )
     sft_internvl.validate(args, world_size=2)
     assert (args.num_samples, args.global_batch_size, args.total_iterations) == (12, 8, 4)  # ceil(2.5 * 12 / 8)
     assert args.env_id == "PushCube-v1" and args.image_size == 64
@@ -278,12 +354,39 @@ def test_two_ranks_match_one_rank_with_the_global_batch(demo_dir, tiny_internvl,
     gradient (summed over ranks), so the same adapter after 2 steps."""
     from safetensors.torch import load_file
 
-    common = ["--demos", demo_dir, "--model-path", tiny_internvl, "--num-envs", "0", "--lora-rank", "4",
-              "--learning-rate", "1e-2", "--total-iterations", "2", "--micro-batch-size", "2"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                str(ROOT / "sft_internvl.py")]
-    proc = subprocess.run([*torchrun, *common, "--batch-size", "2", "--run-dir", str(tmp_path / "two")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    common = [
+        "--demos",
+        demo_dir,
+        "--model-path",
+        tiny_internvl,
+        "--num-envs",
+        "0",
+        "--lora-rank",
+        "4",
+        "--learning-rate",
+        "1e-2",
+        "--total-iterations",
+        "2",
+        "--micro-batch-size",
+        "2",
+    ]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(ROOT / "sft_internvl.py"),
+    ]
+    proc = subprocess.run(
+        [*torchrun, *common, "--batch-size", "2", "--run-dir", str(tmp_path / "two")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "2 rank(s) x 2 = 4 samples per step" in proc.stdout
     run("sft_internvl.py", *common, "--batch-size", "4", "--run-dir", str(tmp_path / "one"))

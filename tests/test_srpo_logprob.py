@@ -10,19 +10,24 @@ import torch
 
 from common.openvla import ActionTokenizer, load_openvla
 from common.tiny_models import make_tiny_openvla
-from srpo_openvla_oft import (NUM_ACTION_TOKENS, OFTPolicy, bin_logprobs, bins_to_actions, load_action_stats,
-                              rollout)
+from srpo_openvla_oft import NUM_ACTION_TOKENS, OFTPolicy, bin_logprobs, bins_to_actions, load_action_stats, rollout
 
-INSTRUCTIONS = ["put the black bowl on the plate", "turn on the stove",
-                "open the top drawer and put the bowl inside of it carefully"]
+INSTRUCTIONS = [
+    "put the black bowl on the plate",
+    "turn on the stove",
+    "open the top drawer and put the bowl inside of it carefully",
+]
 
 
 @pytest.fixture(scope="module")
 def tiny_oft(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tiny-oft"))
     make_tiny_openvla(path, seed=0)
-    stats = {"libero_spatial_no_noops": {"action": {
-        "q01": [-0.5] * 6 + [0.0], "q99": [0.5] * 6 + [1.0], "mask": [True] * 6 + [False]}}}
+    stats = {
+        "libero_spatial_no_noops": {
+            "action": {"q01": [-0.5] * 6 + [0.0], "q99": [0.5] * 6 + [1.0], "mask": [True] * 6 + [False]}
+        }
+    }
     with open(os.path.join(path, "dataset_statistics.json"), "w") as f:
         json.dump(stats, f)
     vla, processor = load_openvla(path, device="cpu", dtype=torch.float32, attn_implementation="sdpa")
@@ -56,8 +61,19 @@ def test_rollout_and_training_logprobs_agree(tiny_oft):
     tokenizer = ActionTokenizer(policy.vla.vocab_size)
     torch.manual_seed(0)
     envs = FakeEnvs(3, max_steps=24, lengths=[24, 11, 5])
-    out = rollout(policy, processor, envs, [0, 1, 2], [0, 0, 0], 1.6, stats, tokenizer, torch.device("cpu"),
-                  nullcontext(), record_frames=False)
+    out = rollout(
+        policy,
+        processor,
+        envs,
+        [0, 1, 2],
+        [0, 0, 0],
+        1.6,
+        stats,
+        tokenizer,
+        torch.device("cpu"),
+        nullcontext(),
+        record_frames=False,
+    )
     mask = out["token_mask"]  # (Q, N, 56)
     assert mask.shape == (3, 3, NUM_ACTION_TOKENS)
     assert mask[:, 0].all() and mask[1, 1, :21].all() and not mask[1, 1, 21:].any() and not mask[2, 1].any()

@@ -72,8 +72,9 @@ def test_two_success_clusters_use_nearest_centre():
     succ[:, 0] = [0.0, 0.01, 10.0, 10.01]  # two well-separated success modes
     fail = np.zeros((2, 8))
     fail[0, 0], fail[1, 0] = 9.0, 5.0  # 9 is close to the second mode, 5 is between
-    rewards, num_clusters = progress_rewards(np.concatenate([succ, fail]), np.array([True] * 4 + [False] * 2),
-                                             np.zeros(6, dtype=int))
+    rewards, num_clusters = progress_rewards(
+        np.concatenate([succ, fail]), np.array([True] * 4 + [False] * 2), np.zeros(6, dtype=int)
+    )
     assert num_clusters == 2 and rewards[4] > rewards[5]
 
 
@@ -96,8 +97,10 @@ def test_preprocess_video_shapes_and_normalisation():
 
 def test_vjepa2_embedder_on_tiny_checkpoint(tiny_vjepa2):
     embedder = VideoEmbedder(tiny_vjepa2, device=torch.device("cpu"), num_frames=16)
-    videos = [np.random.default_rng(i).integers(0, 255, size=(t, 40, 40, 3), dtype=np.uint8) for i, t in
-              enumerate([5, 30, 16])]
+    videos = [
+        np.random.default_rng(i).integers(0, 255, size=(t, 40, 40, 3), dtype=np.uint8)
+        for i, t in enumerate([5, 30, 16])
+    ]
     emb = embedder(videos, batch_size=2)
     assert emb.shape == (3, 48) and emb.dtype == torch.float32 and torch.isfinite(emb).all()
     again = embedder(videos[1:2])
@@ -106,6 +109,7 @@ def test_vjepa2_embedder_on_tiny_checkpoint(tiny_vjepa2):
 
 def test_embedder_rejects_non_vjepa2(tmp_path):
     from transformers import BertConfig
+
     BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="not V-JEPA 2"):
         VideoEmbedder(str(tmp_path), device=torch.device("cpu"))

@@ -10,9 +10,31 @@ import pytest
 from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_RUN = ["--suite", "libero_spatial", "--task-ids", "0", "--num-envs", "2", "--group-size", "2",
-            "--tasks-per-iteration", "1", "--no-dynamic-sampling", "--max-episode-steps", "8", "--camera-size", "64",
-            "--world-model-frames", "8", "--lora-rank", "4", "--micro-batch-size", "2", "--eval-init-states", "1"]
+TINY_RUN = [
+    "--suite",
+    "libero_spatial",
+    "--task-ids",
+    "0",
+    "--num-envs",
+    "2",
+    "--group-size",
+    "2",
+    "--tasks-per-iteration",
+    "1",
+    "--no-dynamic-sampling",
+    "--max-episode-steps",
+    "8",
+    "--camera-size",
+    "64",
+    "--world-model-frames",
+    "8",
+    "--lora-rank",
+    "4",
+    "--micro-batch-size",
+    "2",
+    "--eval-init-states",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +43,11 @@ def tiny_models(tiny_openvla, tmp_path_factory):
 
     oft = str(tmp_path_factory.mktemp("tiny_oft") / "model")
     shutil.copytree(tiny_openvla, oft)
-    stats = {"libero_spatial_no_noops": {"action": {"q01": [-0.9] * 6 + [0.0], "q99": [0.9] * 6 + [1.0],
-                                                    "mask": [True] * 6 + [False]}}}
+    stats = {
+        "libero_spatial_no_noops": {
+            "action": {"q01": [-0.9] * 6 + [0.0], "q99": [0.9] * 6 + [1.0], "mask": [True] * 6 + [False]}
+        }
+    }
     with open(os.path.join(oft, "dataset_statistics.json"), "w") as f:
         json.dump(stats, f)  # an OFT checkpoint's statistics file
     return oft, make_tiny_vjepa2(str(tmp_path_factory.mktemp("tiny_vjepa2")))
@@ -36,8 +61,19 @@ def run(cmd, **kw):
 
 def test_train_checkpoint_resume_and_eval(tiny_models, tmp_path):
     oft, vjepa = tiny_models
-    base = [sys.executable, "srpo_openvla_oft.py", "--model-path", oft, "--world-model-path", vjepa,
-            "--run-dir", str(tmp_path), "--exp-name", "t", *TINY_RUN]
+    base = [
+        sys.executable,
+        "srpo_openvla_oft.py",
+        "--model-path",
+        oft,
+        "--world-model-path",
+        vjepa,
+        "--run-dir",
+        str(tmp_path),
+        "--exp-name",
+        "t",
+        *TINY_RUN,
+    ]
     out = run(base + ["--total-iterations", "2", "--save-interval", "1", "--eval-interval", "2"])
     assert "iter 2:" in out and "eval" in out
     run_path = tmp_path / "t__s1"
@@ -52,16 +88,38 @@ def test_train_checkpoint_resume_and_eval(tiny_models, tmp_path):
     assert "at iteration 2" in out and "iter 3:" in out and "iter 1:" not in out and "iter 2:" not in out
     assert (ckpts / "latest").read_text().strip() == "step_00000003"
 
-    out = run([sys.executable, "srpo_openvla_oft.py", "--eval-only", "--checkpoint", str(ckpts),
-               "--run-dir", str(tmp_path), "--exp-name", "e", *TINY_RUN])
+    out = run(
+        [
+            sys.executable,
+            "srpo_openvla_oft.py",
+            "--eval-only",
+            "--checkpoint",
+            str(ckpts),
+            "--run-dir",
+            str(tmp_path),
+            "--exp-name",
+            "e",
+            *TINY_RUN,
+        ]
+    )
     metrics = json.loads(out.strip().splitlines()[-1])
-    assert {"eval/success_rate", "eval/libero_spatial/success_rate", "eval/libero_spatial/task_00_success_rate"} <= set(metrics)
+    assert {"eval/success_rate", "eval/libero_spatial/success_rate", "eval/libero_spatial/task_00_success_rate"} <= set(
+        metrics
+    )
 
 
 def test_bad_input_fails_before_any_work(tiny_models, tmp_path):
     oft, vjepa = tiny_models
-    base = [sys.executable, "srpo_openvla_oft.py", "--model-path", oft, "--world-model-path", vjepa,
-            "--run-dir", str(tmp_path)]
+    base = [
+        sys.executable,
+        "srpo_openvla_oft.py",
+        "--model-path",
+        oft,
+        "--world-model-path",
+        vjepa,
+        "--run-dir",
+        str(tmp_path),
+    ]
     for extra, message in [
         (["--suite", "libero_100"], "libero_spatial"),
         (["--suite", "libero_spatial", "--task-ids", "12"], "0: pick_up_the_black_bowl"),
@@ -76,9 +134,31 @@ def test_bad_input_fails_before_any_work(tiny_models, tmp_path):
 
 def test_torchrun_two_ranks_full_finetuning(tiny_models, tmp_path):
     oft, vjepa = tiny_models
-    cmd = ["torchrun", "--standalone", "--nproc-per-node", "2", "srpo_openvla_oft.py", "--model-path", oft,
-           "--world-model-path", vjepa, "--run-dir", str(tmp_path), "--exp-name", "ddp", *TINY_RUN,
-           "--tasks-per-iteration", "2", "--no-env-workers", "--total-iterations", "1", "--eval-interval", "0", "--lora-rank", "0"]
+    cmd = [
+        "torchrun",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "srpo_openvla_oft.py",
+        "--model-path",
+        oft,
+        "--world-model-path",
+        vjepa,
+        "--run-dir",
+        str(tmp_path),
+        "--exp-name",
+        "ddp",
+        *TINY_RUN,
+        "--tasks-per-iteration",
+        "2",
+        "--no-env-workers",
+        "--total-iterations",
+        "1",
+        "--eval-interval",
+        "0",
+        "--lora-rank",
+        "0",
+    ]
     out = run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert "2 rank(s)" in out and "iter 1:" in out  # the save raises if the ranks' weights differ after the update
     model = tmp_path / "ddp__s1" / "checkpoints" / "step_00000001" / "model"  # full fine-tuning: the OFT layout
