@@ -16,7 +16,8 @@ grpo_internvl.py from that model, next to grpo_internvl.py --learning-rate 0 fro
 --model-path a tiny random InternVL is the SFT starting point.
 
 Each mode writes {out}/curves.json (every logged scalar of every run, against iteration and env steps) and
-{out}/curves.png, and prints the wall time of every stage. Runs go one after another (one simulator at a time).
+{out}/curves.png, and prints the wall time of every stage; models, logs and runs go to {out}/runs/ (git-ignored).
+Runs go one after another (one simulator at a time).
 """
 
 import argparse
@@ -111,8 +112,8 @@ PPO_TAGS = ("rollout/reward_mean", "rollout/success_rate", "rollout/return_mean"
 def ppo_mode(a: argparse.Namespace) -> None:
     from common.tiny_models import make_tiny_openvla
 
-    os.makedirs(a.out, exist_ok=True)
-    model = a.model_path or os.path.join(a.out, "tiny_openvla")
+    os.makedirs(os.path.join(a.out, "runs"), exist_ok=True)
+    model = a.model_path or os.path.join(a.out, "runs", "tiny_openvla")
     if not a.model_path and not os.path.isfile(os.path.join(model, "config.json")):
         make_tiny_openvla(model)
     common = ["--model-path", model, "--run-dir", os.path.join(a.out, "runs"), "--seed", str(a.seed),
@@ -127,7 +128,7 @@ def ppo_mode(a: argparse.Namespace) -> None:
     results = {"mode": "ppo", "settings": vars(a), "env_steps_per_iteration": env_steps, "wall_s": {}, "curves": {}}
     for name, extra in runs.items():
         cmd = [sys.executable, "ppo_openvla.py", *common, "--exp-name", name, *extra]
-        results["wall_s"][name] = run(cmd, os.path.join(a.out, f"{name}.log"))
+        results["wall_s"][name] = run(cmd, os.path.join(a.out, "runs", f"{name}.log"))
         scalars = read_scalars(os.path.join(a.out, "runs", f"{name}__s{a.seed}"))
         cumulative = {i: i * env_steps for i in range(a.iterations + 1)}
         results["curves"][name] = {tag: series(scalars, tag, cumulative) for tag in PPO_TAGS}
@@ -161,9 +162,10 @@ def sft_grpo_mode(a: argparse.Namespace) -> None:
 
     if not os.path.isfile(os.path.join(ROOT, "sft_internvl.py")):
         raise SystemExit("sft_internvl.py is not in this checkout: the sft-grpo mode needs it")
-    os.makedirs(a.out, exist_ok=True)
-    run_dir, demos = os.path.join(a.out, "runs"), os.path.join(a.out, "demos")
-    base = a.model_path or os.path.join(a.out, "tiny_internvl")
+    run_dir = os.path.join(a.out, "runs")
+    os.makedirs(run_dir, exist_ok=True)
+    demos = os.path.join(run_dir, "demos")
+    base = a.model_path or os.path.join(a.out, "runs", "tiny_internvl")
     if not a.model_path and not os.path.isfile(os.path.join(base, "config.json")):
         make_tiny_internvl(base)
     results = {"mode": "sft-grpo", "settings": vars(a), "wall_s": {}, "curves": {}}
@@ -171,7 +173,7 @@ def sft_grpo_mode(a: argparse.Namespace) -> None:
     results["wall_s"]["collect_demos"] = run(
         [sys.executable, "collect_demos.py", "--env-id", a.env_id, "--num-episodes", str(a.num_demos),
          "--image-size", str(a.image_size), "--max-episode-steps", str(a.max_episode_steps), "--out-dir", demos],
-        os.path.join(a.out, "collect_demos.log"))
+        os.path.join(run_dir, "collect_demos.log"))
     results["wall_s"]["sft"] = run(
         [sys.executable, "sft_internvl.py", "--demos", demos, "--model-path", base, "--run-dir", run_dir,
          "--exp-name", "sft", "--seed", str(a.seed), "--lora-rank", str(a.lora_rank),
@@ -179,7 +181,7 @@ def sft_grpo_mode(a: argparse.Namespace) -> None:
          "--batch-size", str(a.sft_batch_size), "--micro-batch-size", str(a.sft_batch_size),
          "--num-envs", str(a.num_envs), "--max-episode-steps", str(a.max_episode_steps),
          "--eval-interval", "0", "--save-interval", "0", "--keep-checkpoints", "1"],
-        os.path.join(a.out, "sft.log"))
+        os.path.join(run_dir, "sft.log"))
     sft_model = os.path.join(run_dir, f"sft__s{a.seed}", "final")
     sft_scalars = read_scalars(os.path.join(run_dir, f"sft__s{a.seed}"))
     results["sft_eval_success_rate"] = (list(sft_scalars.get("eval/success_rate", {}).values()) or [None])[-1]
@@ -193,7 +195,7 @@ def sft_grpo_mode(a: argparse.Namespace) -> None:
     runs = {"trained": ["--learning-rate", str(a.learning_rate)], "control": ["--learning-rate", "0"]}
     for name, extra in runs.items():
         cmd = [sys.executable, "grpo_internvl.py", *common, "--exp-name", f"grpo_{name}", *extra]
-        results["wall_s"][name] = run(cmd, os.path.join(a.out, f"grpo_{name}.log"))
+        results["wall_s"][name] = run(cmd, os.path.join(run_dir, f"grpo_{name}.log"))
         scalars = read_scalars(os.path.join(run_dir, f"grpo_{name}__s{a.seed}"))
         # env steps actually taken: episodes end at the first success, so num_envs x the mean episode length
         cumulative, total = {}, 0
