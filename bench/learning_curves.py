@@ -2,6 +2,7 @@
 
     python bench/learning_curves.py ppo --out bench/results/ppo            # PPO from scratch, PushCube-v1 dense
     python bench/learning_curves.py sft-grpo --out bench/results/sft_grpo  # demos -> SFT -> GRPO vs control
+    python bench/learning_curves.py plot --out bench/results/ppo           # redraw the PNG from curves.json
 
 The control uses the same seed, so it sees the same env reset seeds and draws its actions from the same random
 streams: with learning rate 0 its policy never changes, and its curve is what the initial policy scores on those
@@ -86,6 +87,8 @@ def plot(curves: dict, panels: list[tuple[str, str]], title: str, path: str) -> 
             if curve and curve["value"]:
                 ax.plot(curve["env_steps"], curve["value"], style, marker="." if len(curve["value"]) < 30 else None,
                         label=name if name == "trained" else "control (lr 0)")
+        if "success" in tag:
+            ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel("env steps")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -141,12 +144,13 @@ def ppo_mode(a: argparse.Namespace) -> None:
             "eval_success_final": (curves["eval/success_rate"]["value"] or [float("nan")])[-1],
         }
     results["summary"] = summary
+    results["panels"] = [("rollout/reward_mean", "dense reward per step"),
+                         ("rollout/success_rate", "rollout success rate"),
+                         ("eval/success_rate", "greedy eval success rate")]
+    results["title"] = (f"PPO from {a.model_path or 'a tiny random OpenVLA'}, {a.env_id} dense reward, "
+                        f"{a.num_envs} envs x {a.num_steps} steps, seed {a.seed}")
     write_results(a.out, results)
-    plot(results["curves"], [("rollout/reward_mean", "dense reward per step"),
-                             ("rollout/success_rate", "rollout success rate"),
-                             ("eval/success_rate", "greedy eval success rate")],
-         f"PPO, tiny random OpenVLA, {a.env_id} dense, {a.num_envs} envs x {a.num_steps} steps, seed {a.seed}",
-         os.path.join(a.out, "curves.png"))
+    plot(results["curves"], results["panels"], results["title"], os.path.join(a.out, "curves.png"))
     print(json.dumps({"wall_s": results["wall_s"], "summary": summary}, indent=1))
 
 
@@ -206,10 +210,11 @@ def sft_grpo_mode(a: argparse.Namespace) -> None:
     results["summary"] = {name: {"success_rate_last5": tail_mean(c["rollout/success_rate"], 5),
                                  "eval_success_final": (c["eval/success_rate"]["value"] or [float("nan")])[-1]}
                           for name, c in results["curves"].items()}
+    results["panels"] = [("rollout/success_rate", "rollout success rate"),
+                         ("eval/success_rate", "greedy eval success rate")]
+    results["title"] = f"SFT ({a.num_demos} demos) then GRPO, {a.env_id}, seed {a.seed}"
     write_results(a.out, results)
-    plot(results["curves"], [("rollout/success_rate", "rollout success rate"),
-                             ("eval/success_rate", "greedy eval success rate")],
-         f"SFT ({a.num_demos} demos) then GRPO, {a.env_id}, seed {a.seed}", os.path.join(a.out, "curves.png"))
+    plot(results["curves"], results["panels"], results["title"], os.path.join(a.out, "curves.png"))
     print(json.dumps({"wall_s": results["wall_s"], "sft_eval_success_rate": results["sft_eval_success_rate"],
                       "summary": results["summary"]}, indent=1))
 
@@ -247,9 +252,16 @@ def main() -> None:
     sft.add_argument("--learning-rate", type=float, default=1e-4)
     sft.add_argument("--grpo-micro-batch-size", type=int, default=16)
     sft.add_argument("--eval-interval", type=int, default=5)
+    replot = modes.add_parser("plot", help="redraw {out}/curves.png from {out}/curves.json")
+    replot.add_argument("--out", required=True)
     a = parser.parse_args()
     start = time.time()
-    ppo_mode(a) if a.mode == "ppo" else sft_grpo_mode(a)
+    if a.mode == "plot":
+        with open(os.path.join(a.out, "curves.json")) as f:
+            results = json.load(f)
+        plot(results["curves"], results["panels"], results["title"], os.path.join(a.out, "curves.png"))
+    else:
+        ppo_mode(a) if a.mode == "ppo" else sft_grpo_mode(a)
     print(f"total {time.time() - start:.0f} s wall")
 
 
