@@ -1,0 +1,269 @@
+"""Learning curves on the CPU: each RL run next to an identical run with learning rate 0 (the control).
+
+    python bench/learning_curves.py ppo --out bench/results/ppo            # PPO from scratch, PushCube-v1 dense
+    python bench/learning_curves.py sft-grpo --out bench/results/sft_grpo  # demos -> SFT -> GRPO vs control
+    python bench/learning_curves.py plot --out bench/results/ppo           # redraw the PNG from curves.json
+
+The control uses the same seed, so it sees the same env reset seeds and draws its actions from the same random
+streams: with learning rate 0 its policy never changes, and its curve is what the initial policy scores on those
+episodes. Any gap between the two curves is learning.
+
+ppo: ppo_openvla.py from a tiny random OpenVLA (`common.tiny_models`), full fine-tuning, ManiSkill's normalized
+dense reward on PushCube-v1 (the task's success is still logged as rollout/success_rate, and a greedy evaluation
+every --eval-interval iterations as eval/success_rate).
+
+sft-grpo: collect_demos.py (scripted expert) -> sft_internvl.py (final model at {run_dir}/sft__s{seed}/final) ->
+grpo_internvl.py from that model, next to grpo_internvl.py --learning-rate 0 from the same model. Without
+--model-path a tiny random InternVL is the SFT starting point.
+
+Each mode writes {out}/curves.json (every logged scalar of every run, against iteration and env steps) and
+{out}/curves.png, and prints the wall time of every stage; models, logs and runs go to {out}/runs/ (git-ignored).
+Runs go one after another (one simulator at a time).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def run(cmd: list[str], log_path: str) -> float:
+    """Run a script from the repository root, output to log_path; returns the wall time in seconds."""
+    print("$", " ".join(cmd), flush=True)
+    start = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    wall = time.time() - start
+    if proc.returncode != 0:
+        with open(log_path) as f:
+            tail = f.read()[-3000:]
+        raise SystemExit(f"failed after {wall:.0f} s (exit {proc.returncode}), log {log_path}:\n{tail}")
+    print(f"  {wall:.0f} s wall", flush=True)
+    return wall
+
+
+def read_scalars(run_path: str) -> dict[str, dict[int, float]]:
+    """Every TensorBoard scalar of one run: {tag: {iteration: value}}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, dict[int, float]] = {}
+    for name in sorted(os.listdir(run_path)):
+        if name.startswith("events.out.tfevents"):
+            acc = EventAccumulator(os.path.join(run_path, name), size_guidance={"scalars": 0})
+            acc.Reload()
+            for tag in acc.Tags()["scalars"]:
+                out.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+    return out
+
+
+def series(scalars: dict, tag: str, env_steps: dict[int, int]) -> dict[str, list[float]]:
+    """One tag as {"iteration", "env_steps" (cumulative at the end of the iteration), "value"} lists."""
+    points = sorted(scalars.get(tag, {}).items())
+    return {"iteration": [i for i, _ in points], "env_steps": [env_steps[i] for i, _ in points],
+            "value": [v for _, v in points]}
+
+
+def tail_mean(curve: dict, k: int) -> float:
+    values = curve["value"][-k:]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def plot(curves: dict, panels: list[tuple[str, str]], title: str, path: str) -> None:
+    """One panel per (tag, y label); trained and control runs against env steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), dpi=80)
+    for ax, (tag, label) in zip(axes, panels):
+        for name, style in (("trained", "-"), ("control", "--")):
+            curve = curves[name].get(tag)
+            if curve and curve["value"]:
+                ax.plot(curve["env_steps"], curve["value"], style, marker="." if len(curve["value"]) < 30 else None,
+                        label=name if name == "trained" else "control (lr 0)")
+        if "success" in tag:
+            ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("env steps")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"wrote {path}")
+
+
+def write_results(out: str, results: dict) -> None:
+    with open(os.path.join(out, "curves.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"wrote {os.path.join(out, 'curves.json')}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ppo: ppo_openvla.py from a tiny random OpenVLA on PushCube-v1, dense reward
+# ---------------------------------------------------------------------------------------------------------------
+PPO_TAGS = ("rollout/reward_mean", "rollout/success_rate", "rollout/return_mean", "eval/success_rate",
+            "actor/approx_kl", "critic/explained_variance")
+
+
+def ppo_mode(a: argparse.Namespace) -> None:
+    from common.tiny_models import make_tiny_openvla
+
+    os.makedirs(os.path.join(a.out, "runs"), exist_ok=True)
+    model = a.model_path or os.path.join(a.out, "runs", "tiny_openvla")
+    if not a.model_path and not os.path.isfile(os.path.join(model, "config.json")):
+        make_tiny_openvla(model)
+    common = ["--model-path", model, "--run-dir", os.path.join(a.out, "runs"), "--seed", str(a.seed),
+              "--env-id", a.env_id, "--reward-mode", "dense", "--num-envs", str(a.num_envs),
+              "--num-steps", str(a.num_steps), "--max-episode-steps", str(a.max_episode_steps),
+              "--num-minibatches", "2", "--micro-batch-size", str(a.num_envs * a.num_steps // 2),
+              "--lora-rank", "0", "--image-size", str(a.image_size), "--total-iterations", str(a.iterations),
+              "--eval-interval", str(a.eval_interval), "--save-interval", "0", "--keep-checkpoints", "1"]
+    runs = {"trained": ["--learning-rate", str(a.learning_rate)],
+            "control": ["--learning-rate", "0", "--value-learning-rate", "0"]}
+    env_steps = a.num_envs * a.num_steps
+    results = {"mode": "ppo", "settings": vars(a), "env_steps_per_iteration": env_steps, "wall_s": {}, "curves": {}}
+    for name, extra in runs.items():
+        cmd = [sys.executable, "ppo_openvla.py", *common, "--exp-name", name, *extra]
+        results["wall_s"][name] = run(cmd, os.path.join(a.out, "runs", f"{name}.log"))
+        scalars = read_scalars(os.path.join(a.out, "runs", f"{name}__s{a.seed}"))
+        cumulative = {i: i * env_steps for i in range(a.iterations + 1)}
+        results["curves"][name] = {tag: series(scalars, tag, cumulative) for tag in PPO_TAGS}
+    summary = {}
+    for name, curves in results["curves"].items():
+        summary[name] = {
+            "reward_per_step_last10": tail_mean(curves["rollout/reward_mean"], 10),
+            "success_rate_last10": tail_mean(curves["rollout/success_rate"], 10),
+            "episodes_with_success": sum(round(v * a.num_envs) for v in curves["rollout/success_rate"]["value"]),
+            "eval_success_final": (curves["eval/success_rate"]["value"] or [float("nan")])[-1],
+        }
+    results["summary"] = summary
+    results["panels"] = [("rollout/reward_mean", "dense reward per step"),
+                         ("rollout/success_rate", "rollout success rate"),
+                         ("eval/success_rate", "greedy eval success rate")]
+    results["title"] = (f"PPO from {a.model_path or 'a tiny random OpenVLA'}, {a.env_id} dense reward, "
+                        f"{a.num_envs} envs x {a.num_steps} steps, seed {a.seed}")
+    write_results(a.out, results)
+    plot(results["curves"], results["panels"], results["title"], os.path.join(a.out, "curves.png"))
+    print(json.dumps({"wall_s": results["wall_s"], "summary": summary}, indent=1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sft-grpo: collect_demos.py -> sft_internvl.py -> grpo_internvl.py vs grpo_internvl.py --learning-rate 0
+# ---------------------------------------------------------------------------------------------------------------
+GRPO_TAGS = ("rollout/success_rate", "rollout/reward_mean", "eval/success_rate", "rollout/kept_groups_frac",
+             "rollout/entropy", "actor/approx_kl")
+
+
+def sft_grpo_mode(a: argparse.Namespace) -> None:
+    from common.tiny_models import make_tiny_internvl
+
+    if not os.path.isfile(os.path.join(ROOT, "sft_internvl.py")):
+        raise SystemExit("sft_internvl.py is not in this checkout: the sft-grpo mode needs it")
+    run_dir = os.path.join(a.out, "runs")
+    os.makedirs(run_dir, exist_ok=True)
+    demos = os.path.join(run_dir, "demos")
+    base = a.model_path or os.path.join(a.out, "runs", "tiny_internvl")
+    if not a.model_path and not os.path.isfile(os.path.join(base, "config.json")):
+        make_tiny_internvl(base)
+    results = {"mode": "sft-grpo", "settings": vars(a), "wall_s": {}, "curves": {}}
+    # 1. demonstrations from the scripted expert, 2. SFT on them
+    results["wall_s"]["collect_demos"] = run(
+        [sys.executable, "collect_demos.py", "--env-id", a.env_id, "--num-episodes", str(a.num_demos),
+         "--image-size", str(a.image_size), "--max-episode-steps", str(a.max_episode_steps), "--out-dir", demos],
+        os.path.join(run_dir, "collect_demos.log"))
+    results["wall_s"]["sft"] = run(
+        [sys.executable, "sft_internvl.py", "--demos", demos, "--model-path", base, "--run-dir", run_dir,
+         "--exp-name", "sft", "--seed", str(a.seed), "--lora-rank", str(a.lora_rank),
+         "--num-epochs", str(a.sft_epochs), "--learning-rate", str(a.sft_learning_rate),
+         "--batch-size", str(a.sft_batch_size), "--micro-batch-size", str(a.sft_batch_size),
+         "--num-envs", str(a.num_envs), "--max-episode-steps", str(a.max_episode_steps),
+         "--eval-interval", "0", "--save-interval", "0", "--keep-checkpoints", "1"],
+        os.path.join(run_dir, "sft.log"))
+    sft_model = os.path.join(run_dir, f"sft__s{a.seed}", "final")
+    sft_scalars = read_scalars(os.path.join(run_dir, f"sft__s{a.seed}"))
+    results["sft_eval_success_rate"] = (list(sft_scalars.get("eval/success_rate", {}).values()) or [None])[-1]
+    # 3. GRPO from the SFT model, next to the same run with learning rate 0
+    common = ["--model-path", sft_model, "--run-dir", run_dir, "--seed", str(a.seed), "--env-id", a.env_id,
+              "--num-envs", str(a.num_envs), "--group-size", str(a.group_size),
+              "--max-episode-steps", str(a.max_episode_steps), "--image-size", str(a.image_size),
+              "--lora-rank", str(a.lora_rank), "--total-iterations", str(a.iterations),
+              "--micro-batch-size", str(a.grpo_micro_batch_size), "--eval-interval", str(a.eval_interval),
+              "--save-interval", "0", "--keep-checkpoints", "1"]
+    runs = {"trained": ["--learning-rate", str(a.learning_rate)], "control": ["--learning-rate", "0"]}
+    for name, extra in runs.items():
+        cmd = [sys.executable, "grpo_internvl.py", *common, "--exp-name", f"grpo_{name}", *extra]
+        results["wall_s"][name] = run(cmd, os.path.join(run_dir, f"grpo_{name}.log"))
+        scalars = read_scalars(os.path.join(run_dir, f"grpo_{name}__s{a.seed}"))
+        # env steps actually taken: episodes end at the first success, so num_envs x the mean episode length
+        cumulative, total = {}, 0
+        for i, length in sorted(scalars["rollout/episode_length"].items()):
+            total += round(length * a.num_envs)
+            cumulative[i] = total
+        results["curves"][name] = {tag: series(scalars, tag, cumulative) for tag in GRPO_TAGS}
+    results["summary"] = {name: {"success_rate_last5": tail_mean(c["rollout/success_rate"], 5),
+                                 "eval_success_final": (c["eval/success_rate"]["value"] or [float("nan")])[-1]}
+                          for name, c in results["curves"].items()}
+    results["panels"] = [("rollout/success_rate", "rollout success rate"),
+                         ("eval/success_rate", "greedy eval success rate")]
+    results["title"] = f"SFT ({a.num_demos} demos) then GRPO, {a.env_id}, seed {a.seed}"
+    write_results(a.out, results)
+    plot(results["curves"], results["panels"], results["title"], os.path.join(a.out, "curves.png"))
+    print(json.dumps({"wall_s": results["wall_s"], "sft_eval_success_rate": results["sft_eval_success_rate"],
+                      "summary": results["summary"]}, indent=1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    modes = parser.add_subparsers(dest="mode", required=True)
+    ppo = modes.add_parser("ppo", help="PPO from a tiny random OpenVLA vs its lr-0 control")
+    ppo.add_argument("--out", default="bench/results/ppo")
+    ppo.add_argument("--model-path", default=None, help="OpenVLA checkpoint (default: a tiny random one)")
+    ppo.add_argument("--env-id", default="PushCube-v1")
+    ppo.add_argument("--seed", type=int, default=1)
+    ppo.add_argument("--iterations", type=int, default=80)
+    ppo.add_argument("--num-envs", type=int, default=2)
+    ppo.add_argument("--num-steps", type=int, default=20)
+    ppo.add_argument("--max-episode-steps", type=int, default=20)
+    ppo.add_argument("--image-size", type=int, default=64)
+    ppo.add_argument("--learning-rate", type=float, default=3e-4)
+    ppo.add_argument("--eval-interval", type=int, default=10)
+    sft = modes.add_parser("sft-grpo", help="demos -> SFT -> GRPO vs its lr-0 control")
+    sft.add_argument("--out", default="bench/results/sft_grpo")
+    sft.add_argument("--model-path", default=None, help="InternVL -hf checkpoint to SFT (default: a tiny random one)")
+    sft.add_argument("--env-id", default="PushCube-v1")
+    sft.add_argument("--seed", type=int, default=1)
+    sft.add_argument("--num-demos", type=int, default=20)
+    sft.add_argument("--sft-epochs", type=float, default=5.0)
+    sft.add_argument("--sft-learning-rate", type=float, default=1e-3)
+    sft.add_argument("--sft-batch-size", type=int, default=16)
+    sft.add_argument("--lora-rank", type=int, default=0)
+    sft.add_argument("--iterations", type=int, default=20)
+    sft.add_argument("--num-envs", type=int, default=8)
+    sft.add_argument("--group-size", type=int, default=4)
+    sft.add_argument("--max-episode-steps", type=int, default=50)
+    sft.add_argument("--image-size", type=int, default=64)
+    sft.add_argument("--learning-rate", type=float, default=1e-4)
+    sft.add_argument("--grpo-micro-batch-size", type=int, default=16)
+    sft.add_argument("--eval-interval", type=int, default=5)
+    replot = modes.add_parser("plot", help="redraw {out}/curves.png from {out}/curves.json")
+    replot.add_argument("--out", required=True)
+    a = parser.parse_args()
+    start = time.time()
+    if a.mode == "plot":
+        with open(os.path.join(a.out, "curves.json")) as f:
+            results = json.load(f)
+        plot(results["curves"], results["panels"], results["title"], os.path.join(a.out, "curves.png"))
+    else:
+        ppo_mode(a) if a.mode == "ppo" else sft_grpo_mode(a)
+    print(f"total {time.time() - start:.0f} s wall")
+
+
+if __name__ == "__main__":
+    main()
