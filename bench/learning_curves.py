@@ -9,8 +9,8 @@ streams: with learning rate 0 its policy never changes, and its curve is what th
 episodes. Any gap between the two curves is learning.
 
 ppo: ppo_openvla.py from a tiny random OpenVLA (`common.tiny_models`), full fine-tuning, ManiSkill's normalized
-dense reward on PushCube-v1 (the task's success is still logged as rollout/success_rate, and a greedy evaluation
-every --eval-interval iterations as eval/success_rate).
+dense reward on PushCube-v1 (the task's success is still logged as rollout/success_rate, and an evaluation
+every --eval-interval iterations as eval/success_once, RLinf's protocol).
 
 sft-grpo: collect_demos.py (scripted expert) -> sft_internvl.py (final model at {run_dir}/sft__s{seed}/final) ->
 grpo_internvl.py from that model, next to grpo_internvl.py --learning-rate 0 from the same model. Without
@@ -64,8 +64,11 @@ def read_scalars(run_path: str) -> dict[str, dict[int, float]]:
 def series(scalars: dict, tag: str, env_steps: dict[int, int]) -> dict[str, list[float]]:
     """One tag as {"iteration", "env_steps" (cumulative at the end of the iteration), "value"} lists."""
     points = sorted(scalars.get(tag, {}).items())
-    return {"iteration": [i for i, _ in points], "env_steps": [env_steps[i] for i, _ in points],
-            "value": [v for _, v in points]}
+    return {
+        "iteration": [i for i, _ in points],
+        "env_steps": [env_steps[i] for i, _ in points],
+        "value": [v for _, v in points],
+    }
 
 
 def tail_mean(curve: dict, k: int) -> float:
@@ -85,8 +88,13 @@ def plot(curves: dict, panels: list[tuple[str, str]], title: str, path: str) -> 
         for name, style in (("trained", "-"), ("control", "--")):
             curve = curves[name].get(tag)
             if curve and curve["value"]:
-                ax.plot(curve["env_steps"], curve["value"], style, marker="." if len(curve["value"]) < 30 else None,
-                        label=name if name == "trained" else "control (lr 0)")
+                ax.plot(
+                    curve["env_steps"],
+                    curve["value"],
+                    style,
+                    marker="." if len(curve["value"]) < 30 else None,
+                    label=name if name == "trained" else "control (lr 0)",
+                )
         if "success" in tag:
             ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel("env steps")
@@ -108,8 +116,14 @@ def write_results(out: str, results: dict) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # ppo: ppo_openvla.py from a tiny random OpenVLA on PushCube-v1, dense reward
 # ---------------------------------------------------------------------------------------------------------------
-PPO_TAGS = ("rollout/reward_mean", "rollout/success_rate", "rollout/return_mean", "eval/success_rate",
-            "actor/approx_kl", "critic/explained_variance")
+PPO_TAGS = (
+    "rollout/reward_mean",
+    "rollout/success_rate",
+    "rollout/return_mean",
+    "eval/success_once",
+    "actor/approx_kl",
+    "critic/explained_variance",
+)
 
 
 def ppo_mode(a: argparse.Namespace) -> None:
@@ -119,14 +133,44 @@ def ppo_mode(a: argparse.Namespace) -> None:
     model = a.model_path or os.path.join(a.out, "runs", "tiny_openvla")
     if not a.model_path and not os.path.isfile(os.path.join(model, "config.json")):
         make_tiny_openvla(model)
-    common = ["--model-path", model, "--run-dir", os.path.join(a.out, "runs"), "--seed", str(a.seed),
-              "--env-id", a.env_id, "--reward-mode", "dense", "--num-envs", str(a.num_envs),
-              "--num-steps", str(a.num_steps), "--max-episode-steps", str(a.max_episode_steps),
-              "--num-minibatches", "2", "--micro-batch-size", str(a.num_envs * a.num_steps // 2),
-              "--lora-rank", "0", "--image-size", str(a.image_size), "--total-iterations", str(a.iterations),
-              "--eval-interval", str(a.eval_interval), "--save-interval", "0", "--keep-checkpoints", "1"]
-    runs = {"trained": ["--learning-rate", str(a.learning_rate)],
-            "control": ["--learning-rate", "0", "--value-learning-rate", "0"]}
+    common = [
+        "--model-path",
+        model,
+        "--run-dir",
+        os.path.join(a.out, "runs"),
+        "--seed",
+        str(a.seed),
+        "--env-id",
+        a.env_id,
+        "--reward-mode",
+        "dense",
+        "--num-envs",
+        str(a.num_envs),
+        "--num-steps",
+        str(a.num_steps),
+        "--max-episode-steps",
+        str(a.max_episode_steps),
+        "--num-minibatches",
+        "2",
+        "--micro-batch-size",
+        str(a.num_envs * a.num_steps // 2),
+        "--lora-rank",
+        "0",
+        "--image-size",
+        str(a.image_size),
+        "--total-iterations",
+        str(a.iterations),
+        "--eval-interval",
+        str(a.eval_interval),
+        "--save-interval",
+        "0",
+        "--keep-checkpoints",
+        "1",
+    ]
+    runs = {
+        "trained": ["--learning-rate", str(a.learning_rate)],
+        "control": ["--learning-rate", "0", "--value-learning-rate", "0"],
+    }
     env_steps = a.num_envs * a.num_steps
     results = {"mode": "ppo", "settings": vars(a), "env_steps_per_iteration": env_steps, "wall_s": {}, "curves": {}}
     for name, extra in runs.items():
@@ -141,14 +185,18 @@ def ppo_mode(a: argparse.Namespace) -> None:
             "reward_per_step_last10": tail_mean(curves["rollout/reward_mean"], 10),
             "success_rate_last10": tail_mean(curves["rollout/success_rate"], 10),
             "episodes_with_success": sum(round(v * a.num_envs) for v in curves["rollout/success_rate"]["value"]),
-            "eval_success_final": (curves["eval/success_rate"]["value"] or [float("nan")])[-1],
+            "eval_success_final": (curves["eval/success_once"]["value"] or [float("nan")])[-1],
         }
     results["summary"] = summary
-    results["panels"] = [("rollout/reward_mean", "dense reward per step"),
-                         ("rollout/success_rate", "rollout success rate"),
-                         ("eval/success_rate", "greedy eval success rate")]
-    results["title"] = (f"PPO from {a.model_path or 'a tiny random OpenVLA'}, {a.env_id} dense reward, "
-                        f"{a.num_envs} envs x {a.num_steps} steps, seed {a.seed}")
+    results["panels"] = [
+        ("rollout/reward_mean", "dense reward per step"),
+        ("rollout/success_rate", "rollout success rate"),
+        ("eval/success_once", "eval success (T 0.6, any step)"),
+    ]
+    results["title"] = (
+        f"PPO from {a.model_path or 'a tiny random OpenVLA'}, {a.env_id} dense reward, "
+        f"{a.num_envs} envs x {a.num_steps} steps, seed {a.seed}"
+    )
     write_results(a.out, results)
     plot(results["curves"], results["panels"], results["title"], os.path.join(a.out, "curves.png"))
     print(json.dumps({"wall_s": results["wall_s"], "summary": summary}, indent=1))
@@ -157,8 +205,14 @@ def ppo_mode(a: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # sft-grpo: collect_demos.py -> sft_internvl.py -> grpo_internvl.py vs grpo_internvl.py --learning-rate 0
 # ---------------------------------------------------------------------------------------------------------------
-GRPO_TAGS = ("rollout/success_rate", "rollout/reward_mean", "eval/success_rate", "rollout/kept_groups_frac",
-             "rollout/entropy", "actor/approx_kl")
+GRPO_TAGS = (
+    "rollout/success_rate",
+    "rollout/reward_mean",
+    "eval/success_rate",
+    "rollout/kept_groups_frac",
+    "rollout/entropy",
+    "actor/approx_kl",
+)
 
 
 def sft_grpo_mode(a: argparse.Namespace) -> None:
@@ -175,27 +229,93 @@ def sft_grpo_mode(a: argparse.Namespace) -> None:
     results = {"mode": "sft-grpo", "settings": vars(a), "wall_s": {}, "curves": {}}
     # 1. demonstrations from the scripted expert, 2. SFT on them
     results["wall_s"]["collect_demos"] = run(
-        [sys.executable, "collect_demos.py", "--env-id", a.env_id, "--num-episodes", str(a.num_demos),
-         "--image-size", str(a.image_size), "--max-episode-steps", str(a.max_episode_steps), "--out-dir", demos],
-        os.path.join(run_dir, "collect_demos.log"))
+        [
+            sys.executable,
+            "collect_demos.py",
+            "--env-id",
+            a.env_id,
+            "--num-episodes",
+            str(a.num_demos),
+            "--image-size",
+            str(a.image_size),
+            "--max-episode-steps",
+            str(a.max_episode_steps),
+            "--out-dir",
+            demos,
+        ],
+        os.path.join(run_dir, "collect_demos.log"),
+    )
     results["wall_s"]["sft"] = run(
-        [sys.executable, "sft_internvl.py", "--demos", demos, "--model-path", base, "--run-dir", run_dir,
-         "--exp-name", "sft", "--seed", str(a.seed), "--lora-rank", str(a.lora_rank),
-         "--num-epochs", str(a.sft_epochs), "--learning-rate", str(a.sft_learning_rate),
-         "--batch-size", str(a.sft_batch_size), "--micro-batch-size", str(a.sft_batch_size),
-         "--num-envs", str(a.num_envs), "--max-episode-steps", str(a.max_episode_steps),
-         "--eval-interval", "0", "--save-interval", "0", "--keep-checkpoints", "1"],
-        os.path.join(run_dir, "sft.log"))
+        [
+            sys.executable,
+            "sft_internvl.py",
+            "--demos",
+            demos,
+            "--model-path",
+            base,
+            "--run-dir",
+            run_dir,
+            "--exp-name",
+            "sft",
+            "--seed",
+            str(a.seed),
+            "--lora-rank",
+            str(a.lora_rank),
+            "--num-epochs",
+            str(a.sft_epochs),
+            "--learning-rate",
+            str(a.sft_learning_rate),
+            "--batch-size",
+            str(a.sft_batch_size),
+            "--micro-batch-size",
+            str(a.sft_batch_size),
+            "--num-envs",
+            str(a.num_envs),
+            "--max-episode-steps",
+            str(a.max_episode_steps),
+            "--eval-interval",
+            "0",
+            "--save-interval",
+            "0",
+            "--keep-checkpoints",
+            "1",
+        ],
+        os.path.join(run_dir, "sft.log"),
+    )
     sft_model = os.path.join(run_dir, f"sft__s{a.seed}", "final")
     sft_scalars = read_scalars(os.path.join(run_dir, f"sft__s{a.seed}"))
     results["sft_eval_success_rate"] = (list(sft_scalars.get("eval/success_rate", {}).values()) or [None])[-1]
     # 3. GRPO from the SFT model, next to the same run with learning rate 0
-    common = ["--model-path", sft_model, "--run-dir", run_dir, "--seed", str(a.seed), "--env-id", a.env_id,
-              "--num-envs", str(a.num_envs), "--group-size", str(a.group_size),
-              "--max-episode-steps", str(a.max_episode_steps), "--image-size", str(a.image_size),
-              "--lora-rank", str(a.lora_rank), "--total-iterations", str(a.iterations),
-              "--micro-batch-size", str(a.grpo_micro_batch_size), "--eval-interval", str(a.eval_interval),
-              "--save-interval", "0", "--keep-checkpoints", "1"]
+    common = [
+        "--model-path",
+        sft_model,
+        "--run-dir",
+        run_dir,
+        "--seed",
+        str(a.seed),
+        "--env-id",
+        a.env_id,
+        "--num-envs",
+        str(a.num_envs),
+        "--group-size",
+        str(a.group_size),
+        "--max-episode-steps",
+        str(a.max_episode_steps),
+        "--image-size",
+        str(a.image_size),
+        "--lora-rank",
+        str(a.lora_rank),
+        "--total-iterations",
+        str(a.iterations),
+        "--micro-batch-size",
+        str(a.grpo_micro_batch_size),
+        "--eval-interval",
+        str(a.eval_interval),
+        "--save-interval",
+        "0",
+        "--keep-checkpoints",
+        "1",
+    ]
     runs = {"trained": ["--learning-rate", str(a.learning_rate)], "control": ["--learning-rate", "0"]}
     for name, extra in runs.items():
         cmd = [sys.executable, "grpo_internvl.py", *common, "--exp-name", f"grpo_{name}", *extra]
@@ -207,16 +327,30 @@ def sft_grpo_mode(a: argparse.Namespace) -> None:
             total += round(length * a.num_envs)
             cumulative[i] = total
         results["curves"][name] = {tag: series(scalars, tag, cumulative) for tag in GRPO_TAGS}
-    results["summary"] = {name: {"success_rate_last5": tail_mean(c["rollout/success_rate"], 5),
-                                 "eval_success_final": (c["eval/success_rate"]["value"] or [float("nan")])[-1]}
-                          for name, c in results["curves"].items()}
-    results["panels"] = [("rollout/success_rate", "rollout success rate"),
-                         ("eval/success_rate", "greedy eval success rate")]
+    results["summary"] = {
+        name: {
+            "success_rate_last5": tail_mean(c["rollout/success_rate"], 5),
+            "eval_success_final": (c["eval/success_rate"]["value"] or [float("nan")])[-1],
+        }
+        for name, c in results["curves"].items()
+    }
+    results["panels"] = [
+        ("rollout/success_rate", "rollout success rate"),
+        ("eval/success_rate", "greedy eval success rate"),
+    ]
     results["title"] = f"SFT ({a.num_demos} demos) then GRPO, {a.env_id}, seed {a.seed}"
     write_results(a.out, results)
     plot(results["curves"], results["panels"], results["title"], os.path.join(a.out, "curves.png"))
-    print(json.dumps({"wall_s": results["wall_s"], "sft_eval_success_rate": results["sft_eval_success_rate"],
-                      "summary": results["summary"]}, indent=1))
+    print(
+        json.dumps(
+            {
+                "wall_s": results["wall_s"],
+                "sft_eval_success_rate": results["sft_eval_success_rate"],
+                "summary": results["summary"],
+            },
+            indent=1,
+        )
+    )
 
 
 def main() -> None:

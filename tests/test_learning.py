@@ -19,18 +19,56 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ITERATIONS, LAST_K, MARGIN = 10, 3, 0.07
-RUN = ["--env-id", "PushCube-v1", "--reward-mode", "dense", "--num-envs", "2", "--num-steps", "20",
-       "--max-episode-steps", "20", "--num-minibatches", "2", "--micro-batch-size", "4", "--lora-rank", "0",
-       "--learning-rate", "3e-4", "--image-size", "64", "--total-iterations", str(ITERATIONS), "--eval-interval", "0",
-       "--save-interval", "0", "--keep-checkpoints", "1", "--seed", "1"]
+RUN = [
+    "--env-id",
+    "PushCube-v1",
+    "--reward-mode",
+    "dense",
+    "--num-envs",
+    "2",
+    "--num-steps",
+    "20",
+    "--max-episode-steps",
+    "20",
+    "--num-minibatches",
+    "2",
+    "--micro-batch-size",
+    "4",
+    "--lora-rank",
+    "0",
+    "--learning-rate",
+    "3e-4",
+    "--image-size",
+    "64",
+    "--total-iterations",
+    str(ITERATIONS),
+    "--eval-interval",
+    "0",
+    "--save-interval",
+    "0",
+    "--keep-checkpoints",
+    "1",
+    "--seed",
+    "1",
+]
 
 
 def reward_curve(model_path: str, run_dir: str, name: str, extra: list[str]) -> list[float]:
     """Run ppo_openvla.py and return its rollout/reward_mean per iteration."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cmd = [sys.executable, "ppo_openvla.py", "--model-path", model_path, "--run-dir", run_dir, "--exp-name", name,
-           *RUN, *extra]
+    cmd = [
+        sys.executable,
+        "ppo_openvla.py",
+        "--model-path",
+        model_path,
+        "--run-dir",
+        run_dir,
+        "--exp-name",
+        name,
+        *RUN,
+        *extra,
+    ]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     events = EventAccumulator(os.path.join(run_dir, f"{name}__s1")).Reload()
@@ -46,4 +84,5 @@ def test_ppo_beats_its_learning_rate_zero_control(tiny_openvla, tmp_path):
     trained_tail, control_tail = sum(trained[-LAST_K:]) / LAST_K, sum(control[-LAST_K:]) / LAST_K
     assert trained_tail > control_tail + MARGIN, (
         f"mean reward per step of the last {LAST_K} iterations: trained {trained_tail:.3f}, control "
-        f"{control_tail:.3f} (needs a gap > {MARGIN}); trained {trained}, control {control}")
+        f"{control_tail:.3f} (needs a gap > {MARGIN}); trained {trained}, control {control}"
+    )

@@ -10,7 +10,16 @@ import torch
 
 from common.openvla import ActionTokenizer, load_openvla
 from common.tiny_models import make_tiny_openvla
-from srpo_openvla_oft import NUM_ACTION_TOKENS, OFTPolicy, bin_logprobs, bins_to_actions, load_action_stats, rollout
+from common.libero_env import to_libero_actions
+from srpo_openvla_oft import (
+    NUM_ACTION_TOKENS,
+    Args,
+    OFTPolicy,
+    bin_logprobs,
+    bins_to_actions,
+    load_action_stats,
+    rollout,
+)
 
 INSTRUCTIONS = [
     "put the black bowl on the plate",
@@ -65,14 +74,10 @@ def test_rollout_and_training_logprobs_agree(tiny_oft):
         policy,
         processor,
         envs,
-        [0, 1, 2],
-        [0, 0, 0],
-        1.6,
-        stats,
-        tokenizer,
-        torch.device("cpu"),
+        [(0, 0), (1, 0), (2, 0)],
+        lambda bins: to_libero_actions(bins_to_actions(bins, policy, tokenizer, stats)),
+        Args(temperature=1.6),
         nullcontext(),
-        record_frames=False,
     )
     mask = out["token_mask"]  # (Q, N, 56)
     assert mask.shape == (3, 3, NUM_ACTION_TOKENS)

@@ -40,9 +40,14 @@ def test_ppo_update_follows_advantages(tiny_openvla):
     tokenizer = ActionTokenizer(vla.vocab_size, vla.n_action_bins)
     stats = action_stats(read_openvla_config(tiny_openvla), None)
     policy = ActorCritic(vla, tokenizer)
-    optimizer = torch.optim.AdamW([{"params": list(policy.vla.parameters()), "lr": LEARNING_RATE},
-                                   {"params": list(policy.value_head.parameters()), "lr": LEARNING_RATE}],
-                                  eps=1e-5, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": list(policy.vla.parameters()), "lr": LEARNING_RATE},
+            {"params": list(policy.value_head.parameters()), "lr": LEARNING_RATE},
+        ],
+        eps=1e-5,
+        weight_decay=0.0,
+    )
     T, N, temperature = 4, 2, 1.0
     env = ManiSkillVLAEnv("PushCube-v1", N, image_size=64, dense_reward=True, max_episode_steps=T)
     try:
@@ -77,8 +82,17 @@ def test_ppo_update_follows_advantages(tiny_openvla):
     policy.train()
     optimizer.zero_grad(set_to_none=True)
     new_logprob, _, new_value = policy(b_pixels, prompt_ids[b_env], prompt_mask[b_env], b_tokens, temperature)
-    pg_loss, v_loss, _, _ = ppo_losses(new_logprob, b_logprobs, b_advantages, new_value, b_values, b_values,
-                                       clip_coef=0.2, value_clip=0.2, huber_delta=10.0)
+    pg_loss, v_loss, _, _ = ppo_losses(
+        new_logprob,
+        b_logprobs,
+        b_advantages,
+        new_value,
+        b_values,
+        b_values,
+        clip_coef=0.2,
+        value_clip=0.2,
+        huber_delta=10.0,
+    )
     (pg_loss + v_loss).backward()
     optimizer.step()
     assert_moved_with_advantage(before, episode_logprobs(), episode_adv)
@@ -94,16 +108,27 @@ def test_grpo_update_follows_advantages(tmp_path):
     from common.tiny_models import make_tiny_internvl
 
     model_path = make_tiny_internvl(str(tmp_path / "internvl"))
-    args = grpo.Args(model_path=model_path, lora_rank=0, num_envs=2, group_size=2, max_episode_steps=3,
-                     image_size=64, learning_rate=LEARNING_RATE, num_minibatches=1, micro_batch_size=8)
+    args = grpo.Args(
+        model_path=model_path,
+        lora_rank=0,
+        num_envs=2,
+        group_size=2,
+        max_episode_steps=3,
+        image_size=64,
+        learning_rate=LEARNING_RATE,
+        num_minibatches=1,
+        micro_batch_size=8,
+    )
     processor, template = load_processor_and_template(model_path)
     torch.manual_seed(0)
     policy = grpo.load_policy(args, torch.device("cpu"), None)
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.learning_rate,
-                                  weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        [p for p in policy.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=0.0
+    )
     autocast = contextlib.nullcontext()
-    envs = ManiSkillVLAEnv("PushCube-v1", args.num_envs, image_size=args.image_size,
-                           max_episode_steps=args.max_episode_steps)
+    envs = ManiSkillVLAEnv(
+        "PushCube-v1", args.num_envs, image_size=args.image_size, max_episode_steps=args.max_episode_steps
+    )
     try:
         policy.eval()
         batch = grpo.rollout(policy, processor, template, envs, [7, 7], args, autocast)  # one group of 2
@@ -114,8 +139,9 @@ def test_grpo_update_follows_advantages(tmp_path):
 
     def episode_logprobs() -> torch.Tensor:
         t, n = batch["step_idx"], batch["env_idx"]
-        inputs = build_inputs(processor, [batch["instructions"][i] for i in n], batch["rgb"][t, n],
-                              batch["tcp_pose"][t, n], "cpu")
+        inputs = build_inputs(
+            processor, [batch["instructions"][i] for i in n], batch["rgb"][t, n], batch["tcp_pose"][t, n], "cpu"
+        )
         with torch.no_grad():
             logits = grpo.free_slot_logits(policy, inputs, template.assemble(batch["tokens"][t, n]), template)
         logp = grpo.policy_logprobs(logits, batch["support"][t, n], args.temperature)  # (M, F, S)
@@ -141,8 +167,11 @@ def tiny_oft(tiny_openvla, tmp_path_factory) -> str:
     """The tiny OpenVLA plus a dataset_statistics.json: an OpenVLA-OFT checkpoint, as tests/test_srpo_script.py."""
     oft = str(tmp_path_factory.mktemp("tiny_oft") / "model")
     shutil.copytree(tiny_openvla, oft)
-    stats = {"libero_spatial_no_noops": {"action": {"q01": [-0.9] * 6 + [0.0], "q99": [0.9] * 6 + [1.0],
-                                                    "mask": [True] * 6 + [False]}}}
+    stats = {
+        "libero_spatial_no_noops": {
+            "action": {"q01": [-0.9] * 6 + [0.0], "q99": [0.9] * 6 + [1.0], "mask": [True] * 6 + [False]}
+        }
+    }
     with open(os.path.join(oft, "dataset_statistics.json"), "w") as f:
         json.dump(stats, f)
     return oft
@@ -153,25 +182,43 @@ def test_srpo_update_follows_advantages(tiny_oft):
     from common.libero_env import LiberoVectorEnv, configure_rendering, to_libero_actions
     from common.openvla import ActionTokenizer, load_openvla, make_trainable
 
-    args = srpo.Args(model_path=tiny_oft, suite="libero_spatial", task_ids=[0], num_envs=2, group_size=2,
-                     tasks_per_iteration=1, max_episode_steps=16, camera_size=64, lora_rank=0,
-                     learning_rate=LEARNING_RATE, micro_batch_size=4, env_workers=False)
+    args = srpo.Args(
+        model_path=tiny_oft,
+        suite="libero_spatial",
+        task_ids=[0],
+        num_envs=2,
+        group_size=2,
+        tasks_per_iteration=1,
+        max_episode_steps=16,
+        camera_size=64,
+        lora_rank=0,
+        learning_rate=LEARNING_RATE,
+        micro_batch_size=4,
+        env_workers=False,
+    )
     configure_rendering(None)
     torch.manual_seed(0)
     vla, processor = load_openvla(tiny_oft, attn_implementation="sdpa")
     stats = srpo.load_action_stats(tiny_oft, vla.config, args.suite, None)
     make_trainable(vla, args.lora_rank, args.lora_alpha)
     policy = srpo.OFTPolicy(vla, processor.tokenizer.eos_token_id).eval()
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.learning_rate,
-                                  weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        [p for p in policy.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=0.0
+    )
     tokenizer = ActionTokenizer(vla.vocab_size, srpo.N_BINS)
     autocast = contextlib.nullcontext()
 
     def to_env_actions(bins):
         return to_libero_actions(srpo.bins_to_actions(bins, policy, tokenizer, stats))
 
-    envs = LiberoVectorEnv(args.suite, args.num_envs, camera_size=args.camera_size, max_steps=args.max_episode_steps,
-                           use_workers=False, seed=args.seed)
+    envs = LiberoVectorEnv(
+        args.suite,
+        args.num_envs,
+        camera_size=args.camera_size,
+        max_steps=args.max_episode_steps,
+        use_workers=False,
+        seed=args.seed,
+    )
     try:
         batch = srpo.rollout(policy, processor, envs, [(0, 0), (0, 0)], to_env_actions, args, autocast)
     finally:
