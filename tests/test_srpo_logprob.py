@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from common.libero_env import to_libero_actions
 from common.openvla import ActionTokenizer, load_openvla
 from common.tiny_models import make_tiny_openvla
-from common.libero_env import to_libero_actions
 from srpo_openvla_oft import (
     NUM_ACTION_TOKENS,
     Args,
