@@ -159,7 +159,7 @@ def build_inputs(processor, instructions: list[str], rgb: torch.Tensor, tcp_pose
 def load_processor_and_template(model_path: str):
     """Read only the config and tokenizer files: fail fast on a checkpoint that is not InternVL."""
     try:
-        config = AutoConfig.from_pretrained(model_path)
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=False)  # never a prompt on a terminal
     except (OSError, ValueError) as e:
         raise ValueError(
             f"--model-path {model_path!r} is not a transformers-native checkpoint (use an InternVL `-hf` one, e.g. "
@@ -170,5 +170,5 @@ def load_processor_and_template(model_path: str):
             f"--model-path {model_path!r} has model_type {config.model_type!r}, not 'internvl': use a "
             "transformers-native InternVL checkpoint, e.g. OpenGVLab/InternVL3-1B-hf"
         )
-    processor = AutoProcessor.from_pretrained(model_path)
+    processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=False)
     return processor, ActionTemplate(processor.tokenizer)

@@ -210,3 +210,9 @@ def test_diverged_weights_stop_with_a_clear_error_and_no_nan_checkpoint(tiny_ope
     for step in ckpts.glob("step_*") if ckpts.exists() else []:
         for file in step.rglob("*.safetensors"):
             assert all(torch.isfinite(t).all() for t in load_file(file).values()), file
+
+
+def test_another_models_checkpoint_is_refused_without_a_prompt(tiny_openvla, tmp_path):
+    """An OpenVLA folder (custom remote code) given to the InternVL script: an error, never a [y/N] prompt."""
+    with pytest.raises(ValueError, match="not a transformers-native checkpoint"):
+        grpo_internvl.main(grpo_internvl.Args(model_path=tiny_openvla, run_dir=str(tmp_path)))
