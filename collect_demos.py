@@ -96,7 +96,7 @@ def main(args: Args) -> None:
     max_attempts = args.max_attempts or 2 * args.num_episodes + 10
 
     env = make_env(args.env_id, args.image_size, args.max_episode_steps)
-    instruction = env.language_instruction or INSTRUCTIONS[args.env_id]
+    instruction = env.instruction() or INSTRUCTIONS[args.env_id]
     expert = EXPERTS[args.env_id]()
     kept, successes, tried, start = [], 0, 0, time.time()
     while len(kept) < args.num_episodes and tried < max_attempts:
