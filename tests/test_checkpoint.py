@@ -486,7 +486,7 @@ def test_torchrun_two_ranks_agree_on_stop_skip_and_refusal(tmp_path):
         wait_for(str(tmp_path / "iter2_rank0"))
         wait_for(str(tmp_path / "iter2_rank1"))
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
+        out, _ = proc.communicate(timeout=300)
     finally:
         proc.kill()
     assert "forcefully exiting" not in out, out

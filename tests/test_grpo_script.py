@@ -128,7 +128,7 @@ def test_cli_rejects_indivisible_groups():
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
         env=dict(os.environ),
     )
     assert proc.returncode != 0 and "--num-envs (6) must be a multiple of --group-size (4)" in proc.stderr
