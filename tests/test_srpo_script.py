@@ -109,27 +109,22 @@ def test_train_checkpoint_resume_and_eval(tiny_models, tmp_path):
 
 
 def test_bad_input_fails_before_any_work(tiny_models, tmp_path):
+    import srpo_openvla_oft
+
     oft, vjepa = tiny_models
-    base = [
-        sys.executable,
-        "srpo_openvla_oft.py",
-        "--model-path",
-        oft,
-        "--world-model-path",
-        vjepa,
-        "--run-dir",
-        str(tmp_path),
-    ]
-    for extra, message in [
-        (["--suite", "libero_100"], "libero_spatial"),
-        (["--suite", "libero_spatial", "--task-ids", "12"], "0: pick_up_the_black_bowl"),
-        (["--suite", "libero_10", "--unnorm-key", "libero_10_no_noops"], "libero_spatial_no_noops"),
-        (["--suite", "libero_spatial", "--world-model-path", oft], "not V-JEPA 2"),
-        (["--suite", "libero_spatial", "--mujoco-gl", "vulkan"], "osmesa"),
-        (["--suite", "libero_spatial", "--num-envs", "3"], "--num-envs"),
+    for flags, message in [
+        (dict(suite="libero_100"), "libero_spatial"),
+        (dict(suite="libero_spatial", task_ids=[12]), "0: pick_up_the_black_bowl"),
+        (dict(suite="libero_10", unnorm_key="libero_10_no_noops"), "libero_spatial_no_noops"),
+        (dict(suite="libero_spatial", world_model_path=oft), "not V-JEPA 2"),
+        (dict(suite="libero_spatial", mujoco_gl="vulkan"), "osmesa"),
+        (dict(suite="libero_spatial", num_envs=3), "--num-envs"),
     ]:
-        out = subprocess.run(base + extra, cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert out.returncode != 0 and message in out.stderr, (extra, out.stderr[-2000:])
+        args = srpo_openvla_oft.Args(
+            **{"model_path": oft, "world_model_path": vjepa, "run_dir": str(tmp_path), **flags}
+        )
+        with pytest.raises((ValueError, FileNotFoundError, RuntimeError), match=message):
+            srpo_openvla_oft.main(args)
 
 
 def test_torchrun_two_ranks_full_finetuning(tiny_models, tmp_path):
