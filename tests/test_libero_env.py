@@ -153,7 +153,7 @@ def undisturbed():
 @pytest.fixture(scope="module")
 def worker_envs():
     configure_rendering()
-    envs = LiberoVectorEnv("libero_spatial", 1, camera_size=64, image_size=32, max_steps=20, timeout_s=30)
+    envs = LiberoVectorEnv("libero_spatial", 1, camera_size=64, image_size=32, max_steps=20, timeout_s=600)
     yield envs
     envs.close()
 
@@ -205,7 +205,7 @@ def test_hung_worker_times_out(worker_envs, undisturbed, monkeypatch):
     restart_and_redo = envs._restart_and_redo
 
     def restart_under_the_normal_timeout(*args):  # starting a worker takes longer than the 2 s hang detection
-        envs.timeout_s = 30
+        envs.timeout_s = 600
         return restart_and_redo(*args)
 
     def stop_worker(q):
