@@ -227,7 +227,7 @@ _QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|DIGITS| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+ADDED_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
 IMAGE_TOKENS = {
     "start_image_token": "<img>",
     "end_image_token": "</img>",
@@ -284,13 +284,13 @@ def build_tokenizer(digits: str = "grouped") -> Qwen2TokenizerFast:
         ]
     )
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.add_special_tokens(ADDED_TOKENS)
     return Qwen2TokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         padding_side="left",
-        additional_special_tokens=SPECIAL_TOKENS[3:],
+        additional_special_tokens=ADDED_TOKENS[3:],
         extra_special_tokens=IMAGE_TOKENS,
         model_max_length=4096,
     )
