@@ -13,6 +13,7 @@ Assets: mani-skill's Bridge scene and WidowX robot, and RLinf's object set (its 
 `{MS_ASSET_DIR}/data/tasks/rlinf_maniskill_assets/` (MS_ASSET_DIR defaults to ~/.maniskill); see DOWNLOAD_COMMAND.
 """
 
+import math
 import os
 from pathlib import Path
 
@@ -52,36 +53,38 @@ def download_command() -> str:
 
 
 def missing_assets() -> list[str]:
-    """The files the task reads that are not on disk (empty when everything is there)."""
-    root = asset_root()
-    custom = root / CUSTOM_ASSETS / "carrot"
-    need = [root / "robots/widowx/wx250s.urdf", root / "tasks/bridge_v2_real2sim_dataset/stages/bridge_table_1_v1.glb"]
-    for kind in ("more_carrot", "more_plate"):
-        db_path = custom / kind / "model_db.json"
-        need.append(db_path)
-        if db_path.exists():
-            need += [custom / kind / name / "collision.obj" for name in io_utils.load_json(db_path)]
-    table_db = custom / "more_table" / "model_db.json"
-    need.append(table_db)
-    if table_db.exists():
-        need += [custom / "more_table" / "imgs" / name for name in io_utils.load_json(table_db)]
-    return [str(p) for p in need if not p.exists()]
+    """The files PutOnPlateInScene25Main-v3 reads that are not on disk (empty when everything is there)."""
+    return PutOnPlateInScene25MainV3.missing_assets()
 
 
-def _placements(obj_z: float = 0.90, plate_z: float = 0.90):
-    """(P, 2, 3) object and plate positions on a 6 x 6 grid of the 15 cm square in front of the robot, at least 7 cm
-    apart, and (4, 2, 4) quaternions: object yaw 0, 45, 90, 135 degrees, plate unrotated."""
-    steps = np.linspace(0.0, 1.0, 6)
+def read_rgb(path: Path, hw: tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) uint8 RGB image file resized (bilinear) to hw."""
+    return cv2.resize(cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB), hw[::-1])
+
+
+def square_grid(steps: np.ndarray) -> np.ndarray:
+    """(G, 2) xy points of the 15 cm square in front of the robot (centre (-0.16, 0), half-edge 7.5 cm) at the
+    fractions `steps` of its edge along x and y, x varying slowest. Steps are rounded to 0.1 so the points are the
+    same doubles as RLinf's literal grids (its 15 cm spacing tests land exactly on grid distances)."""
+    steps = np.round(steps, 1)
     grid = np.stack(np.meshgrid(steps, steps, indexing="ij"), -1).reshape(-1, 2) * 2 - 1
-    grid = grid * 0.075 + np.array([-0.16, 0.0])
+    return grid * np.array([0.075, 0.075]) + np.array([-0.16, 0.0])
+
+
+def yaw_quats(yaws) -> np.ndarray:
+    """(Y, 2, 4) quaternions: the object turned by each yaw about z, the plate unrotated."""
+    return np.asarray([[euler2quat(0, 0, yaw), [1, 0, 0, 0]] for yaw in yaws], dtype=np.float32)
+
+
+def pair_placements(grid: np.ndarray, obj_z: float = 0.90, plate_z: float = 0.90) -> np.ndarray:
+    """(P, 2, 3) object and plate positions: every ordered pair of distinct grid points more than 7 cm apart."""
     xyz = [
         [[*a, obj_z], [*b, plate_z]]
         for i, a in enumerate(grid)
         for j, b in enumerate(grid)
         if i != j and np.linalg.norm(b - a) > 0.070
     ]
-    quat = [[euler2quat(0, 0, yaw), [1, 0, 0, 0]] for yaw in np.arange(4) * np.pi / 4]
-    return np.asarray(xyz, dtype=np.float32), np.asarray(quat, dtype=np.float32)
+    return np.asarray(xyz, dtype=np.float32)
 
 
 @register_env(ENV_ID, max_episode_steps=80, asset_download_ids=["bridge_v2_real2sim"])
@@ -98,13 +101,15 @@ class PutOnPlateInScene25MainV3(BaseBridgeEnv):
     initial_qpos = np.array([-0.01840777, 0.0398835, 0.22242722, -0.00460194, 1.36524296, 0.00153398, 0.037, 0.037])
     robot_pose = sapien.Pose([0.147, 0.028, 0.870], q=[0, 0, 0, 1])
 
+    uses_all_plates = False  # the Main task builds and draws the first plate of more_plate only
+
     def __init__(self, obj_set: str = "train", **kwargs):
         if obj_set not in OBJ_SETS:
             raise ValueError(f"obj_set must be one of {sorted(OBJ_SETS)}, got {obj_set!r}")
-        missing = missing_assets()
+        missing = self.missing_assets()
         if missing:
             raise FileNotFoundError(
-                f"{ENV_ID} needs assets that are not on disk ({missing[0]}, ...). "
+                f"{type(self).__name__} needs assets that are not on disk ({missing[0]}, ...). "
                 f"Download them with: {download_command()}"
             )
         self.obj_set = obj_set
@@ -113,42 +118,77 @@ class PutOnPlateInScene25MainV3(BaseBridgeEnv):
         self.object_db = io_utils.load_json(custom / "more_carrot" / "model_db.json")
         plate_db = io_utils.load_json(custom / "more_plate" / "model_db.json")
         first_plate = next(iter(plate_db))
-        self.plate_db = {first_plate: plate_db[first_plate]}  # the Main task uses the first plate only
-        table_db = io_utils.load_json(custom / "more_table" / "model_db.json")
-        self.backgrounds = np.stack(
-            [
-                cv2.resize(
-                    cv2.cvtColor(cv2.imread(str(custom / "more_table" / "imgs" / name)), cv2.COLOR_BGR2RGB),
-                    self.image_hw[::-1],
-                )
-                for name in table_db
-            ]
-        )  # (21, 480, 640, 3) uint8
+        self.plate_db = plate_db if self.uses_all_plates else {first_plate: plate_db[first_plate]}
+        self._load_tables(custom / "more_table")
         self.object_names, self.plate_names = list(self.object_db), list(self.plate_db)
         n_obj, _, n_tables, _ = OBJ_SETS["all"]
-        if len(self.object_names) < n_obj or len(self.backgrounds) < n_tables:
-            raise ValueError(f"{custom} must hold {n_obj} objects and {n_tables} table images")
-        self.xyz_configs, self.quat_configs = _placements()
+        n_plates = 17 if self.uses_all_plates else 1
+        if len(self.object_names) < n_obj or len(self.plate_names) < n_plates or len(self.backgrounds) < n_tables:
+            raise ValueError(f"{custom} must hold {n_obj} objects, {n_plates} plates and {n_tables} table images")
+        self.xyz_configs, self.quat_configs = self._init_poses()
         # BaseBridgeEnv.__init__ loads mani-skill's own object pair; this task builds its objects in _load_scene.
         BaseEnv.__init__(self, robot_uids=WidowX250SBridgeDatasetFlatTable, **kwargs)
 
+    def _load_tables(self, folder: Path) -> None:
+        """The table photos named in more_table/model_db.json, in its order."""
+        self.table_db = io_utils.load_json(folder / "model_db.json")
+        self.backgrounds = np.stack(
+            [read_rgb(folder / "imgs" / name, self.image_hw) for name in self.table_db]
+        )  # (21, H, W, 3)
+
+    @classmethod
+    def missing_assets(cls) -> list[str]:
+        """The files this task reads that are not on disk (empty when everything is there)."""
+        return [str(p) for p in cls._asset_files() if not p.exists()]
+
+    @classmethod
+    def _asset_files(cls) -> list[Path]:
+        root = asset_root()
+        custom = root / CUSTOM_ASSETS / "carrot"
+        need = [
+            root / "robots/widowx/wx250s.urdf",
+            root / "tasks/bridge_v2_real2sim_dataset/stages/bridge_table_1_v1.glb",
+        ]
+        for kind in ("more_carrot", "more_plate"):
+            db_path = custom / kind / "model_db.json"
+            need.append(db_path)
+            if db_path.exists():
+                need += [custom / kind / name / "collision.obj" for name in io_utils.load_json(db_path)]
+        table_db = custom / "more_table" / "model_db.json"
+        need.append(table_db)
+        if table_db.exists():
+            need += [custom / "more_table" / "imgs" / name for name in io_utils.load_json(table_db)]
+        return need
+
+    def _init_poses(self) -> tuple[np.ndarray, np.ndarray]:
+        """(P, 2, 3) object and plate positions on a 6 x 6 grid of the 15 cm square in front of the robot, at least
+        7 cm apart, both at z 0.90, and (4, 2, 4) quaternions: object yaw 0, 45, 90, 135 degrees, plate unrotated."""
+        return pair_placements(square_grid(np.linspace(0.0, 1.0, 6))), yaw_quats(np.arange(4) * np.pi / 4)
+
     # -- episode draw --------------------------------------------------------------------------------------------
+    def _episode_fields(self) -> list[tuple[str, int, int]]:
+        """(name, count, offset) of each index an episode id encodes, the slowest-varying first: the id is a number
+        whose digits, in these bases, pick index offset + digit."""
+        n_obj, obj_offset, n_tables, table_offset = OBJ_SETS[self.obj_set]
+        return [
+            ("obj", n_obj, obj_offset),
+            ("plate", len(self.plate_names), 0),
+            ("table", n_tables, table_offset),
+            ("pos", len(self.xyz_configs), 0),
+            ("quat", len(self.quat_configs), 0),
+        ]
+
     @property
     def total_num_trials(self) -> int:
-        n_obj, _, n_tables, _ = OBJ_SETS[self.obj_set]
-        return n_obj * len(self.plate_names) * n_tables * len(self.xyz_configs) * len(self.quat_configs)
+        return math.prod(count for _, count, _ in self._episode_fields())
 
     def _decode_episode(self, episode_id: torch.Tensor) -> dict[str, torch.Tensor]:
-        """episode id -> (object, plate, background, placement, yaw) indices, the object varying slowest."""
-        _, obj_offset, n_tables, table_offset = OBJ_SETS[self.obj_set]
-        n_plates, n_pos, n_quat = len(self.plate_names), len(self.xyz_configs), len(self.quat_configs)
-        return dict(
-            obj=episode_id // (n_plates * n_tables * n_pos * n_quat) + obj_offset,
-            plate=(episode_id // (n_tables * n_pos * n_quat)) % n_plates,
-            table=(episode_id // (n_pos * n_quat)) % n_tables + table_offset,
-            pos=(episode_id // n_quat) % n_pos,
-            quat=episode_id % n_quat,
-        )
+        """episode id -> the indices of `_episode_fields` (object, plate, background, placement, yaw)."""
+        drawn, rest = {}, episode_id
+        for name, count, offset in reversed(self._episode_fields()):
+            drawn[name] = rest % count + offset
+            rest = rest // count
+        return dict(reversed(drawn.items()))
 
     # -- scene ---------------------------------------------------------------------------------------------------
     def _build_model(self, folder: Path, name: str, info: dict, index: int, parked_x: float):
@@ -217,9 +257,10 @@ class PutOnPlateInScene25MainV3(BaseBridgeEnv):
             episode_id = torch.as_tensor(options["episode_id"], device=self.device).reshape(b)
         else:
             episode_id = torch.randint(0, self.total_num_trials, (b,), device=self.device)  # seeded by reset(seed)
+        drawn = self._decode_episode(episode_id)
         if not hasattr(self, "episode"):
             zeros = lambda: torch.zeros(self.num_envs, dtype=torch.long, device=self.device)  # noqa: E731
-            self.episode = {k: zeros() for k in ("id", "obj", "plate", "table", "pos", "quat")}
+            self.episode = {k: zeros() for k in ("id", *drawn)}
             self.background = torch.zeros((self.num_envs, *self.image_hw, 3), dtype=torch.uint8, device=self.device)
             self.consecutive_grasp = torch.zeros(self.num_envs, dtype=torch.int32, device=self.device)
             self.ever_grasped = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
@@ -227,7 +268,7 @@ class PutOnPlateInScene25MainV3(BaseBridgeEnv):
             self.obj_bbox_world = torch.zeros((self.num_envs, 3), device=self.device)
             self.plate_bbox_world = torch.zeros((self.num_envs, 3), device=self.device)
         self.episode["id"][env_idx] = episode_id
-        for key, value in self._decode_episode(episode_id).items():
+        for key, value in drawn.items():
             self.episode[key][env_idx] = value
         self.background[env_idx] = torch.as_tensor(
             self.backgrounds[self.episode["table"][env_idx].cpu().numpy()], device=self.device
@@ -235,22 +276,32 @@ class PutOnPlateInScene25MainV3(BaseBridgeEnv):
         xyz = torch.as_tensor(self.xyz_configs, device=self.device)[self.episode["pos"][env_idx]]  # (b, 2, 3)
         quat = torch.as_tensor(self.quat_configs, device=self.device)[self.episode["quat"][env_idx]]  # (b, 2, 4)
         self.agent.robot.set_pose(self.robot_pose)
-        drawn_sets = (
-            (self.objects, self.episode["obj"][env_idx], 1.0),
-            (self.plates, self.episode["plate"][env_idx], 2.0),
-        )
-        for slot, (actors, chosen, parked_x) in enumerate(drawn_sets):
+        for actors, parked_x, placed in self._layout(env_idx, xyz, quat):
             for i, actor in enumerate(actors):
-                drawn = (chosen == i)[:, None]
-                p = torch.where(drawn, xyz[:, slot], torch.tensor(self._parked(i, parked_x), device=self.device))
-                q = torch.where(drawn, quat[:, slot], torch.tensor([1.0, 0, 0, 0], device=self.device))
+                p = torch.tensor(self._parked(i, parked_x), device=self.device).expand(b, 3)
+                q = torch.tensor([1.0, 0, 0, 0], device=self.device).expand(b, 4)
+                for chosen, p_at, q_at in placed:  # a later placement of the same actor wins
+                    here = (chosen == i)[:, None]
+                    p, q = torch.where(here, p_at, p), torch.where(here, q_at, q)
                 actor.set_pose(Pose.create_from_pq(p=p, q=q))
-        self.agent.reset(init_qpos=self.initial_qpos)
+        self.agent.reset(init_qpos=self._initial_qpos(env_idx))
         self.obj_bbox_world[env_idx] = _rotated_extent(self.object_bbox[self.episode["obj"][env_idx]], quat[:, 0])
         self.plate_bbox_world[env_idx] = _rotated_extent(self.plate_bbox[self.episode["plate"][env_idx]], quat[:, 1])
         self.consecutive_grasp[env_idx] = 0
         self.ever_grasped[env_idx] = False
         self.ever_consecutive_grasp[env_idx] = False
+
+    def _layout(self, env_idx: torch.Tensor, xyz: torch.Tensor, quat: torch.Tensor):
+        """Where the actors of each set stand this episode: (actors, x of their shelf row, placements), a placement
+        being (index of the actor drawn (b,), position (b, 3), quaternion (b, 4)); the others wait on the shelf."""
+        return [
+            (self.objects, 1.0, [(self.episode["obj"][env_idx], xyz[:, 0], quat[:, 0])]),
+            (self.plates, 2.0, [(self.episode["plate"][env_idx], xyz[:, 1], quat[:, 1])]),
+        ]
+
+    def _initial_qpos(self, env_idx: torch.Tensor):
+        """The robot's joint positions at the start of the episode (the Bridge dataset's measured pose)."""
+        return self.initial_qpos
 
     # -- observation, success, instruction -----------------------------------------------------------------------
     def _get_obs_sensor_data(self, apply_texture_transforms: bool = True):
@@ -258,9 +309,13 @@ class PutOnPlateInScene25MainV3(BaseBridgeEnv):
         camera = obs[self.camera_name]
         segmentation = camera["segmentation"][..., 0]
         foreground = torch.isin(segmentation, self.foreground_ids.to(segmentation.device))[..., None]
-        background = self.background.to(camera["rgb"].device)
-        camera["rgb"] = torch.where(foreground, camera["rgb"], background)
+        camera["rgb"] = self._overlay(camera["rgb"], foreground)
         return obs
+
+    def _overlay(self, rgb: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
+        """(N, H, W, 3) uint8 camera image, (N, H, W, 1) bool robot-or-object mask -> the image the policy sees: the
+        episode's table photo everywhere but the robot and the objects."""
+        return torch.where(foreground, rgb, self.background.to(rgb.device))
 
     def _drawn_pose(self, actors, chosen: torch.Tensor) -> Pose:
         rows = torch.arange(self.num_envs, device=self.device)
@@ -296,11 +351,15 @@ class PutOnPlateInScene25MainV3(BaseBridgeEnv):
             consecutive_grasp=self.ever_consecutive_grasp,
         )
 
-    def get_language_instruction(self, **kwargs) -> list[str]:
+    def drawn_names(self) -> list[tuple[str, str]]:
+        """Per env: the names of the object and the plate drawn this episode."""
         return [
-            f"put {self.object_db[self.object_names[o]]['name']} on {self.plate_db[self.plate_names[p]]['name']}"
+            (self.object_db[self.object_names[o]]["name"], self.plate_db[self.plate_names[p]]["name"])
             for o, p in zip(self.episode["obj"].tolist(), self.episode["plate"].tolist())
         ]
+
+    def get_language_instruction(self, **kwargs) -> list[str]:
+        return [f"put {obj} on {plate}" for obj, plate in self.drawn_names()]
 
 
 def _rotated_extent(size: torch.Tensor, quat: torch.Tensor) -> torch.Tensor:
