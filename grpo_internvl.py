@@ -81,7 +81,7 @@ from common.guards import (
     named_state_tensors,
 )
 from common.logger import Logger, is_due
-from common.maniskill_env import ManiSkillVLAEnv, check_env_id, check_render_device
+from common.maniskill_env import ManiSkillVLAEnv, check_env_id, check_render_device, obj_set_kwargs
 
 
 @dataclass
@@ -112,6 +112,9 @@ class Args:
     """ManiSkill3 task id"""
     instruction: Optional[str] = None
     """override the task's language instruction"""
+    obj_set: Literal["train", "test", "all"] = "train"
+    """object/background split of PutOnPlateInScene25Main-v3 and its out-of-distribution variants (RLinf evaluates
+    the variants with test); other tasks accept only train"""
     num_envs: int = 64
     """parallel envs per rank = episodes per iteration per rank; a multiple of group_size"""
     max_episode_steps: int = 75
@@ -213,6 +216,7 @@ def validate(args: Args, world_size: int):
         raise ValueError(f"--image-size must be at least 32 (pixels per side), got {args.image_size}")
     run_path = check_run_flags(args, "grpo_internvl.py", inherited=("model_path", "lora_rank", "lora_alpha"))
     check_env_id(args.env_id)
+    obj_set_kwargs(args.env_id, args.obj_set)  # --obj-set on a task without a split -> error now
     check_render_device()
     return *load_processor_and_template(args.model_path), run_path
 
@@ -620,6 +624,7 @@ def main(args: Args) -> None:
         image_size=args.image_size,
         instruction=args.instruction,
         max_episode_steps=args.max_episode_steps,
+        env_kwargs=obj_set_kwargs(args.env_id, args.obj_set),
     )
     logger = Logger(run_path, args, enabled=dist.is_main)
     print0(

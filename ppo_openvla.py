@@ -19,6 +19,8 @@ Run:
         --env-id PutCarrotOnPlateInScene-v1 --num-envs 16 \
         --control-mode arm_pd_ee_target_delta_pose_align2_gripper_pd_joint_pos
     python ppo_openvla.py --eval-only --checkpoint runs/NAME/checkpoints
+    python ppo_openvla.py --eval-only --checkpoint runs/NAME/checkpoints \
+        --env-id PutOnPlateInScene25Carrot-v1 --obj-set test   # an out-of-distribution variant (README)
 CPU quickstart (tiny random model, real simulator): see README.md.
 Stopping: SIGTERM (Slurm, Kubernetes) or Ctrl-C finishes the current iteration, writes a checkpoint and exits 0;
 continue with --resume. Give the job a grace period longer than one iteration plus a save (torchrun
@@ -64,7 +66,7 @@ from common.guards import (
     named_state_tensors,
 )
 from common.logger import Logger, is_due
-from common.maniskill_env import ManiSkillVLAEnv, check_env_id, check_render_device
+from common.maniskill_env import ManiSkillVLAEnv, check_env_id, check_render_device, obj_set_kwargs
 from common.openvla import (
     ActionTokenizer,
     action_stats,
@@ -110,6 +112,9 @@ class Args:
     """ManiSkill3 task id"""
     instruction: Optional[str] = None
     """override the task's language instruction"""
+    obj_set: Literal["train", "test", "all"] = "train"
+    """object/background split of PutOnPlateInScene25Main-v3 and its out-of-distribution variants (RLinf evaluates
+    the variants with test); other tasks accept only train"""
     control_mode: Optional[str] = None
     """ManiSkill controller (default: pd_ee_delta_pose; the Bridge "InScene" tasks have only their own,
     arm_pd_ee_target_delta_pose_align2_gripper_pd_joint_pos)"""
@@ -227,6 +232,7 @@ def validate(args: Args, world_size: int) -> tuple[dict, str]:
         args, "ppo_openvla.py", inherited=("model_path", "unnorm_key", "lora_rank", "lora_alpha")
     )
     check_env_id(args.env_id)
+    obj_set_kwargs(args.env_id, args.obj_set)  # --obj-set on a task without a split -> error now
     check_render_device()
     args.model_path = resolve_model_path(args.model_path)
     config = read_openvla_config(args.model_path)
@@ -459,6 +465,7 @@ def main(args: Args) -> None:
         instruction=args.instruction,
         max_episode_steps=args.max_episode_steps,
         control_mode=args.control_mode,
+        env_kwargs=obj_set_kwargs(args.env_id, args.obj_set),
     )
 
     model_dir = args.model_path

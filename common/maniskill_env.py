@@ -60,6 +60,7 @@ def registered_env_ids() -> list[str]:
     from mani_skill.utils.registration import REGISTERED_ENVS
 
     import common.put_on_plate_25  # noqa: F401  (registers PutOnPlateInScene25Main-v3)
+    import common.put_on_plate_25_ood  # noqa: F401  (registers its 13 out-of-distribution variants)
 
     return sorted(REGISTERED_ENVS)
 
@@ -72,8 +73,31 @@ def is_digital_twin(env_id: str) -> bool:
     return issubclass(REGISTERED_ENVS[env_id].cls, BaseDigitalTwinEnv)
 
 
+def is_put_on_plate_25(env_id: str) -> bool:
+    """PutOnPlateInScene25Main-v3 or one of its variants (they take `obj_set`)."""
+    from mani_skill.utils.registration import REGISTERED_ENVS
+
+    from common.put_on_plate_25 import PutOnPlateInScene25MainV3
+
+    return env_id in registered_env_ids() and issubclass(REGISTERED_ENVS[env_id].cls, PutOnPlateInScene25MainV3)
+
+
+def obj_set_kwargs(env_id: str, obj_set: str) -> dict:
+    """gym.make kwargs of --obj-set, the object/background split (train/test/all) of PutOnPlateInScene25Main-v3 and its
+    out-of-distribution variants. Other tasks have no split: for them only the default "train" is accepted."""
+    if is_put_on_plate_25(env_id):
+        return {"obj_set": obj_set}
+    if obj_set != "train":
+        raise ValueError(f"--obj-set {obj_set} applies to the PutOnPlateInScene25 tasks only, not --env-id {env_id}")
+    return {}
+
+
 def check_env_id(env_id: str) -> None:
     """Fail fast (before any simulator starts) on an unknown or unsupported task, or one whose assets are missing."""
+    from mani_skill.utils.registration import REGISTERED_ENVS
+
+    from common.put_on_plate_25 import download_command
+
     registered = registered_env_ids()
     if env_id not in registered:
         raise ValueError(
@@ -82,13 +106,11 @@ def check_env_id(env_id: str) -> None:
         )
     if env_id in UNSUPPORTED:
         raise ValueError(f"--env-id {env_id} is not supported: {UNSUPPORTED[env_id]}.")
-    from common import put_on_plate_25
-
-    if env_id == put_on_plate_25.ENV_ID and put_on_plate_25.missing_assets():
-        missing = put_on_plate_25.missing_assets()
+    missing = REGISTERED_ENVS[env_id].cls.missing_assets() if is_put_on_plate_25(env_id) else []
+    if missing:
         raise FileNotFoundError(
             f"--env-id {env_id} needs assets that are not on disk ({len(missing)} files, e.g. "
-            f"{missing[0]}). Download them with: {put_on_plate_25.download_command()}"
+            f"{missing[0]}). Download them with: {download_command()}"
         )
 
 
@@ -165,6 +187,7 @@ class _CPUEnvFactory:
         from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
 
         import common.put_on_plate_25  # noqa: F401
+        import common.put_on_plate_25_ood  # noqa: F401
 
         torch.set_num_threads(1)  # one core per env process; the policy process keeps the rest
         env = gym.make(self.env_id, num_envs=1, sim_backend="physx_cpu", **self.make_kwargs)
@@ -225,7 +248,8 @@ class ManiSkillVLAEnv:
         step_timeout_s: float = 600.0,
     ):
         """control_mode None: pd_ee_delta_pose, or the robot's only controller for the digital twins. env_kwargs go to
-        gym.make (e.g. obj_set="test" for PutOnPlateInScene25Main-v3). ignore_terminations: eval mode (see above)."""
+        gym.make (e.g. obj_set="test" for PutOnPlateInScene25Main-v3 and its variants). ignore_terminations: eval mode
+        (see above)."""
         check_env_id(env_id)
         check_render_device()
         import mani_skill.envs  # noqa: F401

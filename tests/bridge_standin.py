@@ -1,7 +1,8 @@
 """A stand-in for the PutOnPlateInScene25Main-v3 assets, in their real layout under a mani-skill data folder, built
 from primitive shapes: a WidowX-like arm with the real joint and link names, a table slab as the Bridge scene file,
-25 small boxes, one flat plate and 21 one-colour table photos. Lets the real task code run where the real assets
-cannot be downloaded."""
+25 small boxes, 17 flat plates (the Main task uses the first), 21 one-colour table photos, each paired with a
+one-colour texture (the VisionTexture/VisionWhole variants blend it in). Lets the real task code and its
+out-of-distribution variants (common/put_on_plate_25_ood.py) run where the real assets cannot be downloaded."""
 
 import json
 from pathlib import Path
@@ -91,8 +92,11 @@ def build(ms_asset_dir: Path) -> Path:
         info = _write_box(custom / "more_carrot" / f"object_{i:02d}", [0.03, 0.03, 0.03])
         objects[f"object_{i:02d}"] = {**info, "name": f"{COLOURS[i % 5]} block {i}"}
     (custom / "more_carrot" / "model_db.json").write_text(json.dumps(objects))
-    plate = {**_write_box(custom / "more_plate" / "plate_0", [0.16, 0.16, 0.01]), "name": "plate"}
-    (custom / "more_plate" / "model_db.json").write_text(json.dumps({"plate_0": plate}))
+    plates = {"plate_0": {**_write_box(custom / "more_plate" / "plate_0", [0.16, 0.16, 0.01]), "name": "plate"}}
+    for i in range(1, 17):  # the 16 plates only the Plate and MultiPlate variants draw: smaller and square
+        info = _write_box(custom / "more_plate" / f"plate_{i}", [0.12, 0.12, 0.01])
+        plates[f"plate_{i}"] = {**info, "name": f"{COLOURS[i % 5]} dish {i}"}
+    (custom / "more_plate" / "model_db.json").write_text(json.dumps(plates))
     tables = custom / "more_table"
     (tables / "imgs").mkdir(parents=True, exist_ok=True)
     (tables / "textures").mkdir(parents=True, exist_ok=True)

@@ -109,6 +109,7 @@ def test_bad_flags_fail_before_any_work(tiny_openvla, tmp_path):
         (dict(unnorm_key="bridge_orig"), "maniskill"),
         (dict(num_envs=3, num_steps=3, num_minibatches=2), "--num-minibatches"),
         (dict(model_path=str(tmp_path / "missing")), "--model-path"),
+        (dict(obj_set="test"), "--obj-set test applies to the PutOnPlateInScene25 tasks only"),
     ]:
         args = ppo_openvla.Args(**{"model_path": tiny_openvla, "run_dir": str(tmp_path), **flags})
         with pytest.raises((ValueError, FileNotFoundError, OSError), match=message):
