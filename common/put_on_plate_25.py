@@ -11,6 +11,11 @@ every scene; the ones not drawn wait on a shelf behind the camera.
 
 Assets: mani-skill's Bridge scene and WidowX robot, and RLinf's object set (its `carrot/` folder) under
 `{MS_ASSET_DIR}/data/tasks/rlinf_maniskill_assets/` (MS_ASSET_DIR defaults to ~/.maniskill); see DOWNLOAD_COMMAND.
+
+RLinf's 13 out-of-distribution variants (common/put_on_plate_25_ood.py) subclass this task through its hooks: which
+indices an episode id encodes (`_episode_fields`, `_decode_episode`), the placements (`_init_poses`, `_layout`), the
+arm's start (`_initial_qpos`), the image (`_load_tables`, `_overlay`), the instruction and the files read
+(`_asset_files`).
 """
 
 import math
@@ -130,11 +135,9 @@ class PutOnPlateInScene25MainV3(BaseBridgeEnv):
         BaseEnv.__init__(self, robot_uids=WidowX250SBridgeDatasetFlatTable, **kwargs)
 
     def _load_tables(self, folder: Path) -> None:
-        """The table photos named in more_table/model_db.json, in its order."""
+        """The table photos named in more_table/model_db.json, in its order: backgrounds (21, H, W, 3) uint8."""
         self.table_db = io_utils.load_json(folder / "model_db.json")
-        self.backgrounds = np.stack(
-            [read_rgb(folder / "imgs" / name, self.image_hw) for name in self.table_db]
-        )  # (21, H, W, 3)
+        self.backgrounds = np.stack([read_rgb(folder / "imgs" / name, self.image_hw) for name in self.table_db])
 
     @classmethod
     def missing_assets(cls) -> list[str]:
@@ -143,6 +146,7 @@ class PutOnPlateInScene25MainV3(BaseBridgeEnv):
 
     @classmethod
     def _asset_files(cls) -> list[Path]:
+        """Every file the task reads: the robot, the scene, and each object, plate and photo its model_db lists."""
         root = asset_root()
         custom = root / CUSTOM_ASSETS / "carrot"
         need = [
@@ -183,7 +187,8 @@ class PutOnPlateInScene25MainV3(BaseBridgeEnv):
         return math.prod(count for _, count, _ in self._episode_fields())
 
     def _decode_episode(self, episode_id: torch.Tensor) -> dict[str, torch.Tensor]:
-        """episode id -> the indices of `_episode_fields` (object, plate, background, placement, yaw)."""
+        """episode id -> the indices of `_episode_fields` (object, plate, background, placement, yaw); ids past
+        total_num_trials wrap around, as in RLinf."""
         drawn, rest = {}, episode_id
         for name, count, offset in reversed(self._episode_fields()):
             drawn[name] = rest % count + offset

@@ -162,12 +162,13 @@ class _TexturedScene(PutOnPlateInScene25MainV3):
             ("quat", len(self.quat_configs), 0),
         ]
 
-    def _episode_textures(self, device) -> tuple[torch.Tensor, list[float]]:
-        """Per env: its texture (*texture_hw, 3) uint8 and its blend weight."""
+    def _episode_textures(self, device) -> list[tuple[torch.Tensor, float]]:
+        """Per env: its texture (*texture_hw, 3) uint8 on `device` and its blend weight."""
         if self.textures.device != device:
             self.textures = self.textures.to(device)
         table = self.episode["table"].cpu()
-        return self.textures[table.to(device)], (self.texture_mix[table] * self.texture_strength).tolist()
+        weights = (self.texture_mix[table] * self.texture_strength).tolist()
+        return [(self.textures[t], weight) for t, weight in zip(table.tolist(), weights)]
 
 
 @_register("PutOnPlateInScene25VisionTexture03-v1")
@@ -180,12 +181,11 @@ class PutOnPlateInScene25VisionTexture03(_TexturedScene):
 
     def _overlay(self, rgb, foreground):
         composite = super()._overlay(rgb, foreground).float()
-        textures, weights = self._episode_textures(rgb.device)
-        for i, weight in enumerate(weights):
+        for i, (texture, weight) in enumerate(self._episode_textures(rgb.device)):
             if not foreground[i].any():
                 continue
             ymin, ymax, xmin, xmax = _mask_box(foreground[i, ..., 0])
-            texture = textures[i].permute(2, 0, 1)[None].float()  # (1, 3, H, W)
+            texture = texture.permute(2, 0, 1)[None].float()  # (1, 3, H, W)
             size = (ymax - ymin + 1, xmax - xmin + 1)
             texture = F.interpolate(texture, size=size, mode="bilinear", align_corners=False)[0]
             box = (i, slice(ymin, ymax + 1), slice(xmin, xmax + 1))
@@ -210,11 +210,10 @@ class PutOnPlateInScene25VisionWhole03(_TexturedScene):
     def _overlay(self, rgb, foreground):
         composite = super()._overlay(rgb, foreground).float()
         height, width = rgb.shape[1:3]
-        textures, weights = self._episode_textures(rgb.device)
-        for i, weight in enumerate(weights):
+        for i, (texture, weight) in enumerate(self._episode_textures(rgb.device)):
             ymin, ymax, xmin, xmax = _mask_box(foreground[i, ..., 0])
             y0, x0 = min(max((ymin + ymax) // 2, 1), height - 1), min(max((xmin + xmax) // 2, 1), width - 1)
-            crop = textures[i, y0 : y0 + height, x0 : x0 + width].float()
+            crop = texture[y0 : y0 + height, x0 : x0 + width].float()
             composite[i] = composite[i] * (1 - weight) + crop * weight
         return composite.clamp(0, 255).to(torch.uint8)
 
