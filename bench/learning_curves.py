@@ -305,6 +305,8 @@ def sft_grpo_mode(a: argparse.Namespace) -> None:
         str(a.image_size),
         "--lora-rank",
         str(a.lora_rank),
+        "--temperature",
+        str(a.temperature),
         "--total-iterations",
         str(a.iterations),
         "--micro-batch-size",
@@ -373,18 +375,19 @@ def main() -> None:
     sft.add_argument("--model-path", default=None, help="InternVL -hf checkpoint to SFT (default: a tiny random one)")
     sft.add_argument("--env-id", default="PushCube-v1")
     sft.add_argument("--seed", type=int, default=1)
-    sft.add_argument("--num-demos", type=int, default=20)
-    sft.add_argument("--sft-epochs", type=float, default=5.0)
+    sft.add_argument("--num-demos", type=int, default=100)
+    sft.add_argument("--sft-epochs", type=float, default=12.0)
     sft.add_argument("--sft-learning-rate", type=float, default=1e-3)
     sft.add_argument("--sft-batch-size", type=int, default=16)
     sft.add_argument("--lora-rank", type=int, default=0)
-    sft.add_argument("--iterations", type=int, default=20)
-    sft.add_argument("--num-envs", type=int, default=8)
-    sft.add_argument("--group-size", type=int, default=4)
-    sft.add_argument("--max-episode-steps", type=int, default=50)
+    sft.add_argument("--iterations", type=int, default=15)
+    sft.add_argument("--num-envs", type=int, default=16)
+    sft.add_argument("--group-size", type=int, default=8)
+    sft.add_argument("--max-episode-steps", type=int, default=40)
     sft.add_argument("--image-size", type=int, default=64)
     sft.add_argument("--learning-rate", type=float, default=1e-4)
-    sft.add_argument("--grpo-micro-batch-size", type=int, default=16)
+    sft.add_argument("--temperature", type=float, default=1.0, help="GRPO rollout temperature (the script's: 1.6)")
+    sft.add_argument("--grpo-micro-batch-size", type=int, default=32)
     sft.add_argument("--eval-interval", type=int, default=5)
     replot = modes.add_parser("plot", help="redraw {out}/curves.png from {out}/curves.json")
     replot.add_argument("--out", required=True)
