@@ -117,6 +117,9 @@ class Args:
     the variants with test); other tasks accept only train"""
     num_envs: int = 64
     """parallel envs per rank = episodes per iteration per rank; a multiple of group_size"""
+    num_initial_states: int = 0
+    """train on a fixed set of initial states, the env reset seeds 0 .. K-1 (as LIBERO's fixed init states); each
+    group draws one. 0: every group draws a fresh seed from [0, 2**31). Evaluation always uses held-out seeds"""
     max_episode_steps: int = 75
     """env steps (= policy queries) per episode"""
     image_size: int = 224
@@ -195,7 +198,14 @@ def validate(args: Args, world_size: int):
             "total_iterations",
             "max_episode_steps",
         ),
-        non_negative=("eval_interval", "save_interval", "keep_checkpoints", "eval_temperature", "top_k"),
+        non_negative=(
+            "eval_interval",
+            "save_interval",
+            "keep_checkpoints",
+            "eval_temperature",
+            "top_k",
+            "num_initial_states",
+        ),
     )
     if args.group_size < 2:
         raise ValueError(f"--group-size must be >= 2 (GRPO normalises within a group), got {args.group_size}")
@@ -669,13 +679,13 @@ def main(args: Args) -> None:
     stop = StopRequest()  # SIGTERM / Ctrl-C: finish the iteration, save, exit 0
     for iteration in range(start_iteration + 1, args.total_iterations + 1):
         # -----------------------------------------------------------------------------------------------------------
-        # 1. Rollout: group_size episodes per initial state; sampling, shuffling and reset seeds derive from
-        #    (seed, rank, iteration), so a resume replays exactly
+        # 1. Rollout: group_size episodes per initial state (reset seed); sampling, shuffling and reset seeds derive
+        #    from (seed, rank, iteration), so a resume replays exactly
         # -----------------------------------------------------------------------------------------------------------
         rollout_start = time.time()
         rng = np.random.default_rng([args.seed, dist.rank, iteration])
         torch.manual_seed(int(rng.integers(2**62)))
-        group_seeds = rng.integers(0, 2**31, size=args.num_groups).tolist()
+        group_seeds = rng.integers(0, args.num_initial_states or 2**31, size=args.num_groups).tolist()
         seeds = [s for s in group_seeds for _ in range(args.group_size)]
         policy.eval()
         with fsdp.gathered_params(policy):  # FSDP: the full weights for the rollout's many small forwards

@@ -307,6 +307,8 @@ def sft_grpo_mode(a: argparse.Namespace) -> None:
         str(a.lora_rank),
         "--temperature",
         str(a.temperature),
+        "--num-initial-states",
+        str(a.num_initial_states),
         "--total-iterations",
         str(a.iterations),
         "--micro-batch-size",
@@ -380,15 +382,18 @@ def main() -> None:
     sft.add_argument("--sft-learning-rate", type=float, default=1e-3)
     sft.add_argument("--sft-batch-size", type=int, default=16)
     sft.add_argument("--lora-rank", type=int, default=0)
-    sft.add_argument("--iterations", type=int, default=15)
+    sft.add_argument("--iterations", type=int, default=30)
     sft.add_argument("--num-envs", type=int, default=16)
     sft.add_argument("--group-size", type=int, default=8)
     sft.add_argument("--max-episode-steps", type=int, default=40)
     sft.add_argument("--image-size", type=int, default=64)
     sft.add_argument("--learning-rate", type=float, default=1e-4)
     sft.add_argument("--temperature", type=float, default=1.0, help="GRPO rollout temperature (the script's: 1.6)")
+    sft.add_argument(
+        "--num-initial-states", type=int, default=4, help="GRPO trains on env reset seeds 0..K-1 (0: fresh seeds)"
+    )
     sft.add_argument("--grpo-micro-batch-size", type=int, default=32)
-    sft.add_argument("--eval-interval", type=int, default=5)
+    sft.add_argument("--eval-interval", type=int, default=10)
     replot = modes.add_parser("plot", help="redraw {out}/curves.png from {out}/curves.json")
     replot.add_argument("--out", required=True)
     a = parser.parse_args()

@@ -33,6 +33,7 @@ BAD_FLAGS = [  # (script, flags, text the error must contain)
     (grpo_internvl, dict(micro_batch_size=0), "--micro-batch-size"),
     (grpo_internvl, dict(total_iterations=0), "--total-iterations"),
     (grpo_internvl, dict(temperature=-1.0), "--temperature"),
+    (grpo_internvl, dict(num_initial_states=-1), "--num-initial-states"),
     (srpo_openvla_oft, dict(num_minibatches=0), "--num-minibatches"),
     (srpo_openvla_oft, dict(tasks_per_iteration=0), "--tasks-per-iteration"),
     (srpo_openvla_oft, dict(group_size=0), "--group-size"),
