@@ -13,8 +13,10 @@ dense reward on PushCube-v1 (the task's success is still logged as rollout/succe
 every --eval-interval iterations as eval/success_once, RLinf's protocol).
 
 sft-grpo: collect_demos.py (scripted expert) -> sft_internvl.py (final model at {run_dir}/sft__s{seed}/final) ->
-grpo_internvl.py from that model, next to grpo_internvl.py --learning-rate 0 from the same model. Without
---model-path a tiny random InternVL is the SFT starting point.
+grpo_internvl.py from that model, next to grpo_internvl.py --learning-rate 0 from the same model. GRPO trains on a
+fixed set of --num-initial-states initial states (reset seeds 0..K-1), so its rollout success is measured on the
+states it trains on; evaluation uses held-out states. Without --model-path a tiny random InternVL is the SFT
+starting point.
 
 Each mode writes {out}/curves.json (every logged scalar of every run, against iteration and env steps) and
 {out}/curves.png, and prints the wall time of every stage; models, logs and runs go to {out}/runs/ (git-ignored).
@@ -76,6 +78,14 @@ def tail_mean(curve: dict, k: int) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def head_mean(curve: dict, k: int) -> float:
+    values = curve["value"][:k]
+    return sum(values) / len(values) if values else float("nan")
+
+
+SMOOTH = 5  # iterations per moving-average point in the plots
+
+
 def plot(curves: dict, panels: list[tuple[str, str]], title: str, path: str) -> None:
     """One panel per (tag, y label); trained and control runs against env steps."""
     import matplotlib
@@ -85,16 +95,19 @@ def plot(curves: dict, panels: list[tuple[str, str]], title: str, path: str) -> 
 
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), dpi=80)
     for ax, (tag, label) in zip(axes, panels):
-        for name, style in (("trained", "-"), ("control", "--")):
+        for name, style, color in (("trained", "-", "C0"), ("control", "--", "C1")):
             curve = curves[name].get(tag)
-            if curve and curve["value"]:
-                ax.plot(
-                    curve["env_steps"],
-                    curve["value"],
-                    style,
-                    marker="." if len(curve["value"]) < 30 else None,
-                    label=name if name == "trained" else "control (lr 0)",
-                )
+            if not (curve and curve["value"]):
+                continue
+            legend = name if name == "trained" else "control (lr 0)"
+            x, y = curve["env_steps"], curve["value"]
+            if len(y) < SMOOTH:
+                ax.plot(x, y, style, color=color, marker=".", label=legend)
+                continue
+            # noisy per-iteration values thin, their moving average over SMOOTH iterations bold
+            ax.plot(x, y, style, color=color, alpha=0.3, linewidth=0.8)
+            smooth = [sum(y[i - SMOOTH + 1 : i + 1]) / SMOOTH for i in range(SMOOTH - 1, len(y))]
+            ax.plot(x[SMOOTH - 1 :], smooth, style, color=color, linewidth=2, label=f"{legend}, mean of {SMOOTH}")
         if "success" in tag:
             ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel("env steps")
@@ -333,16 +346,18 @@ def sft_grpo_mode(a: argparse.Namespace) -> None:
         results["curves"][name] = {tag: series(scalars, tag, cumulative) for tag in GRPO_TAGS}
     results["summary"] = {
         name: {
-            "success_rate_last5": tail_mean(c["rollout/success_rate"], 5),
+            "success_rate_first10": head_mean(c["rollout/success_rate"], 10),
+            "success_rate_last10": tail_mean(c["rollout/success_rate"], 10),
             "eval_success_final": (c["eval/success_rate"]["value"] or [float("nan")])[-1],
         }
         for name, c in results["curves"].items()
     }
     results["panels"] = [
-        ("rollout/success_rate", "rollout success rate"),
-        ("eval/success_rate", "greedy eval success rate"),
+        ("rollout/success_rate", f"rollout success rate (T {a.temperature})"),
+        ("eval/success_rate", f"greedy eval success ({a.num_envs} held-out)"),
     ]
-    results["title"] = f"SFT ({a.num_demos} demos) then GRPO, {a.env_id}, seed {a.seed}"
+    states = f"{a.num_initial_states} initial states" if a.num_initial_states else "fresh initial states"
+    results["title"] = f"SFT ({a.num_demos} demos) then GRPO on {states}, {a.env_id}, seed {a.seed}"
     write_results(a.out, results)
     plot(results["curves"], results["panels"], results["title"], os.path.join(a.out, "curves.png"))
     print(
