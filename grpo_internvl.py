@@ -680,7 +680,8 @@ def main(args: Args) -> None:
     for iteration in range(start_iteration + 1, args.total_iterations + 1):
         # -----------------------------------------------------------------------------------------------------------
         # 1. Rollout: group_size episodes per initial state (reset seed); sampling, shuffling and reset seeds derive
-        #    from (seed, rank, iteration), so a resume replays exactly
+        #    from (seed, rank, iteration), so a resume draws the same ones (the CPU sim itself may still differ:
+        #    see "Does it learn?" in README.md)
         # -----------------------------------------------------------------------------------------------------------
         rollout_start = time.time()
         rng = np.random.default_rng([args.seed, dist.rank, iteration])

@@ -566,7 +566,8 @@ def main(args: Args) -> None:
 
     for iteration in range(start_iteration + 1, args.total_iterations + 1):
         # -----------------------------------------------------------------------------------------------------------
-        # 1. Rollout: fresh episodes from seeds derived from (seed, rank, iteration), so a resume replays exactly
+        # 1. Rollout: fresh episodes from seeds derived from (seed, rank, iteration), so a resume draws the same ones
+        #    (the CPU sim itself may still differ: see "Does it learn?" in README.md)
         # -----------------------------------------------------------------------------------------------------------
         rollout_start, policy_time = time.time(), 0.0
         rng = np.random.default_rng([args.seed, dist.rank, iteration])
