@@ -101,7 +101,7 @@ def plot(curves: dict, panels: list[tuple[str, str]], title: str, path: str) -> 
                 continue
             legend = name if name == "trained" else "control (lr 0)"
             x, y = curve["env_steps"], curve["value"]
-            if len(y) < SMOOTH:
+            if len(y) < 2 * SMOOTH:  # few points (evaluations): plain
                 ax.plot(x, y, style, color=color, marker=".", label=legend)
                 continue
             # noisy per-iteration values thin, their moving average over SMOOTH iterations bold
@@ -380,8 +380,8 @@ def main() -> None:
     ppo.add_argument("--model-path", default=None, help="OpenVLA checkpoint (default: a tiny random one)")
     ppo.add_argument("--env-id", default="PushCube-v1")
     ppo.add_argument("--seed", type=int, default=1)
-    ppo.add_argument("--iterations", type=int, default=80)
-    ppo.add_argument("--num-envs", type=int, default=2)
+    ppo.add_argument("--iterations", type=int, default=60)
+    ppo.add_argument("--num-envs", type=int, default=8)
     ppo.add_argument("--num-steps", type=int, default=20)
     ppo.add_argument("--max-episode-steps", type=int, default=20)
     ppo.add_argument("--image-size", type=int, default=64)
