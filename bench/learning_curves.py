@@ -73,14 +73,16 @@ def series(scalars: dict, tag: str, env_steps: dict[int, int]) -> dict[str, list
     }
 
 
-def tail_mean(curve: dict, k: int) -> float:
-    values = curve["value"][-k:]
+def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
 def head_mean(curve: dict, k: int) -> float:
-    values = curve["value"][:k]
-    return sum(values) / len(values) if values else float("nan")
+    return mean(curve["value"][:k])
+
+
+def tail_mean(curve: dict, k: int) -> float:
+    return mean(curve["value"][-k:])
 
 
 SMOOTH = 5  # iterations per moving-average point in the plots
