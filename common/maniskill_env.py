@@ -1,8 +1,10 @@
 """ManiSkill3 for VLA policies: a batch of envs that returns camera images, instructions and per-step rewards.
 
 GPU machine: one process simulates all envs (`physx_cuda`, GPU rendering).
-CPU machine: ManiSkill's CPU backend holds one env per process, so the batch is one subprocess per env
-(gymnasium AsyncVectorEnv), rendered by Mesa's lavapipe Vulkan driver (see scripts/setup.sh).
+CPU machine: ManiSkill's CPU backend simulates one env per `gym.make`, so the batch is split over worker processes
+(gymnasium AsyncVectorEnv), one per core, each stepping its slice of envs in turn, rendered by Mesa's lavapipe Vulkan
+driver (see scripts/setup.sh). A worker's first env costs ~5 s of CPU (lavapipe compiles its shaders once per
+process), its further envs ~0.3 s each, so 16 envs start in seconds instead of minutes.
 Both paths share this interface:
 
     env = ManiSkillVLAEnv("PickCube-v1", num_envs=4)
@@ -163,22 +165,77 @@ class _VLAObservation(gym.ObservationWrapper):
         get = getattr(self.env.unwrapped, "get_language_instruction", None)
         return get()[0] if get else None
 
-    def replay(self) -> None:
-        """Reset with the episode's seed and redo its actions (set in `pending_replay` as (seed, actions))."""
+    def replay(self):
+        """Reset with the episode's seed and redo its actions (set in `pending_replay` as (seed, actions)); returns the
+        observation reached."""
         seed, actions = self.pending_replay
-        self.reset(seed=seed)
+        obs, _ = self.reset(seed=seed)
         for action in actions:
-            self.step(action)
+            obs = self.step(action)[0]
         self.pending_replay = None
+        return obs
+
+
+class _EnvSlice(gym.Env):
+    """The envs offset .. offset + k - 1 of the batch, held by one worker process and stepped one after the other.
+    Observations, rewards and the info signals come back stacked along a first axis of k; reset takes the seeds and
+    the reset mask of the whole batch in `options` and picks its own."""
+
+    def __init__(self, envs: list, offset: int):
+        self.envs, self.offset = envs, offset
+        self.observation_space = gym.vector.utils.batch_space(envs[0].observation_space, len(envs))
+        self.action_space = gym.vector.utils.batch_space(envs[0].action_space, len(envs))
+        self.metadata, self.render_mode = envs[0].metadata, envs[0].render_mode
+        self.obs = [None] * len(envs)
+        self.pending_replay = None
+
+    def _stacked(self):
+        return {k: np.stack([obs[k] for obs in self.obs]) for k in self.obs[0]}
+
+    def reset(self, *, seed=None, options=None):
+        mine = slice(self.offset, self.offset + len(self.envs))
+        seeds, mask = options["seeds"][mine], options.get("env_mask")
+        for i, env in enumerate(self.envs):
+            if mask is None or mask[mine][i]:
+                self.obs[i], _ = env.reset(seed=seeds[i])
+        return self._stacked(), {}
+
+    def step(self, actions):
+        rewards, terminated, truncated, infos = [], [], [], []
+        for i, (env, action) in enumerate(zip(self.envs, actions)):
+            self.obs[i], reward, term, trunc, info = env.step(action)
+            rewards.append(reward), terminated.append(term), truncated.append(trunc), infos.append(info)
+        keys = [k for k in ("success", *GRASP_KEYS, "consecutive_grasp") if k in infos[0]]
+        info = {k: np.array([np.asarray(i[k]).item() for i in infos]) for k in keys}
+        return self._stacked(), np.array(rewards, np.float32), np.array(terminated), np.array(truncated), info
+
+    def instruction(self) -> list[Optional[str]]:
+        return [env.instruction() for env in self.envs]
+
+    def replay(self) -> None:
+        """Bring every env back to where it was (worker respawn): `pending_replay` holds (seed, actions) per env."""
+        for i, (env, (seed, actions)) in enumerate(zip(self.envs, self.pending_replay)):
+            env.pending_replay = (seed, actions)
+            self.obs[i] = env.replay()
+        self.pending_replay = None
+
+    def close(self):
+        for env in self.envs:
+            env.close()
 
 
 class _CPUEnvFactory:
-    """Builds one ManiSkill CPU env in a worker process. AsyncVectorEnv also calls it once in the calling process just
-    to read the spaces: there it returns a simulator-free stand-in with the spaces probed in a subprocess, so the
-    trainer process never builds a scene (and mani-skill's asset folder is the one MS_ASSET_DIR names now)."""
+    """Builds the slice of `count` ManiSkill CPU envs that starts at `offset`, in a worker process. AsyncVectorEnv also
+    calls the first factory once in the calling process just to read the spaces: there it returns a simulator-free
+    stand-in with the spaces probed in a subprocess, so the trainer process never builds a scene (and mani-skill's asset
+    folder is the one MS_ASSET_DIR names now)."""
 
-    def __init__(self, env_id: str, make_kwargs: dict, asset_dir: Optional[str]):
+    def __init__(self, env_id: str, make_kwargs: dict, asset_dir: Optional[str], offset: int = 0, count: int = 1):
         self.env_id, self.make_kwargs, self.asset_dir, self.spaces = env_id, make_kwargs, asset_dir, None
+        self.offset, self.count = offset, count
+
+    def build_slice(self) -> _EnvSlice:
+        return _EnvSlice([self.build() for _ in range(self.count)], self.offset)
 
     def build(self) -> gym.Env:
         if self.asset_dir:  # before mani_skill is imported: it reads its asset folder once
@@ -195,15 +252,28 @@ class _CPUEnvFactory:
 
     def __call__(self) -> gym.Env:
         if multiprocessing.parent_process() is not None:
-            return self.build()
+            return self.build_slice()
         if self.spaces is None:
+            _preload_forkserver()
             context = multiprocessing.get_context("forkserver")
             with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
-                self.spaces = pool.submit(_probe_spaces, self).result()
+                observation_space, action_space, *rest = pool.submit(_probe_spaces, self).result()
+            batched = [gym.vector.utils.batch_space(space, self.count) for space in (observation_space, action_space)]
+            self.spaces = (*batched, *rest)
         return _SpacesOnly(*self.spaces)
 
 
+def _preload_forkserver() -> None:
+    """CPU workers are forked from multiprocessing's forkserver process, which imports the training script (its
+    default); have it import mani-skill too (~2 s of CPU that each worker would spend). Takes effect if the forkserver
+    has not started yet."""
+    multiprocessing.set_forkserver_preload(
+        ["__main__", "mani_skill.envs", "common.put_on_plate_25", "common.put_on_plate_25_ood"]
+    )
+
+
 def _probe_spaces(factory: _CPUEnvFactory):
+    """The spaces of one env (the slice's are these batched)."""
     env = factory.build()
     spaces = (env.observation_space, env.action_space, dict(env.metadata), env.render_mode)
     env.close()
@@ -275,7 +345,7 @@ class ManiSkillVLAEnv:
             make_kwargs["sensor_configs"] = dict(width=image_size, height=image_size)
         if max_episode_steps:
             make_kwargs["max_episode_steps"] = max_episode_steps
-        self._make_kwargs, self._factory = make_kwargs, None
+        self._make_kwargs, self._factories = make_kwargs, None
 
         if self.gpu:
             from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
@@ -286,8 +356,9 @@ class ManiSkillVLAEnv:
         else:
             self.env = self._spawn_cpu_envs()
         self.max_episode_steps = max_episode_steps or gym.spec(env_id).max_episode_steps
-        self.action_low = torch.as_tensor(self.env.single_action_space.low, dtype=torch.float32)
-        self.action_high = torch.as_tensor(self.env.single_action_space.high, dtype=torch.float32)
+        space = self.env.single_action_space  # (A,), or (envs per worker, A) on CPU
+        self.action_low = torch.as_tensor(space.low.reshape(-1, space.shape[-1])[0], dtype=torch.float32)
+        self.action_high = torch.as_tensor(space.high.reshape(-1, space.shape[-1])[0], dtype=torch.float32)
         self.image_shape = tuple(self.env.single_observation_space["rgb"].shape[-3:-1])  # (H, W) of the camera
         self._seeds = [None] * num_envs  # per env: the seed of its current episode and the actions taken since
         self._actions: list[list[np.ndarray]] = [[] for _ in range(num_envs)]
@@ -296,10 +367,15 @@ class ManiSkillVLAEnv:
         self._refresh_instructions(torch.ones(num_envs, dtype=torch.bool))
 
     def _spawn_cpu_envs(self) -> gym.vector.AsyncVectorEnv:
-        if self._factory is None:
-            self._factory = _CPUEnvFactory(self.env_id, self._make_kwargs, os.environ.get("MS_ASSET_DIR"))
+        if self._factories is None:  # equal slices, one worker per available core
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+            self.num_workers = max(w for w in range(1, min(cores, self.num_envs) + 1) if self.num_envs % w == 0)
+            k, asset_dir = self.num_envs // self.num_workers, os.environ.get("MS_ASSET_DIR")
+            self._factories = [
+                _CPUEnvFactory(self.env_id, self._make_kwargs, asset_dir, w * k, k) for w in range(self.num_workers)
+            ]
         return gym.vector.AsyncVectorEnv(
-            [self._factory] * self.num_envs,
+            self._factories,
             autoreset_mode=gym.vector.AutoresetMode.DISABLED,
             context="forkserver",
         )
@@ -318,8 +394,17 @@ class ManiSkillVLAEnv:
             raise ValueError(f"--env-id {self.env_id} has no built-in instruction: pass --instruction 'what to do'.")
 
     # -- CPU workers: calls that survive a dead worker ----------------------------------------------------------
-    def _call(self, name: str):
-        return self._retry(lambda: self.env.call(name))
+    def _call(self, name: str) -> list:
+        """Call a method of every env slice; one result per env."""
+        return [x for per_worker in self._retry(lambda: self.env.call(name)) for x in per_worker]
+
+    def _per_worker(self, values: list) -> list[list]:
+        k = self.num_envs // self.num_workers
+        return [values[w * k : (w + 1) * k] for w in range(self.num_workers)]
+
+    def _per_env(self, x: np.ndarray) -> np.ndarray:
+        """(workers, envs per worker, ...) -> (N, ...)"""
+        return x.reshape(self.num_envs, *x.shape[2:])
 
     def _retry(self, fn):
         for attempt in range(self.max_worker_restarts + 1):
@@ -342,7 +427,8 @@ class ManiSkillVLAEnv:
         self.env = self._spawn_cpu_envs()
         if any(seed is None for seed in self._seeds):
             return
-        self.env.set_attr("pending_replay", [(seed, list(acts)) for seed, acts in zip(self._seeds, self._actions)])
+        episodes = [(seed, list(acts)) for seed, acts in zip(self._seeds, self._actions)]
+        self.env.set_attr("pending_replay", self._per_worker(episodes))
         self.env.call("replay")
 
     def _kill_workers(self) -> None:
@@ -356,19 +442,26 @@ class ManiSkillVLAEnv:
 
     def _cpu_step(self, actions: np.ndarray):
         def step():
-            self.env.step_async(actions)
+            self.env.step_async(actions.reshape(self.num_workers, -1, actions.shape[-1]))
             return self.env.step_wait(timeout=self.step_timeout_s)
 
-        return self._retry(step)
+        obs, reward, terminated, truncated, info = self._retry(step)
+        info = {k: self._per_env(v) for k, v in info.items() if not k.startswith("_")}
+        obs = {k: self._per_env(v) for k, v in obs.items()}
+        return obs, self._per_env(reward), self._per_env(terminated), self._per_env(truncated), info
 
     def _cpu_reset(self, seeds: list[int], mask: Optional[np.ndarray] = None):
-        options = None if mask is None else {"reset_mask": mask}
+        """Reset the envs in `mask` (all if None) with their seeds; only workers holding one of them are called."""
 
         def reset():
-            self.env.reset_async(seed=list(seeds), options=dict(options) if options else None)
+            options = {"seeds": list(seeds), "env_mask": mask}
+            if mask is not None:  # AsyncVectorEnv's own mask, per worker
+                options["reset_mask"] = mask.reshape(self.num_workers, -1).any(1)
+            self.env.reset_async(options=options)
             return self.env.reset_wait(timeout=self.step_timeout_s)
 
-        return self._retry(reset)
+        obs, _ = self._retry(reset)
+        return {k: self._per_env(v) for k, v in obs.items()}
 
     # -- conversions between the two backends ------------------------------------------------------------------
     @staticmethod
@@ -403,7 +496,7 @@ class ManiSkillVLAEnv:
             obs, _ = self.env.reset(seed=list(seeds))
             obs = self._share_initial_states(seeds, obs)
         else:
-            obs, _ = self._cpu_reset(self._seeds)
+            obs = self._cpu_reset(self._seeds)
         self._refresh_instructions(torch.ones(self.num_envs, dtype=torch.bool))
         return self._to_cpu(obs)
 
@@ -451,7 +544,7 @@ class ManiSkillVLAEnv:
         else:
             for i in torch.nonzero(done).flatten().tolist():
                 self._seeds[i], self._actions[i] = next_episode_seed(self._seeds[i]), []
-            new_obs, _ = self._cpu_reset(self._seeds, done.numpy())
+            new_obs = self._cpu_reset(self._seeds, done.numpy())
         self._refresh_instructions(done)
         new_obs = self._to_cpu(new_obs)
         return {k: torch.where(done.view(-1, *[1] * (v.dim() - 1)), new_obs[k], v) for k, v in obs.items()}
