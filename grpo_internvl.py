@@ -139,6 +139,10 @@ class Args:
     """optimizer steps per epoch (each rank's training samples split into this many minibatches)"""
     micro_batch_size: int = 16
     """samples per forward/backward; a minibatch accumulates gradients over micro-batches"""
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
+    """token-mean (the anchor's): every sampled token weighs the same, so a long episode weighs more, and failures,
+    which run to the time limit while successes end early, outweigh successes (the update then mostly pushes sampled
+    tokens down and entropy rises); seq-mean-token-mean (verl's name): every episode weighs the same"""
     clip_low: float = 0.2
     """ratio clipped below at 1 - clip_low"""
     clip_high: float = 0.28
@@ -358,6 +362,16 @@ def keep_groups(success: torch.Tensor, group_size: int, success_bounds: tuple[fl
     return keep.repeat_interleave(group_size)
 
 
+def episode_weights(length: torch.Tensor, kept: torch.Tensor, loss_agg_mode: str) -> torch.Tensor:
+    """Per-episode weight of its tokens in the loss, (N,). token-mean: 1. seq-mean-token-mean: mean kept length over all
+    ranks / own length, so that every kept episode's tokens add up to the same weight and the token-mean's scale is
+    kept."""
+    if loss_agg_mode == "token-mean":
+        return torch.ones(len(length))
+    totals = all_reduce_mean({"length": (length * kept).sum().item(), "episodes": kept.sum().item()})
+    return totals["length"] / max(totals["episodes"], 1.0) / length.float()
+
+
 def clipped_token_loss(
     new_logprob, old_logprob, advantages, token_mask, clip_low: float, clip_high: float, num_tokens: float
 ):
@@ -551,7 +565,8 @@ def update_policy(policy, optimizer, processor, template, batch, args, autocast,
                 answer_ids = template.assemble(batch["tokens"][t, n]).to(device)
                 support = batch["support"][t, n].to(device)  # (b, F, S) the rollout's sampling support
                 choice = batch["choices"][t, n].to(device)[..., None]  # (b, F, 1)
-                token_mask = torch.ones(len(micro), template.num_free, device=device)  # (b, F) every free token
+                weight_of_token = batch["weights"][n].to(device)[:, None]  # (b, 1) its episode's weight
+                token_mask = weight_of_token.expand(len(micro), template.num_free)  # (b, F) every free token
                 with autocast:
                     logits = free_slot_logits(policy, inputs, answer_ids, template)
                 # the log-prob under the same mask, temperature and top-k/top-p support as the rollout
@@ -708,6 +723,7 @@ def main(args: Args) -> None:
             else torch.ones(args.num_envs, dtype=torch.bool)
         )  # (N,)
         batch["step_idx"], batch["env_idx"] = (batch["alive"] & kept[None, :]).nonzero(as_tuple=True)  # (M,) samples
+        batch["weights"] = episode_weights(batch["length"], kept, args.loss_agg_mode)  # (N,)
 
         # -----------------------------------------------------------------------------------------------------------
         # 4. Update: clipped token-mean surrogate over the free tokens

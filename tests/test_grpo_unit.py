@@ -112,6 +112,20 @@ def test_group_advantages_hand_worked():
     assert not grpo.keep_groups(torch.tensor([1, 1, 1, 1, 1, 1, 1, 1, 1, 1]).bool(), 10, (0.1, 0.9)).any()
 
 
+def test_episode_weights_hand_worked():
+    length, kept = torch.tensor([10, 30, 20, 40]), torch.tensor([True, True, True, False])
+    assert torch.equal(grpo.episode_weights(length, kept, "token-mean"), torch.ones(4))
+    weights = grpo.episode_weights(length, kept, "seq-mean-token-mean")  # mean kept length 20
+    assert torch.allclose(weights, torch.tensor([2.0, 2 / 3, 1.0, 0.5]))
+    assert torch.allclose(weights[:3] * length[:3], torch.full((3,), 20.0))  # every kept episode weighs the same
+    # with weights as the token mask, the token-mean over the kept tokens is the mean over episodes of their token-mean
+    per_token = torch.randn(60)
+    episode = torch.repeat_interleave(torch.arange(3), length[:3])
+    token_mean = (per_token * weights[episode]).sum() / 60
+    seq_mean = torch.stack([per_token[episode == i].mean() for i in range(3)]).mean()
+    assert torch.allclose(token_mean, seq_mean)
+
+
 def test_clipped_token_loss_hand_worked():
     old_logp = torch.zeros(2, 3)
     logp = torch.log(torch.tensor([[1.0, 1.5, 0.5], [1.0, 1.5, 0.5]])).requires_grad_()
@@ -157,6 +171,7 @@ def run_update(policy, reference, processor, template, batch, success, args):
     batch["advantages"] = grpo.group_advantages(args.reward_coef * success.float(), args.group_size)
     kept = grpo.keep_groups(success, args.group_size, args.success_bounds)
     batch["step_idx"], batch["env_idx"] = (torch.ones(T, N, dtype=torch.bool) & kept[None]).nonzero(as_tuple=True)
+    batch["weights"] = grpo.episode_weights(torch.full((N,), T), kept, args.loss_agg_mode)
     metrics = grpo.update_policy(
         policy, optimizer, processor, template, batch, args, contextlib.nullcontext(), reference
     )

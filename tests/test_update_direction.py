@@ -136,6 +136,7 @@ def test_grpo_update_follows_advantages(tmp_path):
         envs.close()
     batch["advantages"] = torch.tensor([1.0, -1.0])  # (N,)
     batch["step_idx"], batch["env_idx"] = batch["alive"].nonzero(as_tuple=True)  # (M,) every generated step
+    batch["weights"] = grpo.episode_weights(batch["length"], torch.ones(2, dtype=torch.bool), args.loss_agg_mode)
 
     def episode_logprobs() -> torch.Tensor:
         t, n = batch["step_idx"], batch["env_idx"]
