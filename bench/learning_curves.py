@@ -324,6 +324,8 @@ def sft_grpo_mode(a: argparse.Namespace) -> None:
         str(a.temperature),
         "--num-initial-states",
         str(a.num_initial_states),
+        "--loss-agg-mode",
+        a.loss_agg_mode,
         "--total-iterations",
         str(a.iterations),
         "--micro-batch-size",
@@ -408,6 +410,12 @@ def main() -> None:
     sft.add_argument("--temperature", type=float, default=1.0, help="GRPO rollout temperature (the script's: 1.6)")
     sft.add_argument(
         "--num-initial-states", type=int, default=4, help="GRPO trains on env reset seeds 0..K-1 (0: fresh seeds)"
+    )
+    sft.add_argument(
+        "--loss-agg-mode",
+        default="token-mean",
+        choices=["token-mean", "seq-mean-token-mean"],
+        help="GRPO loss aggregation (the curves in the README used token-mean)",
     )
     sft.add_argument("--grpo-micro-batch-size", type=int, default=32)
     sft.add_argument("--eval-interval", type=int, default=10)
