@@ -8,8 +8,8 @@ state) and answers through a fixed template,
 under prefix-constrained decoding: template tokens are forced, sign slots allow only {" ", " -"},
 number slots only the integers 0..999, so every answer parses. `group_size` episodes start from the
 same initial state; the outcome reward 5 x success is normalised within the group (GRPO) and
-broadcast to every sampled token of the episode; a token-mean clipped loss (clip 0.2 / 0.28) updates
-LoRA adapters (or the whole model).
+broadcast to every sampled token of the episode; a token-mean clipped loss (clip 0.2 / 0.28; or every
+episode weighted the same, --loss-agg-mode seq-mean-token-mean) updates LoRA adapters (or the whole model).
 
 Anchor: the GRPO-on-InternVL verl fork with text actions (defaults of SimpleVLA-RL / siiRL: temperature 1.6, lr 5e-6,
 grad clip 1, 8 rollouts per initial state, dynamic sampling [0.1, 0.9], no KL) on PushCube-v1,
