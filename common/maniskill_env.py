@@ -255,22 +255,12 @@ class _CPUEnvFactory:
         if multiprocessing.parent_process() is not None:
             return self.build_slice()
         if self.spaces is None:
-            _preload_forkserver()
             context = multiprocessing.get_context("forkserver")
             with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
                 observation_space, action_space, *rest = pool.submit(_probe_spaces, self).result()
             batched = [gym.vector.utils.batch_space(space, self.count) for space in (observation_space, action_space)]
             self.spaces = (*batched, *rest)
         return _SpacesOnly(*self.spaces)
-
-
-def _preload_forkserver() -> None:
-    """CPU workers are forked from multiprocessing's forkserver process, which imports the training script (its
-    default); have it import mani-skill too (~2 s of CPU that each worker would spend). Takes effect if the forkserver
-    has not started yet."""
-    multiprocessing.set_forkserver_preload(
-        ["__main__", "mani_skill.envs", "common.put_on_plate_25", "common.put_on_plate_25_ood"]
-    )
 
 
 def _probe_spaces(factory: _CPUEnvFactory):
