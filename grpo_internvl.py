@@ -566,7 +566,7 @@ def update_policy(policy, optimizer, processor, template, batch, args, autocast,
                 support = batch["support"][t, n].to(device)  # (b, F, S) the rollout's sampling support
                 choice = batch["choices"][t, n].to(device)[..., None]  # (b, F, 1)
                 weight_of_token = batch["weights"][n].to(device)[:, None]  # (b, 1) its episode's weight
-                token_mask = weight_of_token.expand(len(micro), template.num_free)  # (b, F) every free token
+                token_mask = weight_of_token.expand(len(micro), template.num_free)  # (b, F) every free token, weighted
                 with autocast:
                     logits = free_slot_logits(policy, inputs, answer_ids, template)
                 # the log-prob under the same mask, temperature and top-k/top-p support as the rollout
