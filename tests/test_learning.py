@@ -55,32 +55,26 @@ RUN = [
 ]
 
 
-def reward_curve(model_path: str, run_dir: str, name: str, extra: list[str]) -> list[float]:
-    """Run ppo_openvla.py and return its rollout/reward_mean per iteration."""
+def run(cmd: list[str]) -> None:
+    """Run a project script (path and flags) with this interpreter; fail with its output if it fails."""
+    out = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+def scalar_curve(script: str, model_path: str, run_dir: str, name: str, flags: list[str], tag: str) -> list[float]:
+    """Run a training script (seed 1) and return its TensorBoard scalar `tag` per iteration."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cmd = [
-        sys.executable,
-        "ppo_openvla.py",
-        "--model-path",
-        model_path,
-        "--run-dir",
-        run_dir,
-        "--exp-name",
-        name,
-        *RUN,
-        *extra,
-    ]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run([script, "--model-path", model_path, "--run-dir", run_dir, "--exp-name", name, *flags])
     events = EventAccumulator(os.path.join(run_dir, f"{name}__s1")).Reload()
-    return [e.value for e in sorted(events.Scalars("rollout/reward_mean"), key=lambda e: e.step)]
+    return [e.value for e in sorted(events.Scalars(tag), key=lambda e: e.step)]
 
 
 def test_ppo_beats_its_learning_rate_zero_control(tiny_openvla, tmp_path):
-    trained = reward_curve(tiny_openvla, str(tmp_path), "trained", [])
+    reward = "rollout/reward_mean"
+    trained = scalar_curve("ppo_openvla.py", tiny_openvla, str(tmp_path), "trained", RUN, reward)
     frozen = ["--learning-rate", "0", "--value-learning-rate", "0"]
-    control = reward_curve(tiny_openvla, str(tmp_path), "control", frozen)
+    control = scalar_curve("ppo_openvla.py", tiny_openvla, str(tmp_path), "control", RUN + frozen, reward)
     assert len(trained) == len(control) == ITERATIONS
     assert abs(trained[0] - control[0]) < 1e-4, (trained[0], control[0])  # same episodes, same initial policy
     trained_tail, control_tail = sum(trained[-LAST_K:]) / LAST_K, sum(control[-LAST_K:]) / LAST_K
@@ -128,23 +122,6 @@ GRPO_RUN = [
 ]
 
 
-def run(cmd: list[str]) -> None:
-    out = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-
-
-def success_curve(model_path: str, run_dir: str, name: str, learning_rate: str) -> list[float]:
-    """Run grpo_internvl.py and return its rollout/success_rate per iteration."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    run(
-        ["grpo_internvl.py", "--model-path", model_path, "--run-dir", run_dir, "--exp-name", name, *GRPO_RUN]
-        + ["--learning-rate", learning_rate]
-    )
-    events = EventAccumulator(os.path.join(run_dir, f"{name}__s1")).Reload()
-    return [e.value for e in sorted(events.Scalars("rollout/success_rate"), key=lambda e: e.step)]
-
-
 def test_grpo_from_sft_beats_its_learning_rate_zero_control(tmp_path):
     """30 scripted PushCube demos -> sft_internvl.py (12 epochs, no simulator eval) -> grpo_internvl.py on one fixed
     initial state (reset seed 0), 2 groups of 8 episodes per iteration at temperature 1.0, every episode weighing the
@@ -170,8 +147,9 @@ def test_grpo_from_sft_beats_its_learning_rate_zero_control(tmp_path):
         + ["--micro-batch-size", "16", "--num-envs", "0", "--save-interval", "0", "--keep-checkpoints", "1"]
     )
     sft = os.path.join(runs, "sft__s1", "final")
-    trained = success_curve(sft, runs, "trained", "3e-4")
-    control = success_curve(sft, runs, "control", "0")
+    success = "rollout/success_rate"
+    trained = scalar_curve("grpo_internvl.py", sft, runs, "trained", GRPO_RUN + ["--learning-rate", "3e-4"], success)
+    control = scalar_curve("grpo_internvl.py", sft, runs, "control", GRPO_RUN + ["--learning-rate", "0"], success)
     assert len(trained) == len(control) == GRPO_ITERATIONS
     assert trained[0] == control[0]  # same episodes from the same SFT policy before the first update
     trained_tail = sum(trained[-GRPO_LAST_K:]) / GRPO_LAST_K
