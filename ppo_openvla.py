@@ -10,7 +10,10 @@ lr 1e-4 / value head 3e-3, LoRA rank 32, 80-step episodes, temperature 1.0). Dep
 - Every iteration starts fresh episodes from seeds derived from (seed, rank, iteration), so a resumed run replays
   exactly what an uninterrupted one would.
 - A truncated episode is bootstrapped with the value of its final observation folded into the reward
-  (r + gamma V(s_final)), then treated as done; the anchors do the same through their env wrappers.
+  (r + gamma V(s_final)), then treated as done; the anchors do the same through their env wrappers. With
+  --reward-mode dense an episode that ends in success is bootstrapped too, as ManiSkill's own PPO baseline does for
+  every finished episode: the dense reward pays up to 1 per step, so a success with no future would be worth less
+  than hovering next to the goal until the time limit.
 - The value head sees the hidden state whose output predicts the first action token (RLinf's choice).
 
 Run:
@@ -123,7 +126,8 @@ class Args:
     max_episode_steps: int = 80
     """episode length limit"""
     reward_mode: Literal["auto", "shaped", "sparse", "dense"] = "auto"
-    """auto: grasp-shaped where the task reports grasps, else sparse; dense: ManiSkill's normalized dense reward"""
+    """auto: grasp-shaped where the task reports grasps, else sparse; dense: ManiSkill's normalized dense reward
+    (successes are bootstrapped like truncations, see the docstring)"""
     image_size: int = 224
     """camera resolution (square) of the standard tasks; the Bridge "InScene" tasks render their camera's native
     640x480. The processor resizes to the model's 224 either way"""
@@ -591,7 +595,8 @@ def main(args: Args) -> None:
                 obs, reward, terminated, truncated, info = env.step(env_action(tokens))
 
                 # ---------------------------------------------------------------------------------------------------
-                # 2. Reward: the task's, or grasp-shaped; a truncated episode is bootstrapped with V(final observation)
+                # 2. Reward: the task's, or grasp-shaped; a truncated episode (with the dense reward: any finished
+                #    episode) is bootstrapped with V(final observation)
                 # ---------------------------------------------------------------------------------------------------
                 done = terminated | truncated
                 mode = args.reward_mode if args.reward_mode != "auto" else ("shaped" if "grasped" in info else "sparse")
@@ -604,7 +609,9 @@ def main(args: Args) -> None:
                     shaped_reward.reset(done)
                 elif mode == "sparse":
                     reward = info["success"].float()
-                bootstrap = truncated & ~terminated
+                episode_return += reward  # the env's reward only, without the bootstrap below
+                episode_length += 1
+                bootstrap = done if mode == "dense" else truncated & ~terminated
                 if bootstrap.any():
                     rows = bootstrap.to(device)
                     with autocast:
@@ -613,8 +620,6 @@ def main(args: Args) -> None:
                     reward = reward.clone()
                     reward[bootstrap] += args.gamma * final_value.cpu()
                 rewards[t], dones[t] = reward, done.float()
-                episode_return += reward
-                episode_length += 1
                 for i in torch.nonzero(done).flatten().tolist():
                     finished_returns.append(episode_return[i].item())
                     finished_lengths.append(episode_length[i].item())

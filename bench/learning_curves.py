@@ -1,6 +1,7 @@
 """Learning curves on the CPU: each RL run next to an identical run with learning rate 0 (the control).
 
     python bench/learning_curves.py ppo --out bench/results/ppo            # PPO from scratch, PushCube-v1 dense
+    python bench/learning_curves.py sft-ppo --out bench/results/sft_ppo    # demos -> SFT -> PPO vs control
     python bench/learning_curves.py sft-grpo --out bench/results/sft_grpo  # demos -> SFT -> GRPO vs control
     python bench/learning_curves.py plot --out bench/results/ppo           # redraw the PNG from curves.json
 
@@ -11,6 +12,10 @@ episodes. Any gap between the two curves is learning.
 ppo: ppo_openvla.py from a tiny random OpenVLA (`common.tiny_models`), full fine-tuning, ManiSkill's normalized
 dense reward on PushCube-v1 (the task's success is still logged as rollout/success_rate, and an evaluation
 every --eval-interval iterations as eval/success_once, RLinf's protocol).
+
+sft-ppo: collect_demos.py (scripted expert) -> sft_openvla.py from a tiny random OpenVLA (final model at
+{run_dir}/sft__s{seed}/final, the demos' action statistics under `maniskill_{env_id}`) -> ppo_openvla.py from that
+model, next to the same command at learning rate 0: RL4VLA's recipe (a warm-up SFT, then PPO) at CPU scale.
 
 sft-grpo: collect_demos.py (scripted expert) -> sft_internvl.py (final model at {run_dir}/sft__s{seed}/final) ->
 grpo_internvl.py from that model, next to grpo_internvl.py --learning-rate 0 from the same model. GRPO trains on a
@@ -122,14 +127,19 @@ def plot(curves: dict, panels: list[tuple[str, str]], title: str, path: str) -> 
     print(f"wrote {path}")
 
 
-def write_results(out: str, results: dict) -> None:
+def finish(out: str, results: dict) -> None:
+    """{out}/curves.json and {out}/curves.png; wall times and summary to stdout."""
     with open(os.path.join(out, "curves.json"), "w") as f:
         json.dump(results, f, indent=1)
     print(f"wrote {os.path.join(out, 'curves.json')}")
+    plot(results["curves"], results["panels"], results["title"], os.path.join(out, "curves.png"))
+    keys = ("wall_s", "sft_eval_success_rate", "summary")
+    print(json.dumps({k: results[k] for k in keys if k in results}, indent=1))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # ppo: ppo_openvla.py from a tiny random OpenVLA on PushCube-v1, dense reward
+# sft-ppo: collect_demos.py -> sft_openvla.py -> ppo_openvla.py vs ppo_openvla.py --learning-rate 0
 # ---------------------------------------------------------------------------------------------------------------
 PPO_TAGS = (
     "rollout/reward_mean",
@@ -141,24 +151,21 @@ PPO_TAGS = (
 )
 
 
-def ppo_mode(a: argparse.Namespace) -> None:
-    from common.tiny_models import make_tiny_openvla
-
-    os.makedirs(os.path.join(a.out, "runs"), exist_ok=True)
-    model = a.model_path or os.path.join(a.out, "runs", "tiny_openvla")
-    if not a.model_path and not os.path.isfile(os.path.join(model, "config.json")):
-        make_tiny_openvla(model)
+def ppo_pair(a: argparse.Namespace, model: str, extra: list[str], results: dict) -> None:
+    """ppo_openvla.py from `model` and the same command at learning rate 0; curves and summary into `results`."""
+    run_dir = os.path.join(a.out, "runs")
     common = [
         "--model-path",
         model,
+        *extra,
         "--run-dir",
-        os.path.join(a.out, "runs"),
+        run_dir,
         "--seed",
         str(a.seed),
         "--env-id",
         a.env_id,
         "--reward-mode",
-        "dense",
+        a.reward_mode,
         "--num-envs",
         str(a.num_envs),
         "--num-steps",
@@ -186,35 +193,63 @@ def ppo_mode(a: argparse.Namespace) -> None:
         "trained": ["--learning-rate", str(a.learning_rate)],
         "control": ["--learning-rate", "0", "--value-learning-rate", "0"],
     }
-    env_steps = a.num_envs * a.num_steps
-    results = {"mode": "ppo", "settings": vars(a), "env_steps_per_iteration": env_steps, "wall_s": {}, "curves": {}}
-    for name, extra in runs.items():
-        cmd = [sys.executable, "ppo_openvla.py", *common, "--exp-name", name, *extra]
-        results["wall_s"][name] = run(cmd, os.path.join(a.out, "runs", f"{name}.log"))
-        scalars = read_scalars(os.path.join(a.out, "runs", f"{name}__s{a.seed}"))
+    env_steps = a.num_envs * a.num_steps  # episodes auto-reset, so every iteration takes num_steps in every env
+    results["env_steps_per_iteration"] = env_steps
+    for name, flags in runs.items():
+        cmd = [sys.executable, "ppo_openvla.py", *common, "--exp-name", name, *flags]
+        results["wall_s"][name] = run(cmd, os.path.join(run_dir, f"{name}.log"))
+        scalars = read_scalars(os.path.join(run_dir, f"{name}__s{a.seed}"))
         cumulative = {i: i * env_steps for i in range(a.iterations + 1)}
         results["curves"][name] = {tag: series(scalars, tag, cumulative) for tag in PPO_TAGS}
-    summary = {}
-    for name, curves in results["curves"].items():
-        summary[name] = {
-            "reward_per_step_last10": tail_mean(curves["rollout/reward_mean"], 10),
-            "success_rate_last10": tail_mean(curves["rollout/success_rate"], 10),
-            "episodes_with_success": sum(round(v * a.num_envs) for v in curves["rollout/success_rate"]["value"]),
-            "eval_success_final": (curves["eval/success_once"]["value"] or [float("nan")])[-1],
+    results["summary"] = {
+        name: {
+            "reward_per_step_first10": head_mean(c["rollout/reward_mean"], 10),
+            "reward_per_step_last10": tail_mean(c["rollout/reward_mean"], 10),
+            "success_rate_first10": head_mean(c["rollout/success_rate"], 10),
+            "success_rate_last10": tail_mean(c["rollout/success_rate"], 10),
+            "eval_success": c["eval/success_once"]["value"],
         }
-    results["summary"] = summary
+        for name, c in results["curves"].items()
+    }
     results["panels"] = [
-        ("rollout/reward_mean", "dense reward per step"),
-        ("rollout/success_rate", "rollout success rate"),
+        ("rollout/reward_mean", f"{a.reward_mode} reward per step"),
+        ("rollout/success_rate", "rollout success rate (T 1.0)"),
         ("eval/success_once", "eval success (T 0.6, any step)"),
     ]
+
+
+def ppo_mode(a: argparse.Namespace) -> None:
+    from common.tiny_models import make_tiny_openvla
+
+    os.makedirs(os.path.join(a.out, "runs"), exist_ok=True)
+    model = a.model_path or os.path.join(a.out, "runs", "tiny_openvla")
+    if not a.model_path and not os.path.isfile(os.path.join(model, "config.json")):
+        make_tiny_openvla(model)
+    results = {"mode": "ppo", "settings": vars(a), "wall_s": {}, "curves": {}}
+    ppo_pair(a, model, [], results)
     results["title"] = (
-        f"PPO from {a.model_path or 'a tiny random OpenVLA'}, {a.env_id} dense reward, "
+        f"PPO from {a.model_path or 'a tiny random OpenVLA'}, {a.env_id} {a.reward_mode} reward, "
         f"{a.num_envs} envs x {a.num_steps} steps, seed {a.seed}"
     )
-    write_results(a.out, results)
-    plot(results["curves"], results["panels"], results["title"], os.path.join(a.out, "curves.png"))
-    print(json.dumps({"wall_s": results["wall_s"], "summary": summary}, indent=1))
+    finish(a.out, results)
+
+
+def sft_ppo_mode(a: argparse.Namespace) -> None:
+    from common.tiny_models import make_tiny_openvla
+
+    os.makedirs(os.path.join(a.out, "runs"), exist_ok=True)
+    base = a.model_path or os.path.join(a.out, "runs", "tiny_openvla")
+    if not a.model_path and not os.path.isfile(os.path.join(base, "config.json")):
+        make_tiny_openvla(base)
+    results = {"mode": "sft-ppo", "settings": vars(a), "wall_s": {}, "curves": {}}
+    sft_model = demos_then_sft(a, "sft_openvla.py", base, results)
+    # sft_openvla.py writes the demos' action statistics under this key (its default)
+    ppo_pair(a, sft_model, ["--unnorm-key", f"maniskill_{a.env_id}".lower()], results)
+    results["title"] = (
+        f"SFT ({a.num_demos} demos) then PPO, {a.env_id} {a.reward_mode} reward, "
+        f"{a.num_envs} envs x {a.num_steps} steps, seed {a.seed}"
+    )
+    finish(a.out, results)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -230,19 +265,13 @@ GRPO_TAGS = (
 )
 
 
-def sft_grpo_mode(a: argparse.Namespace) -> None:
-    from common.tiny_models import make_tiny_internvl
-
-    if not os.path.isfile(os.path.join(ROOT, "sft_internvl.py")):
-        raise SystemExit("sft_internvl.py is not in this checkout: the sft-grpo mode needs it")
+def demos_then_sft(a: argparse.Namespace, script: str, base: str, results: dict) -> str:
+    """collect_demos.py, then `script` (sft_internvl.py / sft_openvla.py) from `base` on the demos, with a greedy
+    simulator evaluation at the end only; returns the final model's directory."""
+    if not os.path.isfile(os.path.join(ROOT, script)):
+        raise SystemExit(f"{script} is not in this checkout: the {a.mode} mode needs it")
     run_dir = os.path.join(a.out, "runs")
-    os.makedirs(run_dir, exist_ok=True)
     demos = os.path.join(run_dir, "demos")
-    base = a.model_path or os.path.join(a.out, "runs", "tiny_internvl")
-    if not a.model_path and not os.path.isfile(os.path.join(base, "config.json")):
-        make_tiny_internvl(base)
-    results = {"mode": "sft-grpo", "settings": vars(a), "wall_s": {}, "curves": {}}
-    # 1. demonstrations from the scripted expert, 2. SFT on them
     results["wall_s"]["collect_demos"] = run(
         [
             sys.executable,
@@ -263,7 +292,7 @@ def sft_grpo_mode(a: argparse.Namespace) -> None:
     results["wall_s"]["sft"] = run(
         [
             sys.executable,
-            "sft_internvl.py",
+            script,
             "--demos",
             demos,
             "--model-path",
@@ -285,7 +314,7 @@ def sft_grpo_mode(a: argparse.Namespace) -> None:
             "--micro-batch-size",
             str(a.sft_batch_size),
             "--num-envs",
-            str(a.num_envs),
+            str(a.sft_eval_envs),
             "--max-episode-steps",
             str(a.max_episode_steps),
             "--eval-interval",
@@ -297,9 +326,22 @@ def sft_grpo_mode(a: argparse.Namespace) -> None:
         ],
         os.path.join(run_dir, "sft.log"),
     )
-    sft_model = os.path.join(run_dir, f"sft__s{a.seed}", "final")
     sft_scalars = read_scalars(os.path.join(run_dir, f"sft__s{a.seed}"))
     results["sft_eval_success_rate"] = (list(sft_scalars.get("eval/success_rate", {}).values()) or [None])[-1]
+    return os.path.join(run_dir, f"sft__s{a.seed}", "final")
+
+
+def sft_grpo_mode(a: argparse.Namespace) -> None:
+    from common.tiny_models import make_tiny_internvl
+
+    run_dir = os.path.join(a.out, "runs")
+    os.makedirs(run_dir, exist_ok=True)
+    base = a.model_path or os.path.join(a.out, "runs", "tiny_internvl")
+    if not a.model_path and not os.path.isfile(os.path.join(base, "config.json")):
+        make_tiny_internvl(base)
+    results = {"mode": "sft-grpo", "settings": vars(a), "wall_s": {}, "curves": {}}
+    # 1. demonstrations from the scripted expert, 2. SFT on them
+    sft_model = demos_then_sft(a, "sft_internvl.py", base, results)
     # 3. GRPO from the SFT model, next to the same run with learning rate 0
     common = [
         "--model-path",
@@ -362,18 +404,7 @@ def sft_grpo_mode(a: argparse.Namespace) -> None:
     ]
     states = f"{a.num_initial_states} initial states" if a.num_initial_states else "fresh initial states"
     results["title"] = f"SFT ({a.num_demos} demos) then GRPO on {states}, {a.env_id}, seed {a.seed}"
-    write_results(a.out, results)
-    plot(results["curves"], results["panels"], results["title"], os.path.join(a.out, "curves.png"))
-    print(
-        json.dumps(
-            {
-                "wall_s": results["wall_s"],
-                "sft_eval_success_rate": results["sft_eval_success_rate"],
-                "summary": results["summary"],
-            },
-            indent=1,
-        )
-    )
+    finish(a.out, results)
 
 
 def main() -> None:
@@ -382,30 +413,40 @@ def main() -> None:
     ppo = modes.add_parser("ppo", help="PPO from a tiny random OpenVLA vs its lr-0 control")
     ppo.add_argument("--out", default="bench/results/ppo")
     ppo.add_argument("--model-path", default=None, help="OpenVLA checkpoint (default: a tiny random one)")
-    ppo.add_argument("--env-id", default="PushCube-v1")
-    ppo.add_argument("--seed", type=int, default=1)
-    ppo.add_argument("--iterations", type=int, default=60)
-    ppo.add_argument("--num-envs", type=int, default=8)
-    ppo.add_argument("--num-steps", type=int, default=20)
-    ppo.add_argument("--max-episode-steps", type=int, default=20)
-    ppo.add_argument("--image-size", type=int, default=64)
-    ppo.add_argument("--learning-rate", type=float, default=3e-4)
-    ppo.add_argument("--eval-interval", type=int, default=10)
+    sft_ppo = modes.add_parser("sft-ppo", help="demos -> SFT -> PPO vs its lr-0 control")
+    sft_ppo.add_argument("--out", default="bench/results/sft_ppo")
+    sft_ppo.add_argument("--model-path", default=None, help="OpenVLA checkpoint to SFT (default: a tiny random one)")
     sft = modes.add_parser("sft-grpo", help="demos -> SFT -> GRPO vs its lr-0 control")
     sft.add_argument("--out", default="bench/results/sft_grpo")
     sft.add_argument("--model-path", default=None, help="InternVL -hf checkpoint to SFT (default: a tiny random one)")
-    sft.add_argument("--env-id", default="PushCube-v1")
-    sft.add_argument("--seed", type=int, default=1)
-    sft.add_argument("--num-demos", type=int, default=100)
+    for mode in (ppo, sft_ppo, sft):
+        mode.add_argument("--env-id", default="PushCube-v1")
+        mode.add_argument("--seed", type=int, default=1)
+        mode.add_argument("--image-size", type=int, default=64)
+        mode.add_argument("--eval-interval", type=int, default=10)
+    for mode in (sft_ppo, sft):
+        mode.add_argument("--num-demos", type=int, default=100)
+        mode.add_argument("--sft-learning-rate", type=float, default=1e-3)
+        mode.add_argument("--sft-batch-size", type=int, default=16)
+        mode.add_argument("--sft-eval-envs", type=int, default=16, help="held-out episodes of the final SFT eval")
+        mode.add_argument("--lora-rank", type=int, default=0, help="SFT LoRA rank (0: full fine-tuning)")
+    ppo.add_argument("--iterations", type=int, default=60)
+    ppo.add_argument("--num-steps", type=int, default=20)
+    ppo.add_argument("--max-episode-steps", type=int, default=20)
+    ppo.add_argument("--learning-rate", type=float, default=3e-4)
+    sft_ppo.add_argument("--sft-epochs", type=float, default=40.0)
+    sft_ppo.add_argument("--iterations", type=int, default=30)
+    sft_ppo.add_argument("--num-steps", type=int, default=40)
+    sft_ppo.add_argument("--max-episode-steps", type=int, default=40)
+    sft_ppo.add_argument("--learning-rate", type=float, default=3e-4)
+    for mode in (ppo, sft_ppo):
+        mode.add_argument("--num-envs", type=int, default=8)
+        mode.add_argument("--reward-mode", default="dense", choices=["dense", "sparse"])
     sft.add_argument("--sft-epochs", type=float, default=12.0)
-    sft.add_argument("--sft-learning-rate", type=float, default=1e-3)
-    sft.add_argument("--sft-batch-size", type=int, default=16)
-    sft.add_argument("--lora-rank", type=int, default=0)
     sft.add_argument("--iterations", type=int, default=30)
     sft.add_argument("--num-envs", type=int, default=16)
     sft.add_argument("--group-size", type=int, default=8)
     sft.add_argument("--max-episode-steps", type=int, default=40)
-    sft.add_argument("--image-size", type=int, default=64)
     sft.add_argument("--learning-rate", type=float, default=1e-4)
     sft.add_argument("--temperature", type=float, default=1.0, help="GRPO rollout temperature (the script's: 1.6)")
     sft.add_argument(
@@ -418,7 +459,6 @@ def main() -> None:
         help="GRPO loss aggregation (the curves in the README used token-mean)",
     )
     sft.add_argument("--grpo-micro-batch-size", type=int, default=32)
-    sft.add_argument("--eval-interval", type=int, default=10)
     replot = modes.add_parser("plot", help="redraw {out}/curves.png from {out}/curves.json")
     replot.add_argument("--out", required=True)
     a = parser.parse_args()
@@ -428,7 +468,7 @@ def main() -> None:
             results = json.load(f)
         plot(results["curves"], results["panels"], results["title"], os.path.join(a.out, "curves.png"))
     else:
-        ppo_mode(a) if a.mode == "ppo" else sft_grpo_mode(a)
+        {"ppo": ppo_mode, "sft-ppo": sft_ppo_mode, "sft-grpo": sft_grpo_mode}[a.mode](a)
     print(f"total {time.time() - start:.0f} s wall")
 
 
