@@ -15,7 +15,8 @@ every --eval-interval iterations as eval/success_once, RLinf's protocol).
 
 sft-ppo: collect_demos.py (scripted expert) -> sft_openvla.py from a tiny random OpenVLA (final model at
 {run_dir}/sft__s{seed}/final, the demos' action statistics under `maniskill_{env_id}`) -> ppo_openvla.py from that
-model, next to the same command at learning rate 0: RL4VLA's recipe (a warm-up SFT, then PPO) at CPU scale.
+model with the task's sparse success reward (--reward-mode), next to the same command at learning rate 0: RL4VLA's
+recipe (a warm-up SFT, then PPO) at CPU scale.
 
 sft-grpo: collect_demos.py (scripted expert) -> sft_internvl.py (final model at {run_dir}/sft__s{seed}/final) ->
 grpo_internvl.py from that model, next to grpo_internvl.py --learning-rate 0 from the same model. GRPO trains on a
@@ -439,9 +440,9 @@ def main() -> None:
     sft_ppo.add_argument("--num-steps", type=int, default=40)
     sft_ppo.add_argument("--max-episode-steps", type=int, default=40)
     sft_ppo.add_argument("--learning-rate", type=float, default=3e-4)
-    for mode in (ppo, sft_ppo):
+    for mode, reward in ((ppo, "dense"), (sft_ppo, "sparse")):
         mode.add_argument("--num-envs", type=int, default=8)
-        mode.add_argument("--reward-mode", default="dense", choices=["dense", "sparse"])
+        mode.add_argument("--reward-mode", default=reward, choices=["dense", "sparse"])
     sft.add_argument("--sft-epochs", type=float, default=12.0)
     sft.add_argument("--iterations", type=int, default=30)
     sft.add_argument("--num-envs", type=int, default=16)
