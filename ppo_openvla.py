@@ -560,7 +560,8 @@ def main(args: Args) -> None:
     instructions = [[""] * N for _ in range(T)]  # (T, N)
     action_tokens = torch.zeros((T, N, ACTION_DIM), dtype=torch.long)  # (T, N, 7)
     logprobs = torch.zeros((T, N))
-    rewards = torch.zeros((T, N))
+    rewards = torch.zeros((T, N))  # the env's reward, plus gamma V(final observation) where bootstrapped
+    env_rewards = torch.zeros((T, N))  # the env's reward alone (logged)
     dones = torch.zeros((T, N))
     values = torch.zeros((T, N))
     episode_return, episode_length = torch.zeros(N), torch.zeros(N)
@@ -609,7 +610,8 @@ def main(args: Args) -> None:
                     shaped_reward.reset(done)
                 elif mode == "sparse":
                     reward = info["success"].float()
-                episode_return += reward  # the env's reward only, without the bootstrap below
+                env_rewards[t] = reward
+                episode_return += reward
                 episode_length += 1
                 bootstrap = done if mode == "dense" else truncated & ~terminated
                 if bootstrap.any():
@@ -706,7 +708,7 @@ def main(args: Args) -> None:
             "actor/skipped_steps": float(guard.skipped_steps),
             "critic/explained_variance": explained_var.item(),
             "critic/value_mean": b_values.mean().item(),
-            "rollout/reward_mean": rewards.mean().item(),
+            "rollout/reward_mean": env_rewards.mean().item(),
             "rollout/return_mean": float(np.mean(finished_returns)) if finished_returns else 0.0,
             "rollout/success_rate": float(np.mean(finished_success)) if finished_success else 0.0,
             "rollout/episode_length": float(np.mean(finished_lengths)) if finished_lengths else float(T),

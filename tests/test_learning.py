@@ -1,18 +1,11 @@
-"""Learning tests on the real simulator: each script's run beats an identical run with learning rate 0.
+"""Learning test on the real simulator: GRPO from an SFT warm start beats an identical run with learning rate 0.
 
-(a) PPO learns: ppo_openvla.py raises ManiSkill's dense reward above an identical run with learning rate 0.
-
-Both runs start from the same tiny random OpenVLA with the same seed, so they see the same env reset seeds and the
-same sampling streams; with `--learning-rate 0 --value-learning-rate 0` the control's policy never changes, so its
-reward curve is the initial policy's noise around a flat line. The first iteration (rolled out before any update) is
-therefore identical in both runs, and any later gap is learning.
-
-Measured (2 envs x 20-step episodes, 64 px, full fine-tuning at lr 3e-4; normalized dense reward per step, mean of
-iterations 8-10, trained vs control):
-    seed 1: 0.342 vs 0.062 (gap 0.28)    seed 2: 0.227 vs 0.066 (gap 0.16)    seed 3: 0.200 vs 0.056 (gap 0.14)
-Another machine's floating point gives other trajectories, i.e. effectively another seed, so the test asks for a
-gap of MARGIN = 0.07, half the smallest measured one. Without learning the two tails differ by ~0.03 at most
-(the control's spread over iterations). The pair takes ~2-4 minutes on 2 cores.
+There is no PPO-from-scratch test here. One existed (tiny random OpenVLA, PushCube-v1 dense reward, 2 envs x
+20 steps, lr 3e-4) and passed with gaps of 0.14-0.28 in "reward per step", but that scalar then included the
+gamma V(final observation) folded into every truncated step, and the trained run's value head grows while the
+control's stays near 0. With the env's reward alone (what rollout/reward_mean logs now) the same pair scores
+0.067 vs 0.066 after 10 iterations, and 0.082 vs 0.055 after 20 iterations at lr 3e-3: no margin a test could
+hold. What PPO's update does is checked in tests/test_update_direction.py.
 """
 
 import os
@@ -20,39 +13,6 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ITERATIONS, LAST_K, MARGIN = 10, 3, 0.07
-RUN = [
-    "--env-id",
-    "PushCube-v1",
-    "--reward-mode",
-    "dense",
-    "--num-envs",
-    "2",
-    "--num-steps",
-    "20",
-    "--max-episode-steps",
-    "20",
-    "--num-minibatches",
-    "2",
-    "--micro-batch-size",
-    "4",
-    "--lora-rank",
-    "0",
-    "--learning-rate",
-    "3e-4",
-    "--image-size",
-    "64",
-    "--total-iterations",
-    str(ITERATIONS),
-    "--eval-interval",
-    "0",
-    "--save-interval",
-    "0",
-    "--keep-checkpoints",
-    "1",
-    "--seed",
-    "1",
-]
 
 
 def run(cmd: list[str]) -> None:
@@ -70,22 +30,8 @@ def scalar_curve(script: str, model_path: str, run_dir: str, name: str, flags: l
     return [e.value for e in sorted(events.Scalars(tag), key=lambda e: e.step)]
 
 
-def test_ppo_beats_its_learning_rate_zero_control(tiny_openvla, tmp_path):
-    reward = "rollout/reward_mean"
-    trained = scalar_curve("ppo_openvla.py", tiny_openvla, str(tmp_path), "trained", RUN, reward)
-    frozen = ["--learning-rate", "0", "--value-learning-rate", "0"]
-    control = scalar_curve("ppo_openvla.py", tiny_openvla, str(tmp_path), "control", RUN + frozen, reward)
-    assert len(trained) == len(control) == ITERATIONS
-    assert abs(trained[0] - control[0]) < 1e-4, (trained[0], control[0])  # same episodes, same initial policy
-    trained_tail, control_tail = sum(trained[-LAST_K:]) / LAST_K, sum(control[-LAST_K:]) / LAST_K
-    assert trained_tail > control_tail + MARGIN, (
-        f"mean reward per step of the last {LAST_K} iterations: trained {trained_tail:.3f}, control "
-        f"{control_tail:.3f} (needs a gap > {MARGIN}); trained {trained}, control {control}"
-    )
-
-
 # ---------------------------------------------------------------------------------------------------------------------
-# (b) GRPO from an SFT warm start raises PushCube-v1's success rate above its starting point
+# GRPO from an SFT warm start raises PushCube-v1's success rate above its starting point
 # ---------------------------------------------------------------------------------------------------------------------
 GRPO_ITERATIONS, GRPO_LAST_K, GRPO_MARGIN = 12, 5, 0.08
 GRPO_RUN = [
