@@ -219,13 +219,21 @@ def ppo_pair(a: argparse.Namespace, model: str, extra: list[str], results: dict)
     ]
 
 
-def ppo_mode(a: argparse.Namespace) -> None:
-    from common.tiny_models import make_tiny_openvla
+def starting_model(a: argparse.Namespace, family: str) -> str:
+    """--model-path, or a tiny random model of `family` ("openvla" / "internvl") built once under {out}/runs/."""
+    from common import tiny_models
 
     os.makedirs(os.path.join(a.out, "runs"), exist_ok=True)
-    model = a.model_path or os.path.join(a.out, "runs", "tiny_openvla")
-    if not a.model_path and not os.path.isfile(os.path.join(model, "config.json")):
-        make_tiny_openvla(model)
+    if a.model_path:
+        return a.model_path
+    path = os.path.join(a.out, "runs", f"tiny_{family}")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        getattr(tiny_models, f"make_tiny_{family}")(path)
+    return path
+
+
+def ppo_mode(a: argparse.Namespace) -> None:
+    model = starting_model(a, "openvla")
     results = {"mode": "ppo", "settings": vars(a), "wall_s": {}, "curves": {}}
     ppo_pair(a, model, [], results)
     results["title"] = (
@@ -236,12 +244,7 @@ def ppo_mode(a: argparse.Namespace) -> None:
 
 
 def sft_ppo_mode(a: argparse.Namespace) -> None:
-    from common.tiny_models import make_tiny_openvla
-
-    os.makedirs(os.path.join(a.out, "runs"), exist_ok=True)
-    base = a.model_path or os.path.join(a.out, "runs", "tiny_openvla")
-    if not a.model_path and not os.path.isfile(os.path.join(base, "config.json")):
-        make_tiny_openvla(base)
+    base = starting_model(a, "openvla")
     results = {"mode": "sft-ppo", "settings": vars(a), "wall_s": {}, "curves": {}}
     sft_model = demos_then_sft(a, "sft_openvla.py", base, results)
     # sft_openvla.py writes the demos' action statistics under this key (its default)
@@ -333,13 +336,8 @@ def demos_then_sft(a: argparse.Namespace, script: str, base: str, results: dict)
 
 
 def sft_grpo_mode(a: argparse.Namespace) -> None:
-    from common.tiny_models import make_tiny_internvl
-
+    base = starting_model(a, "internvl")
     run_dir = os.path.join(a.out, "runs")
-    os.makedirs(run_dir, exist_ok=True)
-    base = a.model_path or os.path.join(a.out, "runs", "tiny_internvl")
-    if not a.model_path and not os.path.isfile(os.path.join(base, "config.json")):
-        make_tiny_internvl(base)
     results = {"mode": "sft-grpo", "settings": vars(a), "wall_s": {}, "curves": {}}
     # 1. demonstrations from the scripted expert, 2. SFT on them
     sft_model = demos_then_sft(a, "sft_internvl.py", base, results)
