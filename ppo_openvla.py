@@ -8,7 +8,7 @@ head on the last prompt token's hidden state, computes GAE with truncation boots
 Anchors: RLinf's `maniskill_ppo_openvla` example and RL4VLA (PPO, action-level log-probs, grasp-shaped reward,
 lr 1e-4 / value head 3e-3, LoRA rank 32, 80-step episodes, temperature 1.0). Departures:
 - Every iteration starts fresh episodes from seeds derived from (seed, rank, iteration), so a resumed run replays
-  exactly what an uninterrupted one would.
+  exactly what an uninterrupted one would (with --num-initial-states K, drawn from the fixed seeds 0 .. K-1).
 - A truncated episode is bootstrapped with the value of its final observation folded into the reward
   (r + gamma V(s_final)), then treated as done; the anchors do the same through their env wrappers. With
   --reward-mode dense an episode that ends in success is bootstrapped too, as ManiSkill's own PPO baseline does for
@@ -125,6 +125,10 @@ class Args:
     """parallel envs per rank (each rank owns its envs and rollouts)"""
     max_episode_steps: int = 80
     """episode length limit"""
+    num_initial_states: int = 0
+    """train on a fixed set of initial states: every iteration resets each env to one of the seeds 0 .. K-1 (an
+    episode that ends early is followed by a fresh one). 0: a fresh seed per env from [0, 10**9). Evaluation always
+    uses held-out seeds"""
     reward_mode: Literal["auto", "shaped", "sparse", "dense"] = "auto"
     """auto: grasp-shaped where the task reports grasps, else sparse; dense: ManiSkill's normalized dense reward
     (successes are bootstrapped like truncations, see the docstring)"""
@@ -208,7 +212,7 @@ def validate(args: Args, world_size: int) -> tuple[dict, str]:
             "total_iterations",
             "max_episode_steps",
         ),
-        non_negative=("eval_interval", "save_interval", "keep_checkpoints", "eval_temperature"),
+        non_negative=("eval_interval", "save_interval", "keep_checkpoints", "eval_temperature", "num_initial_states"),
     )
     if not args.temperature > 0:
         raise ValueError(
@@ -577,7 +581,7 @@ def main(args: Args) -> None:
         rollout_start, policy_time = time.time(), 0.0
         rng = np.random.default_rng([args.seed, dist.rank, iteration])
         torch.manual_seed(int(rng.integers(2**62)))  # action sampling and minibatch order
-        obs = env.reset(rng.integers(0, 10**9, N).tolist())
+        obs = env.reset(rng.integers(0, args.num_initial_states or 10**9, N).tolist())
         prompt_ids, prompt_mask = processor.prompt_ids(env.instructions, device=device)  # (N, L) left-padded
         shaped_reward.reset(torch.ones(N, dtype=torch.bool))
         episode_return.zero_()

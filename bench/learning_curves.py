@@ -16,7 +16,8 @@ every --eval-interval iterations as eval/success_once, RLinf's protocol).
 sft-ppo: collect_demos.py (scripted expert) -> sft_openvla.py from a tiny random OpenVLA (final model at
 {run_dir}/sft__s{seed}/final, the demos' action statistics under `maniskill_{env_id}`) -> ppo_openvla.py from that
 model with the task's sparse success reward (--reward-mode), next to the same command at learning rate 0: RL4VLA's
-recipe (a warm-up SFT, then PPO) at CPU scale.
+recipe (a warm-up SFT, then PPO) at CPU scale. Both PPO modes take --num-initial-states (train on reset seeds
+0..K-1, as sft-grpo), --update-epochs and --num-minibatches.
 
 sft-grpo: collect_demos.py (scripted expert) -> sft_internvl.py (final model at {run_dir}/sft__s{seed}/final) ->
 grpo_internvl.py from that model, next to grpo_internvl.py --learning-rate 0 from the same model. GRPO trains on a
@@ -173,10 +174,14 @@ def ppo_pair(a: argparse.Namespace, model: str, extra: list[str], results: dict)
         str(a.num_steps),
         "--max-episode-steps",
         str(a.max_episode_steps),
+        "--num-initial-states",
+        str(a.num_initial_states),
+        "--update-epochs",
+        str(a.update_epochs),
         "--num-minibatches",
-        "2",
+        str(a.num_minibatches),
         "--micro-batch-size",
-        str(a.num_envs * a.num_steps // 2),
+        str(a.num_envs * a.num_steps // a.num_minibatches),
         "--lora-rank",
         "0",
         "--image-size",
@@ -441,6 +446,9 @@ def main() -> None:
     for mode, reward in ((ppo, "dense"), (sft_ppo, "sparse")):
         mode.add_argument("--num-envs", type=int, default=8)
         mode.add_argument("--reward-mode", default=reward, choices=["dense", "sparse"])
+        mode.add_argument("--num-initial-states", type=int, default=0, help="0: a fresh reset seed per episode")
+        mode.add_argument("--update-epochs", type=int, default=1)
+        mode.add_argument("--num-minibatches", type=int, default=2)
     sft.add_argument("--sft-epochs", type=float, default=12.0)
     sft.add_argument("--iterations", type=int, default=30)
     sft.add_argument("--num-envs", type=int, default=16)
