@@ -144,6 +144,9 @@ class Args:
     """learning rate of the policy (LoRA adapters or all weights)"""
     value_learning_rate: float = 3e-3
     """learning rate of the value head"""
+    critic_warmup_iterations: int = 0
+    """the first this many iterations update only the value head (the policy stays as it was), as verl's
+    `trainer.critic_warmup`: the first policy update then sees advantages from a fitted critic, not a random one"""
     gamma: float = 0.99
     """discount factor"""
     gae_lambda: float = 0.95
@@ -212,7 +215,14 @@ def validate(args: Args, world_size: int) -> tuple[dict, str]:
             "total_iterations",
             "max_episode_steps",
         ),
-        non_negative=("eval_interval", "save_interval", "keep_checkpoints", "eval_temperature", "num_initial_states"),
+        non_negative=(
+            "eval_interval",
+            "save_interval",
+            "keep_checkpoints",
+            "eval_temperature",
+            "num_initial_states",
+            "critic_warmup_iterations",
+        ),
     )
     if not args.temperature > 0:
         raise ValueError(
@@ -655,6 +665,7 @@ def main(args: Args) -> None:
         # 4. Update: epochs x minibatches, gradient accumulation over micro-batches
         # -----------------------------------------------------------------------------------------------------------
         update_start = time.time()
+        warmup = iteration <= args.critic_warmup_iterations  # critic warm-up: the value head alone learns
         policy.train()
         stats_sum: dict[str, float] = {}
         num_updates = 0
@@ -685,7 +696,10 @@ def main(args: Args) -> None:
                             args.value_clip,
                             args.huber_delta,
                         )
-                        loss = pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy.mean()
+                        if warmup:
+                            loss = args.vf_coef * v_loss
+                        else:
+                            loss = pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy.mean()
                         (loss * len(mb) / len(minibatch)).backward()
                     minibatch_loss += loss.detach() * len(mb) / len(minibatch)
                     for key, value in (
@@ -696,6 +710,9 @@ def main(args: Args) -> None:
                         ("actor/clipfrac", clipfrac),
                     ):
                         stats_sum[key] = stats_sum.get(key, 0.0) + value.item() * len(mb) / len(minibatch)
+                if warmup:  # the value loss's gradient reaches the shared trunk too: drop it, so the policy stays put
+                    for p in policy.vla.parameters():
+                        p.grad = None
                 grad_norm = fsdp.clip_grad_norm_(trainable, args.max_grad_norm)  # the norm before clipping
                 if guard.step(optimizer, minibatch_loss, grad_norm):
                     stats_sum["actor/grad_norm"] = stats_sum.get("actor/grad_norm", 0.0) + grad_norm.item()

@@ -101,6 +101,24 @@ def test_train_checkpoint_resume_and_eval(tiny_openvla, tmp_path):
     assert '"eval/success_once"' in out and '"eval/success_at_end"' in out
 
 
+def test_critic_warmup_leaves_the_policy_as_it_was(tiny_openvla, tmp_path):
+    """--critic-warmup-iterations 1: iteration 1 steps the value head only (LoRA B stays at its zero init and Adam
+    holds no state for the adapters); iteration 2 trains both."""
+    from common.checkpoint import load_trainer_state
+
+    cmd = [sys.executable, "ppo_openvla.py", "--model-path", tiny_openvla, "--run-dir", str(tmp_path), *TINY_RUN]
+    run(cmd + ["--total-iterations", "2", "--critic-warmup-iterations", "1", "--save-interval", "1"])
+    ckpts = tmp_path / "ppo_openvla__s1" / "checkpoints"
+    lora_b = [k for k in load_file(ckpts / "step_00000001" / "adapter_model.safetensors") if "lora_B" in k]
+    assert lora_b
+    for step, moved in (("step_00000001", False), ("step_00000002", True)):
+        adapter = load_file(ckpts / step / "adapter_model.safetensors")
+        assert any(adapter[k].abs().sum() > 0 for k in lora_b) == moved, step
+    optimizer = load_trainer_state(str(ckpts / "step_00000001"))["optimizer"]
+    adapter_ids, head_ids = (group["params"] for group in optimizer["param_groups"])
+    assert set(optimizer["state"]) == set(head_ids) and not set(adapter_ids) & set(optimizer["state"])
+
+
 def test_bad_flags_fail_before_any_work(tiny_openvla, tmp_path):
     import ppo_openvla
 

@@ -29,6 +29,7 @@ BAD_FLAGS = [  # (script, flags, text the error must contain)
     (ppo_openvla, dict(temperature=0.0), "--temperature"),
     (ppo_openvla, dict(fsdp="on"), "--fsdp on needs full fine-tuning"),
     (ppo_openvla, dict(num_initial_states=-1), "--num-initial-states"),
+    (ppo_openvla, dict(critic_warmup_iterations=-1), "--critic-warmup-iterations"),
     (grpo_internvl, dict(num_envs=0), "--num-envs"),
     (grpo_internvl, dict(group_size=0), "--group-size"),
     (grpo_internvl, dict(micro_batch_size=0), "--micro-batch-size"),
