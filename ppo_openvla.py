@@ -13,7 +13,10 @@ lr 1e-4 / value head 3e-3, LoRA rank 32, 80-step episodes, temperature 1.0). Dep
   (r + gamma V(s_final)), then treated as done; the anchors do the same through their env wrappers. With
   --reward-mode dense an episode that ends in success is bootstrapped too, as ManiSkill's own PPO baseline does for
   every finished episode: the dense reward pays up to 1 per step, so a success with no future would be worth less
-  than hovering next to the goal until the time limit.
+  than hovering next to the goal until the time limit. --no-bootstrap-truncated instead treats the step limit as the
+  task's horizon (a truncated episode ends with nothing to come, like GRPO's fixed-length episodes): with the sparse
+  reward the bootstrap makes a failed episode worth V(s_final), and V, fed its own estimate, can drift well above
+  the success rate, so failures carry little learning signal (README, "Does it learn?").
 - The value head sees the hidden state whose output predicts the first action token (RLinf's choice).
 
 Run:
@@ -151,6 +154,9 @@ class Args:
     """discount factor"""
     gae_lambda: float = 0.95
     """GAE lambda"""
+    bootstrap_truncated: bool = True
+    """a truncated episode is bootstrapped with gamma V(final observation) (the anchors); --no-bootstrap-truncated:
+    the step limit is the task's horizon and a truncated episode gets no future value"""
     update_epochs: int = 1
     """passes over each rollout"""
     num_minibatches: int = 4
@@ -376,6 +382,14 @@ class GraspShapedReward:
         reward = potential - self.prev_potential
         self.prev_potential = potential
         return reward
+
+
+def bootstrap_mask(terminated, truncated, reward_mode: str, bootstrap_truncated: bool) -> torch.Tensor:
+    """(N,) bool: the finished episodes whose last reward gets gamma V(final observation) folded in. Truncated ones
+    (the anchors; none with --no-bootstrap-truncated) and, with the dense reward, successful ones too (ManiSkill's
+    PPO). A step that both succeeds and hits the time limit counts as a success."""
+    mask = truncated & ~terminated if bootstrap_truncated else torch.zeros_like(truncated)
+    return mask | terminated if reward_mode == "dense" else mask
 
 
 def compute_gae(rewards, values, dones, next_value, gamma: float, lam: float):
@@ -610,8 +624,8 @@ def main(args: Args) -> None:
                 obs, reward, terminated, truncated, info = env.step(env_action(tokens))
 
                 # ---------------------------------------------------------------------------------------------------
-                # 2. Reward: the task's, or grasp-shaped; a truncated episode (with the dense reward: any finished
-                #    episode) is bootstrapped with V(final observation)
+                # 2. Reward: the task's, or grasp-shaped; a truncated episode (unless --no-bootstrap-truncated) and,
+                #    with the dense reward, a successful one are bootstrapped with V(final observation)
                 # ---------------------------------------------------------------------------------------------------
                 done = terminated | truncated
                 mode = args.reward_mode if args.reward_mode != "auto" else ("shaped" if "grasped" in info else "sparse")
@@ -627,7 +641,7 @@ def main(args: Args) -> None:
                 env_rewards[t] = reward
                 episode_return += reward
                 episode_length += 1
-                bootstrap = done if mode == "dense" else truncated & ~terminated
+                bootstrap = bootstrap_mask(terminated, truncated, mode, args.bootstrap_truncated)
                 if bootstrap.any():
                     rows = bootstrap.to(device)
                     with autocast:

@@ -17,7 +17,8 @@ sft-ppo: collect_demos.py (scripted expert) -> sft_openvla.py from a tiny random
 {run_dir}/sft__s{seed}/final, the demos' action statistics under `maniskill_{env_id}`) -> ppo_openvla.py from that
 model with the task's sparse success reward (--reward-mode), next to the same command at learning rate 0: RL4VLA's
 recipe (a warm-up SFT, then PPO) at CPU scale. Both PPO modes take --num-initial-states (train on reset seeds
-0..K-1, as sft-grpo), --update-epochs, --num-minibatches, --gamma, --gae-lambda and --critic-warmup-iterations.
+0..K-1, as sft-grpo), --update-epochs, --num-minibatches, --gamma, --gae-lambda, --critic-warmup-iterations and
+--no-bootstrap-truncated.
 
 sft-grpo: collect_demos.py (scripted expert) -> sft_internvl.py (final model at {run_dir}/sft__s{seed}/final) ->
 grpo_internvl.py from that model, next to grpo_internvl.py --learning-rate 0 from the same model. GRPO trains on a
@@ -186,6 +187,7 @@ def ppo_pair(a: argparse.Namespace, model: str, extra: list[str], results: dict)
         str(a.gae_lambda),
         "--critic-warmup-iterations",
         str(a.critic_warmup_iterations),
+        "--no-bootstrap-truncated" if a.no_bootstrap_truncated else "--bootstrap-truncated",
         "--micro-batch-size",
         str(a.num_envs * a.num_steps // a.num_minibatches),
         "--lora-rank",
@@ -458,6 +460,7 @@ def main() -> None:
         mode.add_argument("--gamma", type=float, default=0.99)
         mode.add_argument("--gae-lambda", type=float, default=0.95)
         mode.add_argument("--critic-warmup-iterations", type=int, default=0)
+        mode.add_argument("--no-bootstrap-truncated", action="store_true", help="ppo_openvla.py's flag of that name")
     sft.add_argument("--sft-epochs", type=float, default=12.0)
     sft.add_argument("--iterations", type=int, default=30)
     sft.add_argument("--num-envs", type=int, default=16)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from common.openvla import ActionTokenizer, load_openvla, make_trainable
-from ppo_openvla import ActorCritic, GraspShapedReward, compute_gae, ppo_losses
+from ppo_openvla import ActorCritic, GraspShapedReward, bootstrap_mask, compute_gae, ppo_losses
 
 
 def test_gae_hand_worked_with_termination_and_truncation():
@@ -20,6 +20,23 @@ def test_gae_hand_worked_with_termination_and_truncation():
     # t=2: 3 + .5*2 - 1.5 = 2.5 | t=1: 2 - 1 = 1 (env 1: 4 - 1 = 3) | t=0: 1 + .5*1 - .5 = 1, + .25 * A_1
     torch.testing.assert_close(adv, torch.tensor([[1.25, 1.75], [1.0, 3.0], [2.5, 2.5]]))
     torch.testing.assert_close(ret, adv + values)
+
+
+@pytest.mark.parametrize(
+    "reward_mode, bootstrap_truncated, expected",
+    [
+        ("sparse", True, [False, True, False, False]),  # truncations only; success at the limit is a success
+        ("sparse", False, [False, False, False, False]),  # the step limit is the horizon
+        ("dense", True, [True, True, False, True]),  # every finished episode, as ManiSkill's PPO
+        ("dense", False, [True, False, False, True]),  # successes only
+    ],
+)
+def test_bootstrap_mask(reward_mode, bootstrap_truncated, expected):
+    # env 0 succeeds, env 1 hits the time limit, env 2 goes on, env 3 succeeds at the time limit
+    terminated = torch.tensor([True, False, False, True])
+    truncated = torch.tensor([False, True, False, True])
+    mask = bootstrap_mask(terminated, truncated, reward_mode, bootstrap_truncated)
+    assert mask.tolist() == expected
 
 
 def test_ppo_losses_hand_worked():
