@@ -262,17 +262,39 @@ def save_trainer_state(directory: str, state: dict[str, Any]) -> None:
 
 
 def load_trainer_state(directory: str, mmap: bool = False) -> dict[str, Any]:
-    """The trainer state on the CPU. Loaded with weights_only (tensors and plain Python values only); a checkpoint
-    written before the RNG state was stored as plain lists needs the full unpickler. mmap: tensors are read on first
-    use and ranks loading the same file share the page cache (for a gathered full fine-tuning optimizer state)."""
+    """The trainer state on the CPU, loaded with `weights_only=True`: tensors and plain Python values only, so a
+    trainer_state.pt that someone else wrote cannot run code while it is read. A file the safe loader refuses is
+    refused here, never retried with the full unpickler. mmap: tensors are read on first use and ranks loading the
+    same file share the page cache (for a gathered full fine-tuning optimizer state)."""
     path = os.path.join(directory, STATE_FILE)
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except pickle.UnpicklingError:
-            return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" not in str(e).lower():
+            raise CheckpointError(_damaged(path, e)) from e
+        reason = next((line for line in str(e).splitlines() if "unsupported global" in line.lower()), "")
+        raise CheckpointError(
+            f"{path}: refused: {STATE_FILE} holds Python objects besides tensors and plain values, and unpickling "
+            f"them could run any code ({reason.strip() or 'not loadable with weights_only=True'}). A checkpoint this "
+            f"project wrote before its RNG state was stored as plain lists looks like this; if you made it yourself, "
+            f"convert it once with `python -m common.checkpoint --convert-trusted {directory}`. Never convert a file "
+            f"you did not make."
+        ) from e
+    except (RuntimeError, EOFError) as e:
         raise CheckpointError(_damaged(path, e)) from e
+
+
+def convert_trusted_trainer_state(directory: str) -> None:
+    """Rewrite an older trainer_state.pt (numpy RNG state as a numpy object) so the safe loader takes it. This runs
+    the full unpickler on the file: only for checkpoints you wrote yourself."""
+    path = os.path.join(directory, STATE_FILE)
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    name, keys, pos, has_gauss, cached_gaussian = state["rng"]["numpy"]
+    state["rng"]["numpy"] = (str(name), np.asarray(keys).tolist(), int(pos), int(has_gauss), float(cached_gaussian))
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    torch.load(tmp, map_location="cpu", weights_only=True)  # what was left besides the RNG state fails here
+    os.replace(tmp, path)
 
 
 def read_checkpoint_info(step_dir: str) -> dict[str, Any]:
@@ -538,3 +560,19 @@ def load_safetensors(path: str, device: str = "cpu") -> dict[str, torch.Tensor]:
         return load_file(path, device=device)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(_damaged(path, e)) from e
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Checkpoint maintenance.")
+    parser.add_argument(
+        "--convert-trusted",
+        metavar="STEP_DIR",
+        required=True,
+        help="rewrite the trainer_state.pt of a checkpoint you made with an earlier version so the safe loader "
+        "takes it (runs the full unpickler on that file once)",
+    )
+    directory = parser.parse_args().convert_trusted
+    convert_trusted_trainer_state(directory)
+    print(f"{os.path.join(directory, STATE_FILE)}: converted; it now loads with weights_only=True")

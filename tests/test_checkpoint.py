@@ -23,6 +23,7 @@ from common.checkpoint import (
     CheckpointError,
     check_checkpoint_compatible,
     check_run_dir,
+    convert_trusted_trainer_state,
     load_safetensors,
     load_trainer_state,
     resolve_checkpoint,
@@ -316,13 +317,44 @@ def test_trainer_state_loads_with_weights_only_and_restores_rng(tmp_path):
     torch.optim.AdamW(model.parameters()).load_state_dict(state["optimizer"])
 
 
-def test_older_trainer_state_with_numpy_objects_still_loads(tmp_path):
+def test_older_trainer_state_with_numpy_objects_is_refused_until_converted(tmp_path):
     torch.save({"step": 1, "rng": {"numpy": np.random.get_state()}}, tmp_path / STATE_FILE)
-    assert load_trainer_state(str(tmp_path))["step"] == 1
+    with pytest.raises(CheckpointError, match="trainer_state.pt: refused.*--convert-trusted"):
+        load_trainer_state(str(tmp_path))
+    convert_trusted_trainer_state(str(tmp_path))
+    state = load_trainer_state(str(tmp_path))
+    assert state["step"] == 1
+    np.random.set_state(state["rng"]["numpy"])  # the converted RNG state is still usable
     with open(tmp_path / STATE_FILE, "r+b") as f:
         f.truncate(20)
     with pytest.raises(CheckpointError, match="trainer_state.pt: the checkpoint is damaged"):
         load_trainer_state(str(tmp_path))
+
+
+class _CreatesAFileWhenUnpickled:
+    """What a malicious trainer_state.pt would carry: unpickling it calls a function of the author's choosing."""
+
+    def __init__(self, target: str):
+        self.target = target
+
+    def __reduce__(self):
+        return (shutil.copyfile, (os.devnull, self.target))
+
+
+def test_a_crafted_trainer_state_is_refused_without_running_its_code(tmp_path):
+    """A checkpoint someone else wrote is given to --resume: its pickle would create a file when unpickled. The
+    resume refuses it, names trainer_state.pt, and the file is never created."""
+    root = str(tmp_path / "checkpoints")
+    step_dir = saved_checkpoint(tmp_path, Args(), "ppo_openvla.py")
+    os.remove(os.path.join(step_dir, "args.json"))  # so the compatibility check also has to read the trainer state
+    target = tmp_path / "created_by_the_checkpoint"
+    torch.save({"step": 3, "payload": _CreatesAFileWhenUnpickled(str(target))}, os.path.join(step_dir, STATE_FILE))
+    resumed = resolve_checkpoint(root)
+    with pytest.raises(CheckpointError, match=r"trainer_state\.pt: refused.*could run any code"):
+        check_checkpoint_compatible(resumed, "ppo_openvla.py", Args())
+    with pytest.raises(CheckpointError, match=r"trainer_state\.pt: refused"):
+        load_trainer_state(resumed)
+    assert not target.exists()
 
 
 # --------------------------------------------------------------------------------------------- damaged weights

@@ -149,7 +149,7 @@ def _openvla_checks(model_dir: str, out_dir: str, rank: int, world: int) -> dict
     continued = fsdp.full_state_dict(agent)
 
     resumed, _ = build(os.path.join(ckpt, "model"))
-    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False, mmap=True)
+    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True, mmap=True)
     resumed.value_head.load_state_dict(state["value_head"])
     fsdp.shard_model(resumed, reduce="sum", forward_methods=("act",))
     resumed_optimizer = optimizer_for(resumed)

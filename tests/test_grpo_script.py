@@ -78,7 +78,7 @@ def test_two_ranks_train_checkpoint_resume_eval(model_path, tmp_path):
     assert "iter 2:" in out and " eval " in out
     ckpts = first / "grpo_internvl__s1" / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step_00000002"
-    state = torch.load(ckpts / "step_00000001" / "trainer_state.pt", weights_only=False)
+    state = torch.load(ckpts / "step_00000001" / "trainer_state.pt", weights_only=True)
     assert state["step"] == 1 and state["args"]["group_size"] == 2 and state["optimizer"]["param_groups"]
     assert (ckpts / "step_00000001" / "adapter_model.safetensors").exists()
     assert list((first / "grpo_internvl__s1" / "videos").glob("*.mp4"))

@@ -2,6 +2,7 @@
 run-directory guard, SIGTERM with a checkpoint and resume, and skipped non-finite steps."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -83,9 +84,23 @@ def test_resume_checks_script_and_lora_rank(tiny_openvla, tmp_path):
         grpo_internvl.main(grpo_internvl.Args(run_dir=str(tmp_path), exp_name="t", resume=ckpts))
 
 
-def test_corrupted_weights_name_the_file(tiny_openvla, tmp_path):
-    import shutil
+def test_resume_refuses_a_trainer_state_that_would_run_code(tiny_openvla, tmp_path):
+    """--resume of a checkpoint someone else wrote, whose trainer_state.pt would create a file when unpickled."""
+    args = ppo_openvla.Args(model_path=tiny_openvla, run_dir=str(tmp_path), exp_name="t")
+    fake_checkpoint(str(tmp_path / "t__s1"), "ppo_openvla.py", args)
+    ckpts = tmp_path / "t__s1" / "checkpoints"
+    target = tmp_path / "created_by_the_checkpoint"
+    payload = type("Payload", (), {"__reduce__": lambda self: (shutil.copyfile, (os.devnull, str(target)))})
+    torch.save({"step": 6, "payload": payload()}, ckpts / "step_00000006" / "trainer_state.pt")
+    os.remove(ckpts / "step_00000006" / "args.json")  # the settings check then reads the trainer state itself
+    with pytest.raises(CheckpointError, match=r"trainer_state\.pt: refused"):
+        ppo_openvla.main(
+            ppo_openvla.Args(model_path=tiny_openvla, run_dir=str(tmp_path), exp_name="t", resume=str(ckpts))
+        )
+    assert not target.exists()
 
+
+def test_corrupted_weights_name_the_file(tiny_openvla, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(tiny_openvla, model)
     shard = sorted(model.glob("*.safetensors"))[0]
