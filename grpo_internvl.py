@@ -124,6 +124,10 @@ class Args:
     """env steps (= policy queries) per episode"""
     image_size: int = 224
     """camera resolution (square); the processor resizes it to the model's input size"""
+    sim_backend: Literal["auto", "cpu", "gpu"] = "auto"
+    """ManiSkill physics: auto is gpu (physx_cuda, all envs in one process) when CUDA is visible, else cpu (one
+    worker process per core, each with a slice of the envs). physx_cuda downloads its PhysX GPU library from GitHub on
+    first use; on a node without internet, use cpu (the policy still runs on the GPU)"""
     # --- algorithm: GRPO ---
     total_iterations: int = 200
     """number of rollout + update iterations"""
@@ -646,6 +650,7 @@ def main(args: Args) -> None:
     envs = ManiSkillVLAEnv(
         args.env_id,
         args.num_envs,
+        sim_backend=args.sim_backend,
         image_size=args.image_size,
         instruction=args.instruction,
         max_episode_steps=args.max_episode_steps,

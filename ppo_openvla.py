@@ -138,6 +138,10 @@ class Args:
     image_size: int = 224
     """camera resolution (square) of the standard tasks; the Bridge "InScene" tasks render their camera's native
     640x480. The processor resizes to the model's 224 either way"""
+    sim_backend: Literal["auto", "cpu", "gpu"] = "auto"
+    """ManiSkill physics: auto is gpu (physx_cuda, all envs in one process) when CUDA is visible, else cpu (one
+    worker process per core, each with a slice of the envs). physx_cuda downloads its PhysX GPU library from GitHub on
+    first use; on a node without internet, use cpu (the policy still runs on the GPU)"""
     # --- algorithm: PPO ---
     total_iterations: int = 500
     """number of rollout + update iterations"""
@@ -492,6 +496,7 @@ def main(args: Args) -> None:
     env = ManiSkillVLAEnv(
         args.env_id,
         args.num_envs,
+        sim_backend=args.sim_backend,
         image_size=args.image_size,
         dense_reward=args.reward_mode == "dense",
         instruction=args.instruction,

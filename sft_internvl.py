@@ -42,7 +42,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -110,6 +110,10 @@ class Args:
     """env steps (= policy queries) per evaluation episode"""
     image_size: Optional[int] = None
     """camera resolution of the evaluation envs (default: the first demo folder's)"""
+    sim_backend: Literal["auto", "cpu", "gpu"] = "auto"
+    """ManiSkill physics: auto is gpu (physx_cuda, all envs in one process) when CUDA is visible, else cpu (one
+    worker process per core, each with a slice of the envs). physx_cuda downloads its PhysX GPU library from GitHub on
+    first use; on a node without internet, use cpu (the policy still runs on the GPU)"""
     # --- algorithm: SFT ---
     total_iterations: int = 1000
     """optimizer steps (ignored when --num-epochs is set)"""
@@ -324,6 +328,7 @@ def main(args: Args) -> None:
         envs = ManiSkillVLAEnv(
             args.env_id,
             args.num_envs,
+            sim_backend=args.sim_backend,
             image_size=args.image_size,
             instruction=args.instruction,
             max_episode_steps=args.max_episode_steps,

@@ -45,7 +45,7 @@ import os
 import time
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -117,6 +117,10 @@ class Args:
     """episode length limit at evaluation"""
     image_size: Optional[int] = None
     """camera resolution of the evaluation envs (default: the first demo folder's)"""
+    sim_backend: Literal["auto", "cpu", "gpu"] = "auto"
+    """ManiSkill physics: auto is gpu (physx_cuda, all envs in one process) when CUDA is visible, else cpu (one
+    worker process per core, each with a slice of the envs). physx_cuda downloads its PhysX GPU library from GitHub on
+    first use; on a node without internet, use cpu (the policy still runs on the GPU)"""
     # --- algorithm: SFT ---
     total_iterations: int = 1000
     """optimizer steps (ignored when --num-epochs is set)"""
@@ -353,6 +357,7 @@ def main(args: Args) -> None:
         env = ManiSkillVLAEnv(
             args.env_id,
             args.num_envs,
+            sim_backend=args.sim_backend,
             image_size=args.image_size,
             instruction=args.instruction,
             max_episode_steps=args.max_episode_steps,

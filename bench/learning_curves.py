@@ -167,6 +167,8 @@ def ppo_pair(a: argparse.Namespace, model: str, extra: list[str], results: dict)
         str(a.seed),
         "--env-id",
         a.env_id,
+        "--sim-backend",
+        a.sim_backend,
         "--reward-mode",
         a.reward_mode,
         "--num-envs",
@@ -312,6 +314,8 @@ def demos_then_sft(a: argparse.Namespace, script: str, base: str, results: dict)
             script,
             "--demos",
             demos,
+            "--sim-backend",
+            a.sim_backend,
             "--model-path",
             base,
             "--run-dir",
@@ -364,6 +368,8 @@ def sft_grpo_mode(a: argparse.Namespace) -> None:
         str(a.seed),
         "--env-id",
         a.env_id,
+        "--sim-backend",
+        a.sim_backend,
         "--num-envs",
         str(a.num_envs),
         "--group-size",
@@ -436,6 +442,7 @@ def main() -> None:
         mode.add_argument("--seed", type=int, default=1)
         mode.add_argument("--image-size", type=int, default=64)
         mode.add_argument("--eval-interval", type=int, default=10)
+        mode.add_argument("--sim-backend", default="auto", choices=["auto", "cpu", "gpu"], help="the scripts' flag")
     for mode in (sft_ppo, sft):
         mode.add_argument("--num-demos", type=int, default=100)
         mode.add_argument("--sft-learning-rate", type=float, default=1e-3)
