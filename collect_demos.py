@@ -1,10 +1,10 @@
-"""Demonstrations from the scripted experts (common/experts.py), recorded as the VLA policies see the task.
+"""Demonstrations from the scripted experts (common/envs/experts.py), recorded as the VLA policies see the task.
 
 What it does: for seeds seed, seed+1, ... it resets one ManiSkill3 env on the CPU sim, lets the task's scripted expert
 act from the privileged simulator state in the `pd_ee_delta_pose` controller, and records per step the camera image
 and TCP pose that ManiSkillVLAEnv gives the RL scripts (same env construction and observation wrapper, same image
 size), the instruction and the expert's action. Episodes that succeed are written until `--num-episodes` are on disk
-(`--keep-failed` writes every episode). The format is documented in common/demos.py; `load_demos` reads it back and
+(`--keep-failed` writes every episode). The format is documented in common/envs/demos.py; `load_demos` reads it back and
 `action_norm_stats` gives the statistics OpenVLA normalises actions with (also stored in meta.json).
 
 Run:
@@ -22,9 +22,9 @@ import gymnasium as gym
 import numpy as np
 import tyro
 
-from common.demos import action_norm_stats, save_episode
-from common.experts import EXPERTS
-from common.maniskill_env import INSTRUCTIONS, check_env_id, check_render_device, make_cpu_env
+from common.envs.demos import action_norm_stats, save_episode
+from common.envs.experts import EXPERTS
+from common.envs.maniskill import INSTRUCTIONS, check_env_id, check_render_device, make_cpu_env
 
 CONTROL_MODE = "pd_ee_delta_pose"  # the experts' action space
 

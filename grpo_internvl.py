@@ -35,8 +35,8 @@ Run:
     torchrun --nproc-per-node 8 grpo_internvl.py --model-path OpenGVLab/InternVL3-1B-hf --env-id PushCube-v1
     python grpo_internvl.py --resume runs/grpo_internvl__s1/checkpoints
     python grpo_internvl.py --eval-only --checkpoint runs/grpo_internvl__s1/checkpoints --capture-video
-CPU quickstart (tiny random InternVL from `python -m common.tiny_models internvl`, real simulator): see README.md.
-The answer template and the prompt live in common/action_text.py, shared with the SFT script that warm-starts it.
+CPU quickstart (tiny random InternVL from `python -m common.models.tiny internvl`, real simulator): see README.md.
+The answer template and the prompt live in common/models/action_text.py, shared with the SFT script that warm-starts it.
 Stopping: SIGTERM (Slurm, Kubernetes) or Ctrl-C finishes the current iteration, writes a checkpoint and exits 0;
 continue with --resume. Give the job a grace period longer than one iteration plus a save (torchrun
 --shutdown-timeout, Slurm --signal=TERM@N, Kubernetes terminationGracePeriodSeconds).
@@ -57,7 +57,6 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import DynamicCache, InternVLForConditionalGeneration
 
 from common import fsdp
-from common.action_text import ActionTemplate, build_inputs, load_processor_and_template
 from common.checkpoint import check_run_flags, load_trainer_state, save_checkpoint, save_trainer_state, trainer_state
 from common.dist import (
     all_reduce_mean,
@@ -72,6 +71,7 @@ from common.dist import (
     sum_gradients_,
     world_size,
 )
+from common.envs.maniskill import ManiSkillVLAEnv, check_env_id, check_render_device, obj_set_kwargs
 from common.guards import (
     NonFiniteGuard,
     StopRequest,
@@ -81,7 +81,7 @@ from common.guards import (
     named_state_tensors,
 )
 from common.logger import Logger, is_due
-from common.maniskill_env import ManiSkillVLAEnv, check_env_id, check_render_device, obj_set_kwargs
+from common.models.action_text import ActionTemplate, build_inputs, load_processor_and_template
 
 
 @dataclass
@@ -701,7 +701,7 @@ def main(args: Args) -> None:
         # -----------------------------------------------------------------------------------------------------------
         # 1. Rollout: group_size episodes per initial state (reset seed); sampling, shuffling and reset seeds derive
         #    from (seed, rank, iteration), so a resume draws the same ones (the CPU sim itself may still differ:
-        #    see "Does it learn?" in README.md)
+        #    see docs/results.md)
         # -----------------------------------------------------------------------------------------------------------
         rollout_start = time.time()
         rng = np.random.default_rng([args.seed, dist.rank, iteration])

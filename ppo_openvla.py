@@ -16,7 +16,7 @@ lr 1e-4 / value head 3e-3, LoRA rank 32, 80-step episodes, temperature 1.0). Dep
   than hovering next to the goal until the time limit. --no-bootstrap-truncated instead treats the step limit as the
   task's horizon (a truncated episode ends with nothing to come, like GRPO's fixed-length episodes): with the sparse
   reward the bootstrap makes a failed episode worth V(s_final), and V, fed its own estimate, can drift well above
-  the success rate, so failures carry little learning signal (README, "Does it learn?").
+  the success rate, so failures carry little learning signal (docs/results.md, "SFT then PPO").
 - The value head sees the hidden state whose output predicts the first action token (RLinf's choice).
 
 Run:
@@ -26,7 +26,7 @@ Run:
         --control-mode arm_pd_ee_target_delta_pose_align2_gripper_pd_joint_pos
     python ppo_openvla.py --eval-only --checkpoint runs/NAME/checkpoints
     python ppo_openvla.py --eval-only --checkpoint runs/NAME/checkpoints \
-        --env-id PutOnPlateInScene25Carrot-v1 --obj-set test   # an out-of-distribution variant (README)
+        --env-id PutOnPlateInScene25Carrot-v1 --obj-set test   # an out-of-distribution variant (docs/protocols.md)
 CPU quickstart (tiny random model, real simulator): see README.md.
 Stopping: SIGTERM (Slurm, Kubernetes) or Ctrl-C finishes the current iteration, writes a checkpoint and exits 0;
 continue with --resume. Give the job a grace period longer than one iteration plus a save (torchrun
@@ -63,6 +63,7 @@ from common.checkpoint import (
     verify_safetensors_files,
 )
 from common.dist import all_reduce_mean, bf16_autocast, check_in_sync, cleanup, global_mean_std, init_dist, print0
+from common.envs.maniskill import ManiSkillVLAEnv, check_env_id, check_render_device, obj_set_kwargs
 from common.guards import (
     NonFiniteGuard,
     StopRequest,
@@ -72,8 +73,7 @@ from common.guards import (
     named_state_tensors,
 )
 from common.logger import Logger, is_due
-from common.maniskill_env import ManiSkillVLAEnv, check_env_id, check_render_device, obj_set_kwargs
-from common.openvla import (
+from common.models.openvla import (
     ActionTokenizer,
     action_stats,
     load_lora_adapter,
@@ -605,7 +605,7 @@ def main(args: Args) -> None:
     for iteration in range(start_iteration + 1, args.total_iterations + 1):
         # -----------------------------------------------------------------------------------------------------------
         # 1. Rollout: fresh episodes from seeds derived from (seed, rank, iteration), so a resume draws the same ones
-        #    (the CPU sim itself may still differ: see "Does it learn?" in README.md)
+        #    (the CPU sim itself may still differ: see docs/results.md)
         # -----------------------------------------------------------------------------------------------------------
         rollout_start, policy_time = time.time(), 0.0
         rng = np.random.default_rng([args.seed, dist.rank, iteration])

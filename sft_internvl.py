@@ -1,7 +1,7 @@
 """Supervised fine-tuning (behaviour cloning) of InternVL on scripted-expert demonstrations, written as text actions.
 
 Every demo step (camera image, end-effector pose, instruction -> expert action) becomes one sample: the prompt is
-the one grpo_internvl.py builds (common/action_text.py `build_inputs`), the target is the answer grpo_internvl.py
+the one grpo_internvl.py builds (common/models/action_text.py `build_inputs`), the target is the answer grpo_internvl.py
 decodes,
 
     action: {x: -18mm, y: -35mm, z: -28mm, roll: 0 degrees, pitch: 0 degrees, yaw: 4 degrees, open: 1}
@@ -49,7 +49,6 @@ import torch
 import torch.nn.functional as F
 import tyro
 
-from common.action_text import ActionTemplate, build_inputs, load_processor_and_template
 from common.checkpoint import (
     check_run_flags,
     git_commit,
@@ -60,7 +59,6 @@ from common.checkpoint import (
     script_name,
     trainer_state,
 )
-from common.demos import load_demos, read_meta
 from common.dist import (
     all_reduce_mean,
     bf16_autocast,
@@ -71,8 +69,10 @@ from common.dist import (
     print0,
     sum_gradients_,
 )
+from common.envs.demos import load_demos, read_meta
+from common.envs.maniskill import ManiSkillVLAEnv, check_env_id, check_render_device
 from common.logger import Logger, is_due
-from common.maniskill_env import ManiSkillVLAEnv, check_env_id, check_render_device
+from common.models.action_text import ActionTemplate, build_inputs, load_processor_and_template
 from grpo_internvl import generate_actions, load_policy  # the RL script's decoding and model loading
 
 

@@ -18,7 +18,8 @@ returns every pose dim within one bin ((q99 - q01) / 255 after clipping to [q01,
 The statistics (the demos' `action_norm_stats`, gripper in the {0, 1} convention) are written to the final
 checkpoint's config.json as `norm_stats[--unnorm-key]` (default `maniskill_{env_id}` lowercased), next to the base
 model's keys; `ppo_openvla.py --unnorm-key KEY` un-normalises with them. The final model, LoRA merged into the base
-weights, is saved in the openvla-7b layout (common/openvla.py `save_openvla`) at {run_dir}/{exp_name}__s{seed}/final/.
+weights, is saved in the openvla-7b layout (common/models/openvla.py `save_openvla`) at
+{run_dir}/{exp_name}__s{seed}/final/.
 
 Anchor: OpenVLA's LoRA fine-tuning (openvla/vla-scripts/finetune.py: lr 5e-4, LoRA rank 32, dropout 0, every linear
 layer). Departures:
@@ -62,11 +63,11 @@ from common.checkpoint import (
     save_trainer_state,
     trainer_state,
 )
-from common.demos import action_norm_stats, load_demos, read_meta
 from common.dist import all_reduce_mean, bf16_autocast, check_in_sync, cleanup, init_dist, print0
+from common.envs.demos import action_norm_stats, load_demos, read_meta
+from common.envs.maniskill import ManiSkillVLAEnv, check_env_id, check_render_device
 from common.logger import Logger, is_due
-from common.maniskill_env import ManiSkillVLAEnv, check_env_id, check_render_device
-from common.openvla import (
+from common.models.openvla import (
     ActionTokenizer,
     load_lora_adapter,
     load_openvla,

@@ -25,7 +25,7 @@ Where this file departs from the anchors:
 Run:
     python srpo_openvla_oft.py --help
     # CPU quickstart: tiny random models, real LIBERO simulation (about 2 minutes on 2 cores)
-    python -m common.tiny_models openvla tiny-models/openvla && python -m common.tiny_models vjepa2 tiny-models/vjepa2
+    python -m common.models.tiny openvla tiny-models/openvla && python -m common.models.tiny vjepa2 tiny-models/vjepa2
     python srpo_openvla_oft.py --model-path tiny-models/openvla --world-model-path tiny-models/vjepa2 \\
         --suite libero_spatial --task-ids 0 --num-envs 2 --group-size 2 --tasks-per-iteration 1 \\
         --no-dynamic-sampling --max-episode-steps 32 --lora-rank 8 --total-iterations 3 --eval-interval 3 \\
@@ -82,15 +82,7 @@ from common.dist import (
     sum_gradients_,
     world_size,
 )
-from common.guards import (
-    NonFiniteGuard,
-    StopRequest,
-    check_finite_logits,
-    check_finite_state,
-    check_flags,
-    named_state_tensors,
-)
-from common.libero_env import (
+from common.envs.libero import (
     OFT_EVAL_MAX_STEPS,
     LiberoVectorEnv,
     check_task_ids,
@@ -100,8 +92,16 @@ from common.libero_env import (
     load_suite,
     to_libero_actions,
 )
+from common.guards import (
+    NonFiniteGuard,
+    StopRequest,
+    check_finite_logits,
+    check_finite_state,
+    check_flags,
+    named_state_tensors,
+)
 from common.logger import Logger, is_due
-from common.openvla import (
+from common.models.openvla import (
     ActionTokenizer,
     action_stats,
     load_lora_adapter,
@@ -112,7 +112,7 @@ from common.openvla import (
     save_lora_adapter,
     save_openvla,
 )
-from common.vjepa2 import VideoEmbedder, check_world_model
+from common.models.vjepa2 import VideoEmbedder, check_world_model
 
 CHUNK_STEPS, ACTION_DIM = 8, 7  # OpenVLA-OFT LIBERO: 8 actions of 7 dims per query
 NUM_ACTION_TOKENS = CHUNK_STEPS * ACTION_DIM  # 56, predicted in one forward pass

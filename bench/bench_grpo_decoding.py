@@ -21,7 +21,7 @@ from transformers import AutoProcessor, InternVLForConditionalGeneration, Logits
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import grpo_internvl as grpo  # noqa: E402
-from common.tiny_models import make_tiny_internvl  # noqa: E402
+from common.models.tiny import make_tiny_internvl  # noqa: E402
 
 
 class TemplateLogitsProcessor(LogitsProcessor):

@@ -1,4 +1,4 @@
-"""LIBERO env throughput: env steps/s with and without subprocess workers (common/libero_env.py).
+"""LIBERO env throughput: env steps/s with and without subprocess workers (common/envs/libero.py).
 
     python bench/bench_libero_env.py                                  # 2 envs, 64 steps each, 256 px camera
     python bench/bench_libero_env.py --num-envs 1 2 4 --steps 128 --camera-size 256
@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.libero_env import LiberoVectorEnv, configure_rendering, to_libero_actions  # noqa: E402
+from common.envs.libero import LiberoVectorEnv, configure_rendering, to_libero_actions  # noqa: E402
 
 
 def bench(

@@ -16,14 +16,14 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.openvla import (  # noqa: E402
+from common.models.openvla import (  # noqa: E402
     ActionTokenizer,  # noqa: E402
     OpenVLA,
     OpenVLAProcessor,
     load_openvla,
     make_trainable,  # noqa: E402
 )
-from common.tiny_models import build_tiny_tokenizer, make_tiny_openvla, preprocessor_config  # noqa: E402
+from common.models.tiny import build_tiny_tokenizer, make_tiny_openvla, preprocessor_config  # noqa: E402
 from ppo_openvla import ActorCritic  # noqa: E402
 
 OPENVLA_7B = {

@@ -1,4 +1,5 @@
-"""How closely common/libero_image.py reproduces the TensorFlow image pipeline of the OpenVLA-OFT LIBERO evaluation.
+"""How closely common/envs/libero_image.py reproduces the TensorFlow image pipeline of the OpenVLA-OFT LIBERO
+evaluation.
 
 Not part of the test suite: it needs TensorFlow, which the project does not depend on. Two steps:
 
@@ -22,7 +23,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import libero_image  # noqa: E402  (numpy only: importable in the TensorFlow venv)
+from common.envs import libero_image  # noqa: E402  (numpy only: importable in the TensorFlow venv)
 
 EPISODES = [
     ("libero_spatial", 0),
@@ -38,7 +39,7 @@ EPISODES = [
 
 def render(out_dir: str) -> None:
     """Two raw 256x256 agentview frames per episode: after the settle steps and after one random chunk."""
-    from common.libero_env import LiberoEnv, configure_rendering, to_libero_actions
+    from common.envs.libero import LiberoEnv, configure_rendering, to_libero_actions
 
     configure_rendering()
     os.makedirs(out_dir, exist_ok=True)

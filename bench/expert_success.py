@@ -1,4 +1,4 @@
-"""Success rate of the scripted experts (common/experts.py) on the CPU simulator, state observations only.
+"""Success rate of the scripted experts (common/envs/experts.py) on the CPU simulator, state observations only.
 
     python bench/expert_success.py                                    # all experts, seeds 0..49
     python bench/expert_success.py --env-ids PickCube-v1 --num-seeds 100 --max-episode-steps 80
@@ -16,7 +16,7 @@ import gymnasium as gym
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.experts import EXPERTS  # noqa: E402
+from common.envs.experts import EXPERTS  # noqa: E402
 
 
 def run_episode(env, expert, seed: int, max_steps: int) -> int:

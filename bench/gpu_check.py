@@ -13,8 +13,8 @@ Parts (each guarded: a failure is reported in the table and the JSON, the other 
 - oft_forward_backward: srpo_openvla_oft.py `OFTPolicy` (56 action tokens in one pass) forward and backward.
 - grpo_decoding: grpo_internvl.py `generate_actions` against `model.generate` with a constraining logits processor
   (bench/bench_grpo_decoding.py), on an InternVL3-1B-shaped model (448 px, 256 image tokens, Qwen2-style digits).
-- maniskill_gpu: ManiSkill3 PushCube-v1, physx_cuda, 64 envs, rendering through common/maniskill_env.py (CUDA only).
-- libero: LIBERO libero_spatial, MuJoCo EGL on GPU (OSMesa on CPU), env steps/s through common/libero_env.py.
+- maniskill_gpu: ManiSkill3 PushCube-v1, physx_cuda, 64 envs, rendering through common/envs/maniskill.py (CUDA only).
+- libero: LIBERO libero_spatial, MuJoCo EGL on GPU (OSMesa on CPU), env steps/s through common/envs/libero.py.
 - scripts: each script for 2 iterations with the tiny models (the README quickstart flags), as subprocesses.
 The 7B models are built on the meta device and materialised with random bf16 weights: no checkpoint is written.
 Peak memory is torch.cuda.max_memory_allocated on GPU and the process's max RSS on CPU (`peak_mem_kind`).
@@ -157,7 +157,7 @@ def part_param_counts(ctx: Context) -> dict:
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
     from bench.bench_ppo_rollout import OPENVLA_7B
-    from common.openvla import OpenVLA
+    from common.models.openvla import OpenVLA
 
     with torch.device("meta"):
         out = {"openvla_7b_params": sum(p.numel() for p in OpenVLA(OPENVLA_7B).parameters())}
@@ -270,7 +270,7 @@ def _internvl_1b_shaped(ctx: Context):
     tokenizer splits digits as Qwen2's does."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
-    from common.tiny_models import make_tiny_internvl
+    from common.models.tiny import make_tiny_internvl
 
     image_size = 448 if ctx.args.size == "7b" else 56
     path = make_tiny_internvl(os.path.join(ctx.tmp, "internvl"), digits="single", image_size=image_size)
@@ -342,7 +342,7 @@ def part_grpo_decoding(ctx: Context) -> dict:
 def part_maniskill_gpu(ctx: Context) -> dict:
     if not ctx.cuda:
         return {"status": "skipped", "reason": "physx_cuda needs a CUDA GPU"}
-    from common.maniskill_env import ManiSkillVLAEnv
+    from common.envs.maniskill import ManiSkillVLAEnv
 
     num_envs, steps = 64, 50
     t = time.perf_counter()
@@ -364,7 +364,7 @@ def part_maniskill_gpu(ctx: Context) -> dict:
 def part_libero(ctx: Context) -> dict:
     import numpy as np
 
-    from common.libero_env import LiberoVectorEnv, configure_rendering, to_libero_actions
+    from common.envs.libero import LiberoVectorEnv, configure_rendering, to_libero_actions
 
     backend = configure_rendering("egl" if ctx.cuda else None)
     num_envs, steps = (4, 64) if ctx.cuda else (1, 16)
@@ -392,9 +392,9 @@ def part_scripts(ctx: Context) -> dict:
     models = os.path.join(tmp, "tiny-models")
     py = sys.executable
     prepare = [
-        [py, "-m", "common.tiny_models", "openvla", f"{models}/openvla"],
-        [py, "-m", "common.tiny_models", "internvl", f"{models}/internvl"],
-        [py, "-m", "common.tiny_models", "vjepa2", f"{models}/vjepa2"],
+        [py, "-m", "common.models.tiny", "openvla", f"{models}/openvla"],
+        [py, "-m", "common.models.tiny", "internvl", f"{models}/internvl"],
+        [py, "-m", "common.models.tiny", "vjepa2", f"{models}/vjepa2"],
     ]
     runs = {
         "ppo_openvla": [

@@ -9,7 +9,7 @@ The control uses the same seed, so it sees the same env reset seeds and draws it
 streams: with learning rate 0 its policy never changes, and its curve is what the initial policy scores on those
 episodes. Any gap between the two curves is learning.
 
-ppo: ppo_openvla.py from a tiny random OpenVLA (`common.tiny_models`), full fine-tuning, ManiSkill's normalized
+ppo: ppo_openvla.py from a tiny random OpenVLA (`common.models.tiny`), full fine-tuning, ManiSkill's normalized
 dense reward on PushCube-v1 (the task's success is still logged as rollout/success_rate, and an evaluation
 every --eval-interval iterations as eval/success_once, RLinf's protocol).
 
@@ -236,7 +236,7 @@ def ppo_pair(a: argparse.Namespace, model: str, extra: list[str], results: dict)
 
 def starting_model(a: argparse.Namespace, family: str) -> str:
     """--model-path, or a tiny random model of `family` ("openvla" / "internvl") built once under {out}/runs/."""
-    from common import tiny_models
+    from common.models import tiny as tiny_models
 
     os.makedirs(os.path.join(a.out, "runs"), exist_ok=True)
     if a.model_path:
@@ -482,7 +482,7 @@ def main() -> None:
         "--loss-agg-mode",
         default="token-mean",
         choices=["token-mean", "seq-mean-token-mean"],
-        help="GRPO loss aggregation (the curves in the README used token-mean)",
+        help="GRPO loss aggregation (the curves in docs/results.md used token-mean)",
     )
     sft.add_argument("--grpo-micro-batch-size", type=int, default=32)
     replot = modes.add_parser("plot", help="redraw {out}/curves.png from {out}/curves.json")

@@ -2,7 +2,7 @@
 from primitive shapes: a WidowX-like arm with the real joint and link names, a table slab as the Bridge scene file,
 25 small boxes, 17 flat plates (the Main task uses the first), 21 one-colour table photos, each paired with a
 one-colour texture (the VisionTexture/VisionWhole variants blend it in). Lets the real task code and its
-out-of-distribution variants (common/put_on_plate_25_ood.py) run where the real assets cannot be downloaded."""
+out-of-distribution variants (common/envs/put_on_plate_25_ood.py) run where the real assets cannot be downloaded."""
 
 import json
 from pathlib import Path

@@ -10,6 +10,6 @@ sys.path.insert(0, ROOT)
 @pytest.fixture(scope="session")
 def tiny_openvla(tmp_path_factory) -> str:
     """A tiny random OpenVLA checkpoint in the openvla-7b on-disk layout (built once per test session)."""
-    from common.tiny_models import make_tiny_openvla
+    from common.models.tiny import make_tiny_openvla
 
     return make_tiny_openvla(str(tmp_path_factory.mktemp("tiny_openvla")))

@@ -1,6 +1,6 @@
-"""PutOnPlateInScene25Main-v3 (common/put_on_plate_25.py) through the real ManiSkill code path, on stand-in assets of
-the real layout (tests/bridge_standin.py): native-resolution camera, per-episode instructions, success, missing
-assets."""
+"""PutOnPlateInScene25Main-v3 (common/envs/put_on_plate_25.py) through the real ManiSkill code path, on stand-in
+assets of the real layout (tests/bridge_standin.py): native-resolution camera, per-episode instructions, success,
+missing assets."""
 
 import json
 import os
@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from common.maniskill_env import ManiSkillVLAEnv, check_env_id, next_episode_seed
+from common.envs.maniskill import ManiSkillVLAEnv, check_env_id, next_episode_seed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV_ID = "PutOnPlateInScene25Main-v3"
@@ -61,7 +61,7 @@ def test_auto_reset_rereads_the_instruction(env):
 def test_object_on_plate_is_success(assets):
     code = """
 import json, numpy as np, torch, gymnasium as gym
-import mani_skill.envs, common.put_on_plate_25 as task
+import mani_skill.envs, common.envs.put_on_plate_25 as task
 from mani_skill.utils.structs.pose import Pose
 env = gym.make(task.ENV_ID, num_envs=1, obs_mode="rgb+segmentation", sim_backend="physx_cpu")
 env.reset(seed=0)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.demos import action_norm_stats, load_demos
-from common.experts import EXPERTS
-from common.maniskill_env import INSTRUCTIONS, ManiSkillVLAEnv
+from common.envs.demos import action_norm_stats, load_demos
+from common.envs.experts import EXPERTS
+from common.envs.maniskill import INSTRUCTIONS, ManiSkillVLAEnv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

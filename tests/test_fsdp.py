@@ -56,7 +56,7 @@ def _openvla_checks(model_dir: str, out_dir: str, rank: int, world: int) -> dict
 
     from common import fsdp
     from common.dist import check_in_sync
-    from common.openvla import load_openvla, make_trainable, save_openvla
+    from common.models.openvla import load_openvla, make_trainable, save_openvla
 
     def build(path):
         torch.manual_seed(0)
@@ -242,7 +242,7 @@ def _worker(openvla_dir: str, internvl_dir: str, out_dir: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def fsdp_results(tiny_openvla, tmp_path_factory) -> dict:
-    from common.tiny_models import make_tiny_internvl
+    from common.models.tiny import make_tiny_internvl
 
     internvl = make_tiny_internvl(str(tmp_path_factory.mktemp("tiny_internvl")))
     out = tmp_path_factory.mktemp("fsdp")

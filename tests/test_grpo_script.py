@@ -9,7 +9,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from common.tiny_models import make_tiny_internvl
+from common.models.tiny import make_tiny_internvl
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = [

@@ -11,8 +11,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import InternVLForConditionalGeneration, PreTrainedTokenizerFast, Qwen2Config
 
 import grpo_internvl as grpo
-from common.action_text import parse_action_text
-from common.tiny_models import make_tiny_internvl
+from common.models.action_text import parse_action_text
+from common.models.tiny import make_tiny_internvl
 
 INSTRUCTION = "push the cube to the goal region"
 

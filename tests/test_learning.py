@@ -79,7 +79,7 @@ def test_grpo_from_sft_beats_its_learning_rate_zero_control(tmp_path):
     so the test asks for a gap of GRPO_MARGIN = 0.08, about half the smallest. At lr 1e-3 the first updates knock the
     tiny model off (seed 2: 0.06 at iteration 6) and 10 iterations did not recover (0.34 vs 0.36). About 10 minutes on
     2 cores."""
-    from common.tiny_models import make_tiny_internvl
+    from common.models.tiny import make_tiny_internvl
 
     demos, runs = str(tmp_path / "demos"), str(tmp_path / "runs")
     run(

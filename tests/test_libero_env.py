@@ -7,8 +7,8 @@ import threading
 import numpy as np
 import pytest
 
-from common import libero_env
-from common.libero_env import (
+from common.envs import libero as libero_env
+from common.envs.libero import (
     MAX_STEPS,
     OFT_EVAL_MAX_STEPS,
     LiberoVectorEnv,
@@ -18,7 +18,7 @@ from common.libero_env import (
     load_suite,
     to_libero_actions,
 )
-from common.libero_image import center_crop_box, model_image, resize_lanczos3
+from common.envs.libero_image import center_crop_box, model_image, resize_lanczos3
 
 
 def test_unknown_suite_lists_suites():

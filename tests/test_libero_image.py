@@ -1,4 +1,4 @@
-"""The LIBERO model image (common/libero_image.py) on hand-worked examples; no simulator.
+"""The LIBERO model image (common/envs/libero_image.py) on hand-worked examples; no simulator.
 
 Agreement with TensorFlow itself is measured by bench/check_libero_image_vs_tf.py (it needs TensorFlow)."""
 
@@ -7,7 +7,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from common.libero_image import (
+from common.envs.libero_image import (
     CHROMA_QUANT,
     LUMA_QUANT,
     center_crop_box,

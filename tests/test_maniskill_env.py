@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from common.maniskill_env import ManiSkillVLAEnv, check_env_id
+from common.envs.maniskill import ManiSkillVLAEnv, check_env_id
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,7 +91,7 @@ def test_gripperless_task_is_rejected_with_the_reason():
 
 
 def test_missing_render_device_says_how_to_install_one():
-    code = "from common.maniskill_env import check_render_device; check_render_device()"
+    code = "from common.envs.maniskill import check_render_device; check_render_device()"
     env = {**os.environ, "VK_ICD_FILENAMES": "/nonexistent.json", "VK_DRIVER_FILES": "/nonexistent.json"}  # no Vulkan
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert out.returncode != 0 and "scripts/setup.sh" in out.stderr, out.stderr[-2000:]

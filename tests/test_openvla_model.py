@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common.openvla import PROMPT, ActionTokenizer, action_stats, load_openvla, read_openvla_config, save_openvla
+from common.models.openvla import PROMPT, ActionTokenizer, action_stats, load_openvla, read_openvla_config, save_openvla
 
 
 def test_checkpoint_layout_matches_openvla_7b(tiny_openvla):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from common.openvla import ActionTokenizer, load_openvla, make_trainable
+from common.models.openvla import ActionTokenizer, load_openvla, make_trainable
 from ppo_openvla import ActorCritic, GraspShapedReward, bootstrap_mask, compute_gae, ppo_losses
 
 

@@ -137,7 +137,7 @@ def test_bad_flags_fail_before_any_work(tiny_openvla, tmp_path):
 def test_torchrun_two_ranks_stay_in_sync_full_finetuning(tiny_openvla, tmp_path):
     """2 ranks on gloo, every weight trainable: FSDP2 shards the model (--fsdp auto), the checkpoint is the gathered
     full model in the openvla layout."""
-    from common.openvla import load_openvla
+    from common.models.openvla import load_openvla
 
     cmd = [
         "torchrun",

@@ -1,5 +1,5 @@
-"""The 13 out-of-distribution variants of PutOnPlateInScene25Main-v3 (common/put_on_plate_25_ood.py) through the real
-ManiSkill code path, on stand-in assets of the real layout (tests/bridge_standin.py).
+"""The 13 out-of-distribution variants of PutOnPlateInScene25Main-v3 (common/envs/put_on_plate_25_ood.py) through the
+real ManiSkill code path, on stand-in assets of the real layout (tests/bridge_standin.py).
 
 mani-skill reads its asset folder once, at import, so the simulator part runs in one subprocess (this file run as a
 script) that builds each env once, with obj_set "test" (the Main task with "train"), and reports what the tests check:
@@ -41,8 +41,8 @@ def probe(out_dir: str) -> None:
     import mani_skill.envs  # noqa: F401
     import torch
 
-    import common.put_on_plate_25  # noqa: F401
-    import common.put_on_plate_25_ood  # noqa: F401
+    import common.envs.put_on_plate_25  # noqa: F401
+    import common.envs.put_on_plate_25_ood  # noqa: F401
 
     results, frames = {}, {}
     zero_action = np.zeros(7, dtype=np.float32)
@@ -218,8 +218,8 @@ def test_position_change_moves_the_object_at_step_5(probed):
 def test_missing_assets_fail_with_the_download_command(tmp_path, monkeypatch):
     import bridge_standin
 
-    from common.maniskill_env import check_env_id
-    from common.put_on_plate_25_ood import (
+    from common.envs.maniskill import check_env_id
+    from common.envs.put_on_plate_25_ood import (
         PutOnPlateInScene25MainV3,
         PutOnPlateInScene25MultiPlate,
         PutOnPlateInScene25VisionWhole03,

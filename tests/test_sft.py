@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from common.action_text import ActionTemplate, build_inputs, load_processor_and_template, parse_action_text
-from common.demos import action_norm_stats, save_episode
-from common.openvla import ActionTokenizer, action_stats, load_lora_adapter, load_openvla, make_trainable
-from common.tiny_models import build_tokenizer, make_tiny_internvl
+from common.envs.demos import action_norm_stats, save_episode
+from common.models.action_text import ActionTemplate, build_inputs, load_processor_and_template, parse_action_text
+from common.models.openvla import ActionTokenizer, action_stats, load_lora_adapter, load_openvla, make_trainable
+from common.models.tiny import build_tokenizer, make_tiny_internvl
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTRUCTION = "push the cube to the goal region"

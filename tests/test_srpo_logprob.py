@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.libero_env import to_libero_actions
-from common.openvla import ActionTokenizer, load_openvla
-from common.tiny_models import make_tiny_openvla
+from common.envs.libero import to_libero_actions
+from common.models.openvla import ActionTokenizer, load_openvla
+from common.models.tiny import make_tiny_openvla
 from srpo_openvla_oft import (
     NUM_ACTION_TOKENS,
     Args,
@@ -125,7 +125,7 @@ def test_action_decoding_uses_oft_statistics(tiny_oft):
 
 
 def test_every_lora_parameter_gets_a_gradient(tiny_oft):
-    from common.openvla import make_trainable
+    from common.models.openvla import make_trainable
 
     path, _, processor = tiny_oft
     vla, _ = load_openvla(path, device="cpu", dtype=torch.float32, attn_implementation="sdpa")

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.tiny_models import make_tiny_vjepa2
-from common.vjepa2 import VideoEmbedder, preprocess_video, subsample_frame_indices
+from common.models.tiny import make_tiny_vjepa2
+from common.models.vjepa2 import VideoEmbedder, preprocess_video, subsample_frame_indices
 from srpo_openvla_oft import progress_rewards
 
 

@@ -39,7 +39,7 @@ TINY_RUN = [
 
 @pytest.fixture(scope="module")
 def tiny_models(tiny_openvla, tmp_path_factory):
-    from common.tiny_models import make_tiny_vjepa2
+    from common.models.tiny import make_tiny_vjepa2
 
     oft = str(tmp_path_factory.mktemp("tiny_oft") / "model")
     shutil.copytree(tiny_openvla, oft)

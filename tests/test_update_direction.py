@@ -30,8 +30,8 @@ def assert_moved_with_advantage(before: torch.Tensor, after: torch.Tensor, advan
 # PPO (ppo_openvla.py): ActorCritic.act on ManiSkill PushCube, ppo_losses, one AdamW step
 # ---------------------------------------------------------------------------------------------------------------
 def test_ppo_update_follows_advantages(tiny_openvla):
-    from common.maniskill_env import ManiSkillVLAEnv
-    from common.openvla import ActionTokenizer, action_stats, load_openvla, make_trainable, read_openvla_config
+    from common.envs.maniskill import ManiSkillVLAEnv
+    from common.models.openvla import ActionTokenizer, action_stats, load_openvla, make_trainable, read_openvla_config
     from ppo_openvla import ActorCritic, ppo_losses
 
     torch.manual_seed(0)
@@ -103,9 +103,9 @@ def test_ppo_update_follows_advantages(tiny_openvla):
 # ---------------------------------------------------------------------------------------------------------------
 def test_grpo_update_follows_advantages(tmp_path):
     import grpo_internvl as grpo
-    from common.action_text import build_inputs, load_processor_and_template
-    from common.maniskill_env import ManiSkillVLAEnv
-    from common.tiny_models import make_tiny_internvl
+    from common.envs.maniskill import ManiSkillVLAEnv
+    from common.models.action_text import build_inputs, load_processor_and_template
+    from common.models.tiny import make_tiny_internvl
 
     model_path = make_tiny_internvl(str(tmp_path / "internvl"))
     args = grpo.Args(
@@ -180,8 +180,8 @@ def tiny_oft(tiny_openvla, tmp_path_factory) -> str:
 
 def test_srpo_update_follows_advantages(tiny_oft):
     import srpo_openvla_oft as srpo
-    from common.libero_env import LiberoVectorEnv, configure_rendering, to_libero_actions
-    from common.openvla import ActionTokenizer, load_openvla, make_trainable
+    from common.envs.libero import LiberoVectorEnv, configure_rendering, to_libero_actions
+    from common.models.openvla import ActionTokenizer, load_openvla, make_trainable
 
     args = srpo.Args(
         model_path=tiny_oft,

@@ -12,7 +12,7 @@ every scene; the ones not drawn wait on a shelf behind the camera.
 Assets: mani-skill's Bridge scene and WidowX robot, and RLinf's object set (its `carrot/` folder) under
 `{MS_ASSET_DIR}/data/tasks/rlinf_maniskill_assets/` (MS_ASSET_DIR defaults to ~/.maniskill); see DOWNLOAD_COMMAND.
 
-RLinf's 13 out-of-distribution variants (common/put_on_plate_25_ood.py) subclass this task through its hooks: which
+RLinf's 13 out-of-distribution variants (common/envs/put_on_plate_25_ood.py) subclass this task through its hooks: which
 indices an episode id encodes (`_episode_fields`, `_decode_episode`), the placements (`_init_poses`, `_layout`), the
 arm's start (`_initial_qpos`), the image (`_load_tables`, `_overlay`), the instruction and the files read
 (`_asset_files`).

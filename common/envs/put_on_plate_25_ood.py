@@ -28,7 +28,7 @@ MultiPlate keep their distractor and Texture and Whole blend in every split (the
 scenes repeat). Unless a row says otherwise a variant draws the 16 training objects, the first plate and the 16
 training photos. Episode ids decode as in RLinf (the same fields, counts, offsets and order), so an id names the same
 scene here and there. Success, the instruction "put {object} on {plate}" and the shelf that holds the actors not drawn
-are the Main task's (common/put_on_plate_25.py).
+are the Main task's (common/envs/put_on_plate_25.py).
 
 Departures from RLinf, all where its code couples envs of one batch (results are identical with num_envs=1, and for
 envs in lock-step): VisionTexture resizes each env's texture to that env's own robot-and-objects box (RLinf: to the
@@ -45,7 +45,7 @@ from mani_skill.utils import io_utils
 from mani_skill.utils.registration import register_env
 from mani_skill.utils.structs.pose import Pose
 
-from common.put_on_plate_25 import (
+from common.envs.put_on_plate_25 import (
     CUSTOM_ASSETS,
     OBJ_SETS,
     PutOnPlateInScene25MainV3,

@@ -62,8 +62,8 @@ def registered_env_ids() -> list[str]:
     import mani_skill.envs  # noqa: F401  (registers the tasks)
     from mani_skill.utils.registration import REGISTERED_ENVS
 
-    import common.put_on_plate_25  # noqa: F401  (registers PutOnPlateInScene25Main-v3)
-    import common.put_on_plate_25_ood  # noqa: F401  (registers its 13 out-of-distribution variants)
+    import common.envs.put_on_plate_25  # noqa: F401  (registers PutOnPlateInScene25Main-v3)
+    import common.envs.put_on_plate_25_ood  # noqa: F401  (registers its 13 out-of-distribution variants)
 
     return sorted(REGISTERED_ENVS)
 
@@ -80,7 +80,7 @@ def is_put_on_plate_25(env_id: str) -> bool:
     """PutOnPlateInScene25Main-v3 or one of its variants (they take `obj_set`)."""
     from mani_skill.utils.registration import REGISTERED_ENVS
 
-    from common.put_on_plate_25 import PutOnPlateInScene25MainV3
+    from common.envs.put_on_plate_25 import PutOnPlateInScene25MainV3
 
     return env_id in registered_env_ids() and issubclass(REGISTERED_ENVS[env_id].cls, PutOnPlateInScene25MainV3)
 
@@ -99,7 +99,7 @@ def check_env_id(env_id: str) -> None:
     """Fail fast (before any simulator starts) on an unknown or unsupported task, or one whose assets are missing."""
     from mani_skill.utils.registration import REGISTERED_ENVS
 
-    from common.put_on_plate_25 import download_command
+    from common.envs.put_on_plate_25 import download_command
 
     registered = registered_env_ids()
     if env_id not in registered:
@@ -244,8 +244,8 @@ class _CPUEnvFactory:
         import mani_skill.envs  # noqa: F401  (runs in the worker process)
         from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
 
-        import common.put_on_plate_25  # noqa: F401
-        import common.put_on_plate_25_ood  # noqa: F401
+        import common.envs.put_on_plate_25  # noqa: F401
+        import common.envs.put_on_plate_25_ood  # noqa: F401
 
         torch.set_num_threads(1)  # one core per env process; the policy process keeps the rest
         env = gym.make(self.env_id, num_envs=1, sim_backend="physx_cpu", **self.make_kwargs)

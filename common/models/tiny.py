@@ -1,10 +1,10 @@
 """Tiny random checkpoints in the real on-disk formats, for the tests and the CPU quickstarts (no hub access).
 
-    python -m common.tiny_models openvla tiny-models/openvla   # openvla-7b layout (also loads as an OFT policy)
-    python -m common.tiny_models internvl tiny-models/internvl # InternVL3 `-hf` layout (save_pretrained)
-    python -m common.tiny_models vjepa2 tiny-models/vjepa2     # V-JEPA 2 (save_pretrained)
+    python -m common.models.tiny openvla tiny-models/openvla   # openvla-7b layout (also loads as an OFT policy)
+    python -m common.models.tiny internvl tiny-models/internvl # InternVL3 `-hf` layout (save_pretrained)
+    python -m common.models.tiny vjepa2 tiny-models/vjepa2     # V-JEPA 2 (save_pretrained)
 
-Each is written by the same code path that writes or reads the real checkpoints (common/openvla.py's
+Each is written by the same code path that writes or reads the real checkpoints (common/models/openvla.py's
 `save_openvla`, transformers' `save_pretrained`), so loading one exercises the real loaders.
 
 The InternVL tokenizer is a byte-level BPE in the Qwen2 format, built offline with `tokenizers`.
@@ -30,7 +30,7 @@ from transformers import (
     Qwen2TokenizerFast,
 )
 
-from common.openvla import PROMPT, VISION_BACKBONES, OpenVLA, OpenVLAProcessor, save_openvla
+from common.models.openvla import PROMPT, VISION_BACKBONES, OpenVLA, OpenVLAProcessor, save_openvla
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ On disk (a local directory or a hub id): config.json (`model_type` "openvla", `t
 LlamaConfig defaults, `norm_stats`), sharded safetensors + index (keys `vision_backbone.featurizer.*`,
 `vision_backbone.fused_featurizer.*` with LayerScale stored as `ls{1,2}.scale_factor`, `projector.fc{1,2,3}.*`,
 `language_model.*`), tokenizer files, preprocessor_config.json (`tvf_resize_params`, `tvf_normalize_params`).
-`common/tiny_models.py` writes the same layout with tiny sizes, for tests and the CPU quickstart.
+`common/models/tiny.py` writes the same layout with tiny sizes, for tests and the CPU quickstart.
 """
 
 import json

@@ -4,7 +4,7 @@ Conventions follow the OpenVLA-OFT LIBERO evaluation and its RL successors (open
 SimpleVLA-RL `verl/utils/libero_utils.py` and `verl/workers/rollout/rob_rollout.py`):
 - only the agentview camera is rendered (256x256); the model image is made from it exactly as those checkpoints
   saw it in training (flip 180 degrees, JPEG round trip, Lanczos-3 resize to 224, optional center crop of 0.9 of
-  the area; `common/libero_image.py`);
+  the area; `common/envs/libero_image.py`);
 - each episode starts from one of the task's 50 fixed init states, then 10 no-op steps
   (zero motion, gripper open) let the objects settle; they do not count as episode steps;
 - an episode ends on success (the env's `done`) or after `max_steps` env steps: 512 for every suite, as in
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.libero_image import model_image
+from common.envs.libero_image import model_image
 
 SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
 MAX_STEPS = 512  # env steps per episode, every suite (SimpleVLA-RL, siiRL, RLinf)
@@ -169,7 +169,7 @@ def eval_episodes(task_ids: list[int], num_init_states: int = NUM_INIT_STATES) -
 class LiberoEnv:
     """One LIBERO env in this process. The simulator is rebuilt only when the task changes.
 
-    Images are the model's input (`common.libero_image.model_image`): (image_size, image_size, 3) uint8, the 0.9
+    Images are the model's input (`common.envs.libero_image.model_image`): (image_size, image_size, 3) uint8, the 0.9
     center crop included when `center_crop`; `raw_frame` keeps the last rendered agentview frame as it came."""
 
     def __init__(

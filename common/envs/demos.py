@@ -9,7 +9,7 @@ On-disk format, one folder per task:
         rgb          (T, H, W, 3) uint8    the first sensor camera, as ManiSkillVLAEnv gives it to the policy
         tcp_pose     (T, 7) float32        obs["extra"]["tcp_pose"]: TCP position xyz and quaternion wxyz
         action       (T, 7) float32        pd_ee_delta_pose action in [-1, 1] taken after seeing rgb[t], tcp_pose[t]
-        instruction  () str                the task's instruction (common.maniskill_env.INSTRUCTIONS)
+        instruction  () str                the task's instruction (common.envs.maniskill.INSTRUCTIONS)
         success      () bool               the env's success flag at the last step
         seed         () int64              the env reset seed that reproduces the episode
 
