@@ -43,7 +43,6 @@ continue with --resume. Give the job a grace period longer than one iteration pl
 """
 
 import copy
-import json
 import math
 import os
 import time
@@ -57,31 +56,30 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import DynamicCache, InternVLForConditionalGeneration
 
 from common import fsdp
-from common.checkpoint import check_run_flags, load_trainer_state, save_checkpoint, save_trainer_state, trainer_state
+from common.checkpoint import check_run_flags
 from common.dist import (
     all_reduce_mean,
     all_reduce_sum_,
     attn_implementation,
     bf16_autocast,
     broadcast_parameters,
-    check_in_sync,
-    cleanup,
     init_dist,
     print0,
     sum_gradients_,
     world_size,
 )
-from common.envs.maniskill import ManiSkillVLAEnv, check_env_id, check_render_device, obj_set_kwargs
-from common.guards import (
-    NonFiniteGuard,
-    StopRequest,
-    check_finite_logits,
-    check_finite_state,
-    check_flags,
-    named_state_tensors,
+from common.envs.maniskill import (
+    HELD_OUT_SEED_BASE,
+    ManiSkillVLAEnv,
+    check_env_id,
+    check_render_device,
+    held_out_seeds,
+    obj_set_kwargs,
 )
-from common.logger import Logger, is_due
+from common.guards import NonFiniteGuard, check_finite_logits, check_flags
+from common.logger import Logger
 from common.models.action_text import ActionTemplate, build_inputs, load_processor_and_template
+from common.run import RunShell, resume_training
 
 
 @dataclass
@@ -279,21 +277,27 @@ class Sampled(NamedTuple):
 def generate_actions(policy, inputs, template: ActionTemplate, temperature: float, top_k: int, top_p: float) -> Sampled:
     """Prefix-constrained sampling, batched with the KV cache. temperature 0 is greedy (eval).
 
-    One forward per free slot: it feeds the previously sampled token plus the forced run before the
-    slot (the prefill also carries the prompt and the first forced run), then samples the slot.
+    The answer alternates forced runs and free slots: forced run 0, free slot 0, forced run 1, free slot 1, ...,
+    the closing forced run. One forward per free slot feeds the previously sampled token plus the forced run before
+    the slot (the first forward, the prefill, also carries the prompt and the image), then samples the slot from its
+    allowed tokens only. The template (common/models/action_text.py) provides, for a tokenizer:
+        template.forced[f]    token ids of the forced run right before free slot f
+        template.free_set[f]  which allowed set slot f draws from: 0 sign {" ", " -"}, 1 number or digit, 2 gripper
+        template.set_ids      (3, S) vocabulary ids of each allowed set, padded to a common width S
+        template.set_valid    (3, S) False at the padding
     """
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     batch, device = ids.size(0), ids.device
-    set_ids, set_valid = template.set_ids.to(device), template.set_valid.to(device)
+    allowed_ids, allowed_valid = template.set_ids.to(device), template.set_valid.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at position 0
     cache = DynamicCache()
     step_ids, step_pos = ids, positions
     choices, tokens, logps, supports, entropies = [], [], [], [], []
     for f in range(template.num_free):
-        forced = torch.tensor(template.forced[f], dtype=torch.long, device=device).expand(batch, -1)
-        step_ids = torch.cat([step_ids, forced], dim=1)
-        step_pos = torch.cat([step_pos, step_pos[:, -1:] + 1 + torch.arange(forced.size(1), device=device)], dim=1)
-        mask = torch.cat([mask, mask.new_ones(batch, forced.size(1) + (f > 0))], dim=1)
+        forced_run = torch.tensor(template.forced[f], dtype=torch.long, device=device).expand(batch, -1)
+        step_ids = torch.cat([step_ids, forced_run], dim=1)
+        step_pos = torch.cat([step_pos, step_pos[:, -1:] + 1 + torch.arange(forced_run.size(1), device=device)], 1)
+        mask = torch.cat([mask, mask.new_ones(batch, forced_run.size(1) + (f > 0))], dim=1)
         out = policy(
             input_ids=step_ids,
             attention_mask=mask,
@@ -303,19 +307,19 @@ def generate_actions(policy, inputs, template: ActionTemplate, temperature: floa
             pixel_values=inputs["pixel_values"] if f == 0 else None,
             logits_to_keep=1,
         )
-        k = template.free_set[f]
-        logits = out.logits[:, -1, set_ids[k]]  # (B, S) logits of the slot's allowed tokens
+        slot_set = template.free_set[f]  # the allowed set of this slot
+        logits = out.logits[:, -1, allowed_ids[slot_set]]  # (B, S) logits of the slot's allowed tokens only
         check_finite_logits(logits)
-        valid = set_valid[k].expand(batch, -1)
+        valid = allowed_valid[slot_set].expand(batch, -1)
         if temperature > 0:
             support = sampling_support(logits.float() / temperature, valid, top_k, top_p)
             logp = policy_logprobs(logits, support, temperature)  # (B, S)
-            choice = torch.multinomial(logp.exp(), 1).squeeze(1)  # (B,)
+            choice = torch.multinomial(logp.exp(), 1).squeeze(1)  # (B,) index into the allowed set
         else:
             support = valid
             logp = policy_logprobs(logits, support, 1.0)
             choice = logits.float().masked_fill(~valid, -math.inf).argmax(-1)
-        token = set_ids[k][choice]
+        token = allowed_ids[slot_set][choice]  # (B,) its vocabulary id: the next forward's input
         choices.append(choice)
         tokens.append(token)
         logps.append(logp.gather(1, choice[:, None]).squeeze(1))
@@ -445,14 +449,38 @@ def reference_logits(policy, reference, inputs, answer_ids, template):
 # ---------------------------------------------------------------------------------------------------------------
 # Rollout: one episode per env, every step's free tokens stored in preallocated (T, N, ...) tensors
 # ---------------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def rollout(policy, processor, template, envs, seeds, args, autocast, evaluation: bool = False) -> dict:
-    """One episode per env from the given reset seeds, sampled at --temperature (top-k/top-p) or, for evaluation,
-    at --eval-temperature without top-k/top-p. Steps of finished episodes are skipped.
+class Rollout(NamedTuple):
+    """One episode per env: (T, N, ...) tensors on the CPU, filled only where `alive` (steps of finished episodes
+    are neither generated nor trained on)."""
 
-    Returns a dict of (T, N, ...) tensors on CPU: rgb, tcp_pose, choices, tokens, logprobs, entropy, support, alive,
-    plus instructions, success (N,), length (N,), the video frames of env 0 and the number of generated tokens.
-    """
+    instructions: list[str]  # (N,) read at reset
+    rgb: torch.Tensor  # (T, N, H, W, 3) uint8 what the policy saw
+    tcp_pose: torch.Tensor  # (T, N, 7) end-effector pose, written into the prompt
+    choices: torch.Tensor  # (T, N, F) index of each free token in its allowed set
+    tokens: torch.Tensor  # (T, N, F) vocabulary ids of the free tokens
+    logprobs: torch.Tensor  # (T, N, F) their log-probs under the sampling distribution
+    entropy: torch.Tensor  # (T, N, F) entropy of that distribution
+    support: torch.Tensor  # (T, N, F, S) the allowed tokens kept by top-k/top-p
+    alive: torch.Tensor  # (T, N) bool: step t of env n belongs to its (first) episode
+    success: torch.Tensor  # (N,) bool
+    length: torch.Tensor  # (N,) env steps
+    frames: list  # env 0's frames, when recording an evaluation video
+    tokens_generated: int  # answer tokens decoded, forced ones included
+
+
+class Samples(NamedTuple):
+    """What the update trains on: the kept steps of a rollout and each episode's advantage and loss weight."""
+
+    step_idx: torch.Tensor  # (M,) time step of each training sample
+    env_idx: torch.Tensor  # (M,) its env (= episode)
+    advantages: torch.Tensor  # (N,) per episode, broadcast to every free token of it
+    weights: torch.Tensor  # (N,) per episode, the weight of its tokens in the loss (--loss-agg-mode)
+
+
+@torch.no_grad()
+def rollout(policy, processor, template, envs, seeds, args, autocast, evaluation: bool = False) -> Rollout:
+    """One episode per env from the given reset seeds, sampled at --temperature (top-k/top-p) or, for evaluation,
+    at --eval-temperature without top-k/top-p. Steps of finished episodes are skipped."""
     temperature, top_k, top_p = (
         (args.eval_temperature, 0, 1.0) if evaluation else (args.temperature, args.top_k, args.top_p)
     )
@@ -499,53 +527,52 @@ def rollout(policy, processor, template, envs, seeds, args, autocast, evaluation
             frames.append(info["final_obs"]["rgb"][0] if done[0] else obs["rgb"][0])
         if not running.any():
             break
-    return dict(
-        instructions=episode_instructions,
-        rgb=rgb,
-        tcp_pose=tcp_pose,
-        choices=choices,
-        tokens=tokens,
-        logprobs=logprobs,
-        entropy=entropy,
-        support=support,
-        alive=alive,
-        success=success,
-        length=length,
-        frames=frames,
-        tokens_generated=int(alive.sum()) * template.answer_len,
+    return Rollout(
+        episode_instructions,
+        rgb,
+        tcp_pose,
+        choices,
+        tokens,
+        logprobs,
+        entropy,
+        support,
+        alive,
+        success,
+        length,
+        frames,
+        int(alive.sum()) * template.answer_len,
     )
 
 
 def evaluate(policy, processor, template, envs, args, dist, autocast):
-    """Held-out initial states (seeds >= 2**31, never used in training), greedy unless --eval-temperature."""
-    seeds = [2**31 + dist.rank * envs.num_envs + i for i in range(envs.num_envs)]  # the same set for every run
+    """Held-out initial states (common/envs/maniskill.py `held_out_seeds`), greedy unless --eval-temperature."""
     policy.eval()
-    out = rollout(policy, processor, template, envs, seeds, args, autocast, evaluation=True)
+    out = rollout(policy, processor, template, envs, held_out_seeds(dist.rank, envs.num_envs), args, autocast, True)
     metrics = {
-        "eval/success_rate": out["success"].float().mean().item(),
-        "eval/episode_length": out["length"].float().mean().item(),
+        "eval/success_rate": out.success.float().mean().item(),
+        "eval/episode_length": out.length.float().mean().item(),
     }
-    return all_reduce_mean(metrics), out["frames"]
+    return all_reduce_mean(metrics), out.frames
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Update: epochs x minibatches over the kept steps; token-mean over all ranks
 # ---------------------------------------------------------------------------------------------------------------
-def update_policy(policy, optimizer, processor, template, batch, args, autocast, reference=None, guard=None) -> dict:
-    """PPO-style epochs over the training samples of `batch` (a rollout plus step_idx, env_idx (M,) and advantages
-    (N,)); returns actor/* metrics. Each minibatch is one optimizer step: micro-batches accumulate the loss summed over
-    tokens / (free tokens of the minibatch over all ranks), and gradients are summed over ranks, which gives the exact
-    global token-mean. `guard` (a NonFiniteGuard) skips optimizer steps with a non-finite loss or gradient norm.
-    Under FSDP every rank runs the same number of micro-batches (padded with weight-0 passes) and FSDP sums the
-    gradients."""
+def update_policy(
+    policy, optimizer, processor, template, batch: Rollout, samples: Samples, args, autocast, guard, reference=None
+) -> dict:
+    """PPO-style epochs over the training samples of a rollout; returns actor/* metrics. Each minibatch is one
+    optimizer step: micro-batches accumulate the loss summed over tokens / (free tokens of the minibatch over all
+    ranks), and gradients are summed over ranks, which gives the exact global token-mean. `guard` (a NonFiniteGuard)
+    skips optimizer steps with a non-finite loss or gradient norm. Under FSDP every rank runs the same number of
+    micro-batches (padded with weight-0 passes) and FSDP sums the gradients."""
     device = next(policy.parameters()).device
     params = [p for p in policy.parameters() if p.requires_grad]
-    guard = guard or NonFiniteGuard()
     sharded = bool(fsdp.fsdp_modules(policy))
     # a padding sample at index M (step 0 of env 0, which every rollout has) for FSDP's weight-0 passes
-    step_idx = torch.cat([batch["step_idx"], batch["step_idx"].new_zeros(1)])
-    env_idx = torch.cat([batch["env_idx"], batch["env_idx"].new_zeros(1)])
-    num_samples = len(batch["step_idx"])
+    step_idx = torch.cat([samples.step_idx, samples.step_idx.new_zeros(1)])
+    env_idx = torch.cat([samples.env_idx, samples.env_idx.new_zeros(1)])
+    num_samples = len(samples.step_idx)
     policy.train()
     sums = {k: 0.0 for k in ("pg_loss", "approx_kl", "clipfrac", "kl", "grad_norm")}
     num_updates = 0
@@ -564,12 +591,12 @@ def update_policy(policy, optimizer, processor, template, batch, args, autocast,
             minibatch_loss = 0.0
             for micro, weight in weighted:
                 t, n = step_idx[micro], env_idx[micro]
-                instructions = [batch["instructions"][i] for i in n]
-                inputs = build_inputs(processor, instructions, batch["rgb"][t, n], batch["tcp_pose"][t, n], device)
-                answer_ids = template.assemble(batch["tokens"][t, n]).to(device)
-                support = batch["support"][t, n].to(device)  # (b, F, S) the rollout's sampling support
-                choice = batch["choices"][t, n].to(device)[..., None]  # (b, F, 1)
-                weight_of_token = batch["weights"][n].to(device)[:, None]  # (b, 1) its episode's weight
+                instructions = [batch.instructions[i] for i in n]
+                inputs = build_inputs(processor, instructions, batch.rgb[t, n], batch.tcp_pose[t, n], device)
+                answer_ids = template.assemble(batch.tokens[t, n]).to(device)
+                support = batch.support[t, n].to(device)  # (b, F, S) the rollout's sampling support
+                choice = batch.choices[t, n].to(device)[..., None]  # (b, F, 1)
+                weight_of_token = samples.weights[n].to(device)[:, None]  # (b, 1) its episode's weight
                 token_mask = weight_of_token.expand(len(micro), template.num_free)  # (b, F) every free token, weighted
                 with autocast:
                     logits = free_slot_logits(policy, inputs, answer_ids, template)
@@ -577,8 +604,8 @@ def update_policy(policy, optimizer, processor, template, batch, args, autocast,
                 new_logprob = policy_logprobs(logits, support, args.temperature).gather(2, choice).squeeze(2)  # (b, F)
                 loss, approx_kl, clipfrac = clipped_token_loss(
                     new_logprob,
-                    batch["logprobs"][t, n].to(device),
-                    batch["advantages"][n].to(device),
+                    batch.logprobs[t, n].to(device),
+                    samples.advantages[n].to(device),
                     token_mask,
                     args.clip_low,
                     args.clip_high,
@@ -599,7 +626,8 @@ def update_policy(policy, optimizer, processor, template, batch, args, autocast,
             if not sharded:
                 sum_gradients_(params)  # each rank's loss is already divided by the global token count
             grad_norm = fsdp.clip_grad_norm_(params, args.max_grad_norm)  # the norm before clipping
-            if guard.step(optimizer, minibatch_loss, grad_norm):
+            if guard.finite(minibatch_loss, grad_norm):  # skipped on every rank alike when not
+                optimizer.step()
                 sums["grad_norm"] += grad_norm.item()
             optimizer.zero_grad(set_to_none=True)
             num_updates += 1
@@ -636,16 +664,7 @@ def main(args: Args) -> None:
         broadcast_parameters(policy)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=0.0)
-    start_iteration = 0
-    if checkpoint_dir:
-        state = load_trainer_state(checkpoint_dir, mmap=sharded)
-        start_iteration = state["step"]
-        if args.resume and sharded:
-            fsdp.load_full_optimizer_state_dict(policy, optimizer, state["optimizer"])
-        elif args.resume:
-            optimizer.load_state_dict(state["optimizer"])
-        if args.resume:
-            print0(f"resumed from {args.resume} at iteration {start_iteration}")
+    start_iteration = resume_training(args, policy, optimizer, sharded)
 
     envs = ManiSkillVLAEnv(
         args.env_id,
@@ -663,40 +682,24 @@ def main(args: Args) -> None:
         f"{sum(p.numel() for p in trainable):,} trainable parameters; {template.num_free} free tokens per action"
     )
 
-    if args.eval_only:
+    def run_evaluation(step: int) -> tuple[dict, list]:
         with fsdp.gathered_params(policy):
-            metrics, frames = evaluate(policy, processor, template, envs, args, dist, autocast)
-        print0(json.dumps(metrics))
-        if frames:
-            logger.video("eval/video", torch.stack(frames).numpy(), start_iteration)
-        logger.close()
-        envs.close()
-        cleanup()
-        return
+            return evaluate(policy, processor, template, envs, args, dist, autocast)
 
-    def save(iteration: int) -> None:
-        """LoRA adapter (or the full model) + processor + trainer state, written atomically by rank 0."""
-        check_finite_state(named_state_tensors(policy, optimizer))  # never write NaN weights
-        full_state = optimizer_state = None
-        if sharded:  # collective: the full weights and optimizer state gathered to rank 0
-            full_state = fsdp.full_state_dict(policy)
-            optimizer_state = fsdp.full_optimizer_state_dict(policy, optimizer)
-        else:
-            check_in_sync(trainable)  # the hand-summed gradients keep ranks identical; verify rank 0's copy
+    def write(directory: str, full_state: Optional[dict]) -> None:
+        """LoRA adapter (or the full model) + processor."""
+        policy.save_pretrained(directory, state_dict=full_state)
+        processor.save_pretrained(directory)
 
-        def write(directory: str) -> None:
-            policy.save_pretrained(directory, state_dict=full_state)
-            processor.save_pretrained(directory)
-            save_trainer_state(directory, trainer_state(args, iteration, optimizer_state or optimizer))
-
-        if dist.is_main:
-            path = save_checkpoint(
-                os.path.join(run_path, "checkpoints"), iteration, write, keep_last=args.keep_checkpoints
-            )
-            print0(f"saved {path}")
+    shell = RunShell(args, run_path, policy, optimizer, sharded, write, logger, envs)
+    if args.eval_only:
+        return shell.eval_only(run_evaluation, start_iteration)
 
     guard = NonFiniteGuard()  # skips an optimizer step with a non-finite loss or gradient norm
-    stop = StopRequest()  # SIGTERM / Ctrl-C: finish the iteration, save, exit 0
+    summary = (  # the line printed after every iteration
+        "success {rollout/success_rate:.3f} reward {rollout/reward_mean:.4f} kept {rollout/kept_groups_frac:.2f} "
+        "env steps/s {time/env_steps_per_s:.1f}"
+    )
     for iteration in range(start_iteration + 1, args.total_iterations + 1):
         # -----------------------------------------------------------------------------------------------------------
         # 1. Rollout: group_size episodes per initial state (reset seed); sampling, shuffling and reset seeds derive
@@ -706,90 +709,68 @@ def main(args: Args) -> None:
         rollout_start = time.time()
         rng = np.random.default_rng([args.seed, dist.rank, iteration])
         torch.manual_seed(int(rng.integers(2**62)))
-        group_seeds = rng.integers(0, args.num_initial_states or 2**31, size=args.num_groups).tolist()
+        group_seeds = rng.integers(0, args.num_initial_states or HELD_OUT_SEED_BASE, size=args.num_groups).tolist()
         seeds = [s for s in group_seeds for _ in range(args.group_size)]
         policy.eval()
         with fsdp.gathered_params(policy):  # FSDP: the full weights for the rollout's many small forwards
             batch = rollout(policy, processor, template, envs, seeds, args, autocast)
-        rollout_time = time.time() - rollout_start
+        rollout_s = time.time() - rollout_start
 
         # -----------------------------------------------------------------------------------------------------------
         # 2. Reward: reward_coef x success at the end of the episode (outcome reward)
         # -----------------------------------------------------------------------------------------------------------
-        rewards = args.reward_coef * batch["success"].float()  # (N,)
+        rewards = args.reward_coef * batch.success.float()  # (N,)
 
         # -----------------------------------------------------------------------------------------------------------
         # 3. Advantage: group-normalised, broadcast to every free token of the episode; dynamic sampling
         # -----------------------------------------------------------------------------------------------------------
-        batch["advantages"] = group_advantages(rewards, args.group_size)  # (N,)
+        advantages = group_advantages(rewards, args.group_size)  # (N,)
         kept = (
-            keep_groups(batch["success"], args.group_size, args.success_bounds)
+            keep_groups(batch.success, args.group_size, args.success_bounds)
             if args.dynamic_sampling
             else torch.ones(args.num_envs, dtype=torch.bool)
         )  # (N,)
-        batch["step_idx"], batch["env_idx"] = (batch["alive"] & kept[None, :]).nonzero(as_tuple=True)  # (M,) samples
-        batch["weights"] = episode_weights(batch["length"], kept, args.loss_agg_mode)  # (N,)
+        step_idx, env_idx = (batch.alive & kept[None, :]).nonzero(as_tuple=True)  # (M,) the training samples
+        weights = episode_weights(batch.length, kept, args.loss_agg_mode)  # (N,)
+        samples = Samples(step_idx, env_idx, advantages, weights)
 
         # -----------------------------------------------------------------------------------------------------------
         # 4. Update: clipped token-mean surrogate over the free tokens
         # -----------------------------------------------------------------------------------------------------------
         update_start = time.time()
-        update_metrics = update_policy(policy, optimizer, processor, template, batch, args, autocast, reference, guard)
-        update_time = time.time() - update_start
+        update_metrics = update_policy(
+            policy, optimizer, processor, template, batch, samples, args, autocast, guard, reference
+        )
+        update_s = time.time() - update_start
 
         # -----------------------------------------------------------------------------------------------------------
         # 5. Log, evaluate, checkpoint
         # -----------------------------------------------------------------------------------------------------------
-        group_success = batch["success"].float().view(-1, args.group_size).mean(1)
-        env_steps = int(batch["alive"].sum())
-        num_samples = len(batch["step_idx"])
+        group_success = batch.success.float().view(-1, args.group_size).mean(1)
+        env_steps = int(batch.alive.sum())
         metrics = {
             "actor/lr": optimizer.param_groups[0]["lr"],
-            "actor/samples": float(num_samples),
+            "actor/samples": float(len(step_idx)),
             "actor/skipped_steps": float(guard.skipped_steps),
             "env/worker_restarts": float(envs.worker_restarts),
             "rollout/reward_mean": rewards.mean().item(),
-            "rollout/success_rate": batch["success"].float().mean().item(),
-            "rollout/episode_length": batch["length"].float().mean().item(),
+            "rollout/success_rate": batch.success.float().mean().item(),
+            "rollout/episode_length": batch.length.float().mean().item(),
             "rollout/kept_groups_frac": kept.float().mean().item(),
             "rollout/groups_all_success_frac": (group_success == 1).float().mean().item(),
             "rollout/groups_all_fail_frac": (group_success == 0).float().mean().item(),
-            "rollout/logprob_per_token": batch["logprobs"][batch["alive"]].mean().item(),
-            "rollout/entropy": batch["entropy"][batch["alive"]].mean().item(),
-            "time/rollout_s": rollout_time,
-            "time/update_s": update_time,
+            "rollout/logprob_per_token": batch.logprobs[batch.alive].mean().item(),
+            "rollout/entropy": batch.entropy[batch.alive].mean().item(),
+            "time/rollout_s": rollout_s,
+            "time/update_s": update_s,
             # throughput of all ranks together (x world size, then averaged over ranks)
-            "time/env_steps_per_s": env_steps / rollout_time * dist.world_size,
-            "time/decode_tokens_per_s": batch["tokens_generated"] / rollout_time * dist.world_size,
-            "time/update_samples_per_s": num_samples * args.update_epochs / max(update_time, 1e-9) * dist.world_size,
+            "time/env_steps_per_s": env_steps / rollout_s * dist.world_size,
+            "time/decode_tokens_per_s": batch.tokens_generated / rollout_s * dist.world_size,
+            "time/update_samples_per_s": len(step_idx) * args.update_epochs / max(update_s, 1e-9) * dist.world_size,
         }
-        metrics = all_reduce_mean(metrics) | update_metrics
-        stop_now = stop.should_stop()
-        if is_due(iteration, args.eval_interval, args.total_iterations) and not stop_now:
-            with fsdp.gathered_params(policy):
-                eval_metrics, frames = evaluate(policy, processor, template, envs, args, dist, autocast)
-            metrics |= eval_metrics
-            if frames:
-                logger.video("eval/video", torch.stack(frames).numpy(), iteration)
-        logger.log(metrics, iteration)
-        print0(
-            f"iter {iteration}: success {metrics['rollout/success_rate']:.3f} "
-            f"reward {metrics['rollout/reward_mean']:.4f} kept {metrics['rollout/kept_groups_frac']:.2f} "
-            f"env steps/s {metrics['time/env_steps_per_s']:.1f}"
-            + (f" eval {metrics['eval/success_rate']:.3f}" if "eval/success_rate" in metrics else "")
-        )
-        if is_due(iteration, args.save_interval, args.total_iterations) or stop_now:
-            save(iteration)
-        if stop_now:
-            print0(
-                f"stopped by {stop.signal_name} after iteration {iteration}; continue with --resume "
-                f"{run_path}/checkpoints"
-            )
+        if shell.end_of_iteration(iteration, all_reduce_mean(metrics) | update_metrics, run_evaluation, summary):
             break
-
-    logger.close()
-    envs.close()
-    cleanup()
+    shell.close()
 
 
 if __name__ == "__main__":

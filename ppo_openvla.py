@@ -34,12 +34,11 @@ continue with --resume. Give the job a grace period longer than one iteration pl
 """
 
 import contextlib
-import json
 import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -52,27 +51,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import DynamicCache
 
 from common import fsdp
-from common.checkpoint import (
-    check_run_flags,
-    load_safetensors,
-    load_trainer_state,
-    restore_rng,
-    save_checkpoint,
-    save_trainer_state,
-    trainer_state,
-    verify_safetensors_files,
+from common.checkpoint import check_run_flags, load_safetensors, verify_safetensors_files
+from common.dist import all_reduce_mean, bf16_autocast, global_mean_std, init_dist, print0
+from common.envs.maniskill import (
+    ManiSkillVLAEnv,
+    check_env_id,
+    check_render_device,
+    held_out_seeds,
+    obj_set_kwargs,
 )
-from common.dist import all_reduce_mean, bf16_autocast, check_in_sync, cleanup, global_mean_std, init_dist, print0
-from common.envs.maniskill import ManiSkillVLAEnv, check_env_id, check_render_device, obj_set_kwargs
-from common.guards import (
-    NonFiniteGuard,
-    StopRequest,
-    check_finite_logits,
-    check_finite_state,
-    check_flags,
-    named_state_tensors,
-)
-from common.logger import Logger, is_due
+from common.guards import NonFiniteGuard, check_finite_logits, check_flags
+from common.logger import Logger
 from common.models.openvla import (
     ActionTokenizer,
     action_stats,
@@ -84,6 +73,7 @@ from common.models.openvla import (
     save_lora_adapter,
     save_openvla,
 )
+from common.run import RunShell, resume_training
 
 ACTION_DIM = 7
 
@@ -450,28 +440,223 @@ def load_policy_weights(policy: ActorCritic, directory: str, lora: bool) -> None
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Evaluation (RLinf's protocol): held-out seeds, --eval-temperature sampling, every episode runs its full length
-# ignoring termination; success at any step (success_once) and at the last step (success_at_end)
+# Rollout: num_steps steps of every env, with auto-reset; (T, N, ...) tensors on the CPU
 # ---------------------------------------------------------------------------------------------------------------
-def evaluate(args, policy, env, processor, to_env_action, dist, autocast):
-    seeds = [10**9 + dist.rank * args.num_envs + i for i in range(args.num_envs)]  # never used for training
-    env.ignore_terminations = True
-    obs = env.reset(seeds)
-    prompt_ids, prompt_mask = processor.prompt_ids(env.instructions, device=dist.device)
-    frames = [obs["rgb"][0].numpy()]
-    for _ in range(env.max_episode_steps):
+class Rollout(NamedTuple):
+    """One iteration's rollout of this rank's N envs over T steps."""
+
+    images: torch.Tensor  # (T, N, H, W, 3) uint8, what the policy saw (preprocessed again at update time)
+    instructions: list[list[str]]  # (T, N): objects and hence instructions can change at every reset
+    action_tokens: torch.Tensor  # (T, N, 7) the sampled action tokens
+    logprobs: torch.Tensor  # (T, N) log-prob of the 7 tokens under the rollout policy
+    values: torch.Tensor  # (T, N) V(observation)
+    env_rewards: torch.Tensor  # (T, N) the env's reward (ManiSkill's normalised dense reward with --reward-mode dense)
+    success: torch.Tensor  # (T, N) bool
+    grasped: torch.Tensor  # (T, N) bool, with the shaped reward (else False)
+    consecutive_grasp: Optional[torch.Tensor]  # (T, N) bool, where the task reports it
+    terminated: torch.Tensor  # (T, N) bool
+    truncated: torch.Tensor  # (T, N) bool
+    final_values: torch.Tensor  # (T, N) V(final observation) of the episodes to bootstrap (bootstrap_mask), else 0
+    next_value: torch.Tensor  # (N,) V of the observation after the last step
+    reward_mode: str  # --reward-mode with auto resolved: shaped where the task reports grasps, else sparse
+    policy_s: float  # time spent in the policy's forwards
+
+
+@torch.no_grad()
+def rollout(policy, processor, env_action, envs, seeds, args, autocast) -> Rollout:
+    """T = --num-steps steps of every env from the given reset seeds; an episode that ends is followed by a fresh one
+    (the env auto-resets). Actions are sampled at --temperature; the value of each observation is stored, and so is
+    V(final observation) of the episodes whose last reward gets it folded in (stage 2), while that observation is at
+    hand."""
+    device = next(policy.parameters()).device
+    T, N = args.num_steps, envs.num_envs
+    H, W = envs.image_shape
+    images = torch.zeros((T, N, H, W, 3), dtype=torch.uint8)
+    instructions = [[""] * N for _ in range(T)]
+    action_tokens = torch.zeros((T, N, ACTION_DIM), dtype=torch.long)
+    logprobs, values, env_rewards, final_values = (torch.zeros((T, N)) for _ in range(4))
+    success, grasped, terminated, truncated = (torch.zeros((T, N), dtype=torch.bool) for _ in range(4))
+    consecutive_grasp = None  # (T, N), where the task reports it
+    reward_mode, policy_s = args.reward_mode, 0.0
+    obs = envs.reset(seeds)
+    prompt_ids, prompt_mask = processor.prompt_ids(envs.instructions, device=device)  # (N, L) left-padded
+    for t in range(T):
+        images[t], instructions[t] = obs["rgb"], list(envs.instructions)
+        t0 = time.time()
+        with autocast:
+            pixel_values = processor.preprocess_images(obs["rgb"].to(device))
+            tokens, logprob, value = policy.act(pixel_values, prompt_ids, prompt_mask, args.temperature)
+        policy_s += time.time() - t0
+        action_tokens[t], logprobs[t], values[t] = tokens.cpu(), logprob.cpu(), value.cpu()
+        obs, env_rewards[t], terminated[t], truncated[t], info = envs.step(env_action(tokens))
+        success[t] = info["success"]
+        if t == 0 and reward_mode == "auto":
+            reward_mode = "shaped" if "grasped" in info else "sparse"
+        if reward_mode == "shaped":
+            if "grasped" not in info:
+                raise ValueError(f"--reward-mode shaped: {args.env_id} reports no grasp signal; use sparse/dense")
+            grasped[t] = info["grasped"]
+            if "consecutive_grasp" in info:
+                if consecutive_grasp is None:
+                    consecutive_grasp = torch.zeros((T, N), dtype=torch.bool)
+                consecutive_grasp[t] = info["consecutive_grasp"]
+        bootstrap = bootstrap_mask(terminated[t], truncated[t], reward_mode, args.bootstrap_truncated)
+        if bootstrap.any():  # the critic's estimate of the final observation, before the auto-reset replaced it
+            rows = bootstrap.to(device)
+            with autocast:
+                final_pixels = processor.preprocess_images(info["final_obs"]["rgb"][bootstrap].to(device))
+                final_value = policy.predict_value(final_pixels, prompt_ids[rows], prompt_mask[rows])
+            final_values[t, bootstrap] = final_value.cpu()
+        if info["reset_mask"].any():  # new episodes: their instructions may differ
+            prompt_ids, prompt_mask = processor.prompt_ids(envs.instructions, device=device)
+    with autocast:
+        pixel_values = processor.preprocess_images(obs["rgb"].to(device))
+        next_value = policy.predict_value(pixel_values, prompt_ids, prompt_mask).cpu()
+    return Rollout(
+        images,
+        instructions,
+        action_tokens,
+        logprobs,
+        values,
+        env_rewards,
+        success,
+        grasped,
+        consecutive_grasp,
+        terminated,
+        truncated,
+        final_values,
+        next_value,
+        reward_mode,
+        policy_s,
+    )
+
+
+def step_rewards(batch: Rollout) -> torch.Tensor:
+    """The reward of every step (T, N) under the rollout's reward mode: grasp-shaped (a fresh potential for every
+    episode), sparse success, or the env's dense reward."""
+    if batch.reward_mode == "sparse":
+        return batch.success.float()
+    if batch.reward_mode == "dense":
+        return batch.env_rewards
+    T, N = batch.success.shape
+    shaped, rewards = GraspShapedReward(N), torch.zeros((T, N))
+    for t in range(T):
+        info = {"grasped": batch.grasped[t], "success": batch.success[t]}
+        if batch.consecutive_grasp is not None:
+            info["consecutive_grasp"] = batch.consecutive_grasp[t]
+        rewards[t] = shaped(info)
+        shaped.reset(batch.terminated[t] | batch.truncated[t])
+    return rewards
+
+
+def finished_episodes(rewards: torch.Tensor, dones: torch.Tensor, success: torch.Tensor) -> dict[str, list[float]]:
+    """Return, length and success of every episode that ended within the rollout; rewards, dones, success (T, N)."""
+    episode_return, episode_length = torch.zeros(rewards.size(1)), torch.zeros(rewards.size(1))
+    out = {"returns": [], "lengths": [], "success": []}
+    for t in range(len(rewards)):
+        episode_return += rewards[t]
+        episode_length += 1
+        for i in torch.nonzero(dones[t]).flatten().tolist():
+            out["returns"].append(episode_return[i].item())
+            out["lengths"].append(episode_length[i].item())
+            out["success"].append(float(success[t, i]))
+        episode_return[dones[t]], episode_length[dones[t]] = 0.0, 0.0
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Update: epochs x minibatches over the rollout's T x N samples, gradient accumulation over micro-batches
+# ---------------------------------------------------------------------------------------------------------------
+def update_policy(
+    policy, ddp_policy, optimizer, processor, samples: dict, args, autocast, guard, warmup: bool, world_size: int
+) -> dict:
+    """PPO epochs over the flattened samples (images, instructions, tokens, logprobs, values, advantages, returns;
+    each (T * N, ...)); returns actor/* and critic/* metrics. warmup: the critic warm-up, the value head alone
+    learns. ddp_policy is the policy itself, or its DDP wrapper (which averages gradients over ranks)."""
+    device = next(policy.parameters()).device
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    use_ddp = ddp_policy is not policy
+    policy.train()
+    sums: dict[str, float] = {}
+    num_updates = 0
+    for _ in range(args.update_epochs):
+        order = torch.randperm(args.batch_size)
+        for start in range(0, args.batch_size, args.minibatch_size):
+            minibatch = order[start : start + args.minibatch_size]
+            optimizer.zero_grad(set_to_none=True)
+            minibatch_loss = 0.0
+            micro_batches = minibatch.split(args.micro_batch_size)
+            for k, mb in enumerate(micro_batches):
+                last = world_size == 1 or k == len(micro_batches) - 1
+                sync = ddp_policy.no_sync() if use_ddp and not last else contextlib.nullcontext()
+                mb_ids, mb_mask = processor.prompt_ids([samples["instructions"][i] for i in mb.tolist()], device=device)
+                with sync, autocast:
+                    pixel_values = processor.preprocess_images(samples["images"][mb].to(device))
+                    new_logprob, entropy, new_value = ddp_policy(
+                        pixel_values, mb_ids, mb_mask, samples["tokens"][mb].to(device), args.temperature
+                    )
+                    pg_loss, v_loss, approx_kl, clipfrac = ppo_losses(
+                        new_logprob,
+                        samples["logprobs"][mb].to(device),
+                        samples["advantages"][mb].to(device),
+                        new_value,
+                        samples["values"][mb].to(device),
+                        samples["returns"][mb].to(device),
+                        args.clip_coef,
+                        args.value_clip,
+                        args.huber_delta,
+                    )
+                    if warmup:
+                        loss = args.vf_coef * v_loss
+                    else:
+                        loss = pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy.mean()
+                    (loss * len(mb) / len(minibatch)).backward()
+                minibatch_loss += loss.detach() * len(mb) / len(minibatch)
+                for key, value in (
+                    ("actor/pg_loss", pg_loss),
+                    ("critic/value_loss", v_loss),
+                    ("actor/entropy", entropy.mean()),
+                    ("actor/approx_kl", approx_kl),
+                    ("actor/clipfrac", clipfrac),
+                ):
+                    sums[key] = sums.get(key, 0.0) + value.item() * len(mb) / len(minibatch)
+            if warmup:  # the value loss's gradient reaches the shared trunk too: drop it, so the policy stays put
+                for p in policy.vla.parameters():
+                    p.grad = None
+            grad_norm = fsdp.clip_grad_norm_(trainable, args.max_grad_norm)  # the norm before clipping
+            if guard.finite(minibatch_loss, grad_norm):  # skipped on every rank alike when not
+                optimizer.step()
+                sums["actor/grad_norm"] = sums.get("actor/grad_norm", 0.0) + grad_norm.item()
+            optimizer.zero_grad(set_to_none=True)
+            num_updates += 1
+    return {k: v / num_updates for k, v in sums.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation (RLinf's protocol): held-out seeds, --eval-temperature sampling, every episode runs its full length
+# ignoring termination; success at any step (success_rate) and at the last step (success_at_end)
+# ---------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(policy, processor, env_action, envs, args, dist, autocast):
+    seeds = held_out_seeds(dist.rank, envs.num_envs)
+    policy.eval()
+    envs.ignore_terminations = True
+    obs = envs.reset(seeds)
+    prompt_ids, prompt_mask = processor.prompt_ids(envs.instructions, device=dist.device)
+    frames = [obs["rgb"][0]]
+    for _ in range(envs.max_episode_steps):
         with autocast:
             pixel_values = processor.preprocess_images(obs["rgb"].to(dist.device))
             tokens, _, _ = policy.act(pixel_values, prompt_ids, prompt_mask, args.eval_temperature)
-        obs, _, _, truncated, info = env.step(to_env_action(tokens))
-        frames.append(info["final_obs"]["rgb"][0].numpy())
-    env.ignore_terminations = False
+        obs, _, _, truncated, info = envs.step(env_action(tokens))
+        frames.append(info["final_obs"]["rgb"][0])
+    envs.ignore_terminations = False
     assert truncated.all(), "every eval episode ends at the time limit"
     metrics = {
-        "eval/success_once": info["success_once"].float().mean().item(),
+        "eval/success_rate": info["success_once"].float().mean().item(),
         "eval/success_at_end": info["success"].float().mean().item(),
     }
-    return all_reduce_mean(metrics), np.stack(frames)
+    return all_reduce_mean(metrics), frames if args.capture_video else []
 
 
 def main(args: Args) -> None:
@@ -493,7 +678,7 @@ def main(args: Args) -> None:
     dtype = torch.bfloat16 if (on_gpu and args.bf16 and args.lora_rank > 0) else torch.float32
     autocast = bf16_autocast(device, args.bf16)
 
-    env = ManiSkillVLAEnv(
+    envs = ManiSkillVLAEnv(
         args.env_id,
         args.num_envs,
         sim_backend=args.sim_backend,
@@ -505,9 +690,8 @@ def main(args: Args) -> None:
         env_kwargs=obj_set_kwargs(args.env_id, args.obj_set),
     )
 
-    model_dir = args.model_path
-    if args.lora_rank == 0 and (args.resume or args.checkpoint):
-        model_dir = os.path.join(args.resume or args.checkpoint, "model")
+    checkpoint_dir = args.resume or args.checkpoint
+    model_dir = os.path.join(checkpoint_dir, "model") if checkpoint_dir and args.lora_rank == 0 else args.model_path
     sharded = fsdp.use_fsdp(args.fsdp, args.lora_rank, dist.world_size)  # FSDP2 moves each shard to the GPU itself
     vla, processor = load_openvla(model_dir, device="cpu" if sharded else device, dtype=dtype)
     if args.gradient_checkpointing:
@@ -516,8 +700,8 @@ def main(args: Args) -> None:
     action_tokenizer = ActionTokenizer(vla.vocab_size, vla.n_action_bins)
     stats = action_stats(config, args.unnorm_key)
     policy = ActorCritic(vla, action_tokenizer)
-    if args.resume or args.checkpoint:
-        load_policy_weights(policy, args.resume or args.checkpoint, lora=lora_config is not None)
+    if checkpoint_dir:
+        load_policy_weights(policy, checkpoint_dir, lora=lora_config is not None)
     if sharded:  # per decoder layer and ViT block, then the root; starts every rank from rank 0's weights
         fsdp.shard_model(policy, reduce="mean", forward_methods=("act", "predict_value"))
     else:
@@ -539,257 +723,105 @@ def main(args: Args) -> None:
         f"trainable parameters: {sum(p.numel() for p in trainable):,} of "
         f"{sum(p.numel() for p in policy.parameters()):,}"
     )
-
-    start_iteration = 0
-    if args.resume:
-        state = load_trainer_state(args.resume, mmap=sharded)
-        if sharded:
-            fsdp.load_full_optimizer_state_dict(policy, optimizer, state["optimizer"])
-        else:
-            optimizer.load_state_dict(state["optimizer"])
-        restore_rng(state)
-        start_iteration = state["step"]
-        print0(f"resumed from {args.resume} at iteration {start_iteration}")
+    start_iteration = resume_training(args, policy, optimizer, sharded)
     use_ddp = dist.world_size > 1 and not sharded
     ddp_policy = DDP(policy) if use_ddp else policy  # DDP broadcasts rank 0's weights at construction
     logger = Logger(run_path, args, enabled=dist.is_main)
 
-    if args.eval_only:
+    def run_evaluation(step: int) -> tuple[dict, list]:
         with fsdp.gathered_params(policy):
-            metrics, frames = evaluate(args, policy, env, processor, env_action, dist, autocast)
-        print0(json.dumps(metrics))
-        if args.capture_video:
-            logger.video("eval/video", frames, start_iteration)
-        logger.close()
-        env.close()
-        cleanup()
-        return
+            return evaluate(policy, processor, env_action, envs, args, dist, autocast)
 
-    def save(iteration: int) -> None:
-        """LoRA adapter (or the full model) + value head + trainer state, written atomically by rank 0."""
-        check_finite_state(named_state_tensors(policy, optimizer))  # never write NaN weights
-        full_state = optimizer_state = None
-        if sharded:  # collective: the full weights and optimizer state gathered to rank 0
-            full_state = fsdp.full_state_dict(policy)
-            optimizer_state = fsdp.full_optimizer_state_dict(policy, optimizer)
-        else:
-            check_in_sync(trainable)  # DDP keeps ranks identical; verify before writing rank 0's copy
+    def write(directory: str, full_state: Optional[dict]) -> None:
+        """LoRA adapter (or the full model) + value head."""
+        save_policy(policy, processor, lora_config, directory, full_state)
 
-        def write(directory: str) -> None:
-            save_policy(policy, processor, lora_config, directory, full_state)
-            save_trainer_state(directory, trainer_state(args, iteration, optimizer_state or optimizer))
+    shell = RunShell(args, run_path, policy, optimizer, sharded, write, logger, envs)
+    if args.eval_only:
+        return shell.eval_only(run_evaluation, start_iteration)
 
-        if dist.is_main:
-            path = save_checkpoint(
-                os.path.join(run_path, "checkpoints"), iteration, write, keep_last=args.keep_checkpoints
-            )
-            print0(f"saved {path}")
-
-    # Rollout storage, preallocated on CPU (images are stored as uint8 and preprocessed again at update time; the
-    # instruction of each sample is kept, since objects and hence instructions can change at every reset).
-    T, N = args.num_steps, args.num_envs
-    H, W = env.image_shape
-    images = torch.zeros((T, N, H, W, 3), dtype=torch.uint8)  # (T, N, H, W, 3)
-    instructions = [[""] * N for _ in range(T)]  # (T, N)
-    action_tokens = torch.zeros((T, N, ACTION_DIM), dtype=torch.long)  # (T, N, 7)
-    logprobs = torch.zeros((T, N))
-    rewards = torch.zeros((T, N))  # the env's reward, plus gamma V(final observation) where bootstrapped
-    env_rewards = torch.zeros((T, N))  # the env's reward alone (logged)
-    dones = torch.zeros((T, N))
-    values = torch.zeros((T, N))
-    episode_return, episode_length = torch.zeros(N), torch.zeros(N)
-    shaped_reward = GraspShapedReward(N)
     guard = NonFiniteGuard()  # skips an optimizer step with a non-finite loss or gradient norm
-    stop = StopRequest()  # SIGTERM / Ctrl-C: finish the iteration, save, exit 0
-
+    T, N = args.num_steps, args.num_envs
+    summary = (  # the line printed after every iteration
+        "success {rollout/success_rate:.3f} reward {rollout/reward_mean:.4f} pg {actor/pg_loss:.4f} "
+        "v {critic/value_loss:.4f} kl {actor/approx_kl:.5f} env steps/s {time/env_steps_per_s:.1f}"
+    )
     for iteration in range(start_iteration + 1, args.total_iterations + 1):
         # -----------------------------------------------------------------------------------------------------------
         # 1. Rollout: fresh episodes from seeds derived from (seed, rank, iteration), so a resume draws the same ones
         #    (the CPU sim itself may still differ: see docs/results.md)
         # -----------------------------------------------------------------------------------------------------------
-        rollout_start, policy_time = time.time(), 0.0
+        rollout_start = time.time()
         rng = np.random.default_rng([args.seed, dist.rank, iteration])
         torch.manual_seed(int(rng.integers(2**62)))  # action sampling and minibatch order
-        obs = env.reset(rng.integers(0, args.num_initial_states or 10**9, N).tolist())
-        prompt_ids, prompt_mask = processor.prompt_ids(env.instructions, device=device)  # (N, L) left-padded
-        shaped_reward.reset(torch.ones(N, dtype=torch.bool))
-        episode_return.zero_()
-        episode_length.zero_()
-        finished_returns, finished_lengths, finished_success = [], [], []
+        seeds = rng.integers(0, args.num_initial_states or 10**9, N).tolist()
         policy.eval()
         with fsdp.gathered_params(policy):  # FSDP: full weights for the rollout's many small forwards
-            for t in range(T):
-                images[t], instructions[t] = obs["rgb"], list(env.instructions)
-                t0 = time.time()
-                with autocast:
-                    pixel_values = processor.preprocess_images(obs["rgb"].to(device))
-                    tokens, logprob, value = policy.act(pixel_values, prompt_ids, prompt_mask, args.temperature)
-                policy_time += time.time() - t0
-                action_tokens[t], logprobs[t], values[t] = tokens.cpu(), logprob.cpu(), value.cpu()
-                obs, reward, terminated, truncated, info = env.step(env_action(tokens))
+            batch = rollout(policy, processor, env_action, envs, seeds, args, autocast)
+        rollout_s = time.time() - rollout_start
 
-                # ---------------------------------------------------------------------------------------------------
-                # 2. Reward: the task's, or grasp-shaped; a truncated episode (unless --no-bootstrap-truncated) and,
-                #    with the dense reward, a successful one are bootstrapped with V(final observation)
-                # ---------------------------------------------------------------------------------------------------
-                done = terminated | truncated
-                mode = args.reward_mode if args.reward_mode != "auto" else ("shaped" if "grasped" in info else "sparse")
-                if mode == "shaped":
-                    if "grasped" not in info:
-                        raise ValueError(
-                            f"--reward-mode shaped: {args.env_id} reports no grasp signal; use sparse/dense"
-                        )
-                    reward = shaped_reward(info)
-                    shaped_reward.reset(done)
-                elif mode == "sparse":
-                    reward = info["success"].float()
-                env_rewards[t] = reward
-                episode_return += reward
-                episode_length += 1
-                bootstrap = bootstrap_mask(terminated, truncated, mode, args.bootstrap_truncated)
-                if bootstrap.any():
-                    rows = bootstrap.to(device)
-                    with autocast:
-                        final_pixels = processor.preprocess_images(info["final_obs"]["rgb"][bootstrap].to(device))
-                        final_value = policy.predict_value(final_pixels, prompt_ids[rows], prompt_mask[rows])
-                    reward = reward.clone()
-                    reward[bootstrap] += args.gamma * final_value.cpu()
-                rewards[t], dones[t] = reward, done.float()
-                for i in torch.nonzero(done).flatten().tolist():
-                    finished_returns.append(episode_return[i].item())
-                    finished_lengths.append(episode_length[i].item())
-                    finished_success.append(float(info["success"][i]))
-                episode_return[done], episode_length[done] = 0.0, 0.0
-                if info["reset_mask"].any():  # new episodes: their instructions may differ
-                    prompt_ids, prompt_mask = processor.prompt_ids(env.instructions, device=device)
-            with autocast:
-                pixel_values = processor.preprocess_images(obs["rgb"].to(device))
-                next_value = policy.predict_value(pixel_values, prompt_ids, prompt_mask).cpu()
-        rollout_time = time.time() - rollout_start
+        # -----------------------------------------------------------------------------------------------------------
+        # 2. Reward: the task's, or grasp-shaped; a truncated episode (unless --no-bootstrap-truncated) and, with the
+        #    dense reward, a successful one get gamma V(final observation) folded into their last reward
+        # -----------------------------------------------------------------------------------------------------------
+        env_rewards = step_rewards(batch)  # (T, N)
+        rewards = env_rewards + args.gamma * batch.final_values  # final_values is 0 where nothing is bootstrapped
+        dones = (batch.terminated | batch.truncated).float()
 
         # -----------------------------------------------------------------------------------------------------------
         # 3. Advantage: GAE, normalised over the samples of every rank
         # -----------------------------------------------------------------------------------------------------------
-        advantages, returns = compute_gae(rewards, values, dones, next_value, args.gamma, args.gae_lambda)
-        b_images = images.reshape(T * N, *images.shape[2:])  # (T * N, H, W, 3)
-        b_tokens = action_tokens.reshape(T * N, ACTION_DIM)  # (T * N, 7)
-        b_logprobs, b_values = logprobs.reshape(-1), values.reshape(-1)
-        b_advantages, b_returns = advantages.reshape(-1), returns.reshape(-1)
-        b_instructions = [text for step in instructions for text in step]  # (T * N,)
+        advantages, returns = compute_gae(rewards, batch.values, dones, batch.next_value, args.gamma, args.gae_lambda)
+        samples = {
+            "images": batch.images.reshape(T * N, *batch.images.shape[2:]),  # (T * N, H, W, 3)
+            "instructions": [text for step in batch.instructions for text in step],  # (T * N,)
+            "tokens": batch.action_tokens.reshape(T * N, ACTION_DIM),  # (T * N, 7)
+            "logprobs": batch.logprobs.reshape(-1),
+            "values": batch.values.reshape(-1),
+            "advantages": advantages.reshape(-1),
+            "returns": returns.reshape(-1),
+        }
         if args.norm_adv:
-            mean, std = global_mean_std(b_advantages)
-            b_advantages = (b_advantages - mean) / (std + 1e-8)
+            mean, std = global_mean_std(samples["advantages"])
+            samples["advantages"] = (samples["advantages"] - mean) / (std + 1e-8)
 
         # -----------------------------------------------------------------------------------------------------------
-        # 4. Update: epochs x minibatches, gradient accumulation over micro-batches
+        # 4. Update: epochs x minibatches; in the critic warm-up the value head alone learns
         # -----------------------------------------------------------------------------------------------------------
         update_start = time.time()
-        warmup = iteration <= args.critic_warmup_iterations  # critic warm-up: the value head alone learns
-        policy.train()
-        stats_sum: dict[str, float] = {}
-        num_updates = 0
-        for _ in range(args.update_epochs):
-            order = torch.randperm(args.batch_size)
-            for start in range(0, args.batch_size, args.minibatch_size):
-                minibatch = order[start : start + args.minibatch_size]
-                optimizer.zero_grad(set_to_none=True)
-                minibatch_loss = 0.0
-                micro_batches = minibatch.split(args.micro_batch_size)
-                for k, mb in enumerate(micro_batches):
-                    last = dist.world_size == 1 or k == len(micro_batches) - 1
-                    sync = ddp_policy.no_sync() if use_ddp and not last else contextlib.nullcontext()
-                    mb_ids, mb_mask = processor.prompt_ids([b_instructions[i] for i in mb.tolist()], device=device)
-                    with sync, autocast:
-                        pixel_values = processor.preprocess_images(b_images[mb].to(device))
-                        new_logprob, entropy, new_value = ddp_policy(
-                            pixel_values, mb_ids, mb_mask, b_tokens[mb].to(device), args.temperature
-                        )
-                        pg_loss, v_loss, approx_kl, clipfrac = ppo_losses(
-                            new_logprob,
-                            b_logprobs[mb].to(device),
-                            b_advantages[mb].to(device),
-                            new_value,
-                            b_values[mb].to(device),
-                            b_returns[mb].to(device),
-                            args.clip_coef,
-                            args.value_clip,
-                            args.huber_delta,
-                        )
-                        if warmup:
-                            loss = args.vf_coef * v_loss
-                        else:
-                            loss = pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy.mean()
-                        (loss * len(mb) / len(minibatch)).backward()
-                    minibatch_loss += loss.detach() * len(mb) / len(minibatch)
-                    for key, value in (
-                        ("actor/pg_loss", pg_loss),
-                        ("critic/value_loss", v_loss),
-                        ("actor/entropy", entropy.mean()),
-                        ("actor/approx_kl", approx_kl),
-                        ("actor/clipfrac", clipfrac),
-                    ):
-                        stats_sum[key] = stats_sum.get(key, 0.0) + value.item() * len(mb) / len(minibatch)
-                if warmup:  # the value loss's gradient reaches the shared trunk too: drop it, so the policy stays put
-                    for p in policy.vla.parameters():
-                        p.grad = None
-                grad_norm = fsdp.clip_grad_norm_(trainable, args.max_grad_norm)  # the norm before clipping
-                if guard.step(optimizer, minibatch_loss, grad_norm):
-                    stats_sum["actor/grad_norm"] = stats_sum.get("actor/grad_norm", 0.0) + grad_norm.item()
-                num_updates += 1
-        update_time = time.time() - update_start
+        warmup = iteration <= args.critic_warmup_iterations
+        update_metrics = update_policy(
+            policy, ddp_policy, optimizer, processor, samples, args, autocast, guard, warmup, dist.world_size
+        )
+        update_s = time.time() - update_start
 
         # -----------------------------------------------------------------------------------------------------------
         # 5. Log, evaluate, checkpoint
         # -----------------------------------------------------------------------------------------------------------
-        explained_var = 1 - (b_returns - b_values).var() / b_returns.var().clamp(min=1e-8)
-        metrics = {k: v / num_updates for k, v in stats_sum.items()}
-        metrics |= {
+        episodes = finished_episodes(env_rewards, dones.bool(), batch.success)
+        explained_var = 1 - (samples["returns"] - samples["values"]).var() / samples["returns"].var().clamp(min=1e-8)
+        metrics = update_metrics | {
             "actor/lr": args.learning_rate,
             "actor/skipped_steps": float(guard.skipped_steps),
             "critic/explained_variance": explained_var.item(),
-            "critic/value_mean": b_values.mean().item(),
+            "critic/value_mean": samples["values"].mean().item(),
             "rollout/reward_mean": env_rewards.mean().item(),
-            "rollout/return_mean": float(np.mean(finished_returns)) if finished_returns else 0.0,
-            "rollout/success_rate": float(np.mean(finished_success)) if finished_success else 0.0,
-            "rollout/episode_length": float(np.mean(finished_lengths)) if finished_lengths else float(T),
-            "rollout/episodes": float(len(finished_success)),
+            "rollout/return_mean": float(np.mean(episodes["returns"])) if episodes["returns"] else 0.0,
+            "rollout/success_rate": float(np.mean(episodes["success"])) if episodes["success"] else 0.0,
+            "rollout/episode_length": float(np.mean(episodes["lengths"])) if episodes["lengths"] else float(T),
+            "rollout/episodes": float(len(episodes["success"])),
             "rollout/advantage_mean": advantages.mean().item(),
-            "env/worker_restarts": float(env.worker_restarts),
-            "time/rollout_s": rollout_time,
-            "time/update_s": update_time,
+            "env/worker_restarts": float(envs.worker_restarts),
+            "time/rollout_s": rollout_s,
+            "time/update_s": update_s,
             # throughput of all ranks together (x world size, then averaged over ranks)
-            "time/env_steps_per_s": T * N / rollout_time * dist.world_size,
-            "time/actions_per_s": T * N / policy_time * dist.world_size,
-            "time/update_samples_per_s": args.update_epochs * args.batch_size / update_time * dist.world_size,
+            "time/env_steps_per_s": T * N / rollout_s * dist.world_size,
+            "time/actions_per_s": T * N / batch.policy_s * dist.world_size,
+            "time/update_samples_per_s": args.update_epochs * args.batch_size / update_s * dist.world_size,
         }
-        metrics = all_reduce_mean(metrics)
-        stop_now = stop.should_stop()
-        if is_due(iteration, args.eval_interval, args.total_iterations) and not stop_now:
-            with fsdp.gathered_params(policy):
-                eval_metrics, frames = evaluate(args, policy, env, processor, env_action, dist, autocast)
-            metrics |= eval_metrics
-            if args.capture_video:
-                logger.video("eval/video", frames, iteration)
-        logger.log(metrics, iteration)
-        print0(
-            f"iter {iteration}: success {metrics['rollout/success_rate']:.3f} "
-            f"reward {metrics['rollout/reward_mean']:.4f} pg {metrics['actor/pg_loss']:.4f} "
-            f"v {metrics['critic/value_loss']:.4f} kl {metrics['actor/approx_kl']:.5f} "
-            f"env steps/s {metrics['time/env_steps_per_s']:.1f}"
-            + (f" eval {metrics['eval/success_once']:.3f}" if "eval/success_once" in metrics else "")
-        )
-        if is_due(iteration, args.save_interval, args.total_iterations) or stop_now:
-            save(iteration)
-        if stop_now:
-            print0(
-                f"stopped by {stop.signal_name} after iteration {iteration}; continue with --resume "
-                f"{run_path}/checkpoints"
-            )
+        if shell.end_of_iteration(iteration, all_reduce_mean(metrics), run_evaluation, summary):
             break
-
-    logger.close()
-    env.close()
-    cleanup()
+    shell.close()
 
 
 if __name__ == "__main__":

@@ -52,27 +52,21 @@ import tyro
 from common.checkpoint import (
     check_run_flags,
     git_commit,
-    load_trainer_state,
-    restore_rng,
-    save_checkpoint,
-    save_trainer_state,
     script_name,
-    trainer_state,
 )
 from common.dist import (
     all_reduce_mean,
     bf16_autocast,
     broadcast_parameters,
-    check_in_sync,
-    cleanup,
     init_dist,
     print0,
     sum_gradients_,
 )
 from common.envs.demos import load_demos, read_meta
-from common.envs.maniskill import ManiSkillVLAEnv, check_env_id, check_render_device
-from common.logger import Logger, is_due
+from common.envs.maniskill import ManiSkillVLAEnv, check_env_id, check_render_device, held_out_seeds
+from common.logger import Logger
 from common.models.action_text import ActionTemplate, build_inputs, load_processor_and_template
+from common.run import RunShell, resume_training
 from grpo_internvl import generate_actions, load_policy  # the RL script's decoding and model loading
 
 
@@ -156,7 +150,8 @@ class Args:
 
 
 def validate(args: Args, world_size: int):
-    """Every check that can fail on user input, before envs or weights are loaded. Returns (processor, template)."""
+    """Every check that can fail on user input, before envs or weights are loaded. Returns the processor, the action
+    template and the run directory."""
     if min(args.batch_size, args.micro_batch_size, args.max_episode_steps) < 1 or args.num_envs < 0:
         raise ValueError("--batch-size, --micro-batch-size, --max-episode-steps must be >= 1 and --num-envs >= 0")
     if args.batch_size % args.micro_batch_size:
@@ -185,11 +180,11 @@ def validate(args: Args, world_size: int):
         raise ValueError("--total-iterations (or --num-epochs) must give at least one optimizer step")
     args.env_id = args.env_id or metas[0]["env_id"]
     args.image_size = args.image_size or metas[0]["image_size"]
-    check_run_flags(args, "sft_internvl.py", inherited=("model_path", "lora_rank", "lora_alpha"))
+    run_path = check_run_flags(args, "sft_internvl.py", inherited=("model_path", "lora_rank", "lora_alpha"))
     if args.num_envs > 0:
         check_env_id(args.env_id)
         check_render_device()
-    return load_processor_and_template(args.model_path)
+    return *load_processor_and_template(args.model_path), run_path
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -265,11 +260,11 @@ def answer_loss(policy, inputs, choices: torch.Tensor, template: ActionTemplate,
 # ---------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(policy, processor, template, envs, args, dist, autocast):
-    """One episode per env from seeds >= 2**31 (grpo_internvl.py's held-out set), decoded at --eval-temperature."""
-    seeds = [2**31 + dist.rank * envs.num_envs + i for i in range(envs.num_envs)]
+    """One episode per env from the held-out seeds (common/envs/maniskill.py `held_out_seeds`, as grpo_internvl.py),
+    decoded at --eval-temperature; an episode ends at success."""
     device, N = next(policy.parameters()).device, envs.num_envs
     policy.eval()
-    obs = envs.reset(seeds)
+    obs = envs.reset(held_out_seeds(dist.rank, N))
     running = torch.ones(N, dtype=torch.bool)
     success = torch.zeros(N, dtype=torch.bool)
     length = torch.full((N,), envs.max_episode_steps)
@@ -303,9 +298,8 @@ def main(args: Args) -> None:
     # Setup: validation, distributed, seeds, model, optimizer, data, envs
     # ---------------------------------------------------------------------------------------------------------------
     dist = init_dist()
-    processor, template = validate(args, dist.world_size)
+    processor, template, run_path = validate(args, dist.world_size)
     device = dist.device
-    run_path = os.path.join(args.run_dir, f"{args.exp_name}__s{args.seed}")
     checkpoint_dir = args.resume or args.checkpoint
     torch.manual_seed(args.seed)  # identical initial LoRA weights on every rank (and broadcast below)
     autocast = bf16_autocast(device, args.bf16)
@@ -313,14 +307,7 @@ def main(args: Args) -> None:
     broadcast_parameters(policy)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=0.0)
-    start_iteration = 0
-    if checkpoint_dir:
-        state = load_trainer_state(checkpoint_dir)
-        start_iteration = state["step"]
-        if args.resume:
-            optimizer.load_state_dict(state["optimizer"])
-            restore_rng(state)
-            print0(f"resumed from {args.resume} at iteration {start_iteration}")
+    start_iteration = resume_training(args, policy, optimizer, sharded=False)
 
     data = load_samples(args.demos, template)
     envs = None
@@ -342,31 +329,24 @@ def main(args: Args) -> None:
         f"{template.num_free} free"
     )
 
+    def run_evaluation(step: int) -> tuple[dict, list]:
+        if envs is None:  # --num-envs 0: no simulator evaluation
+            return {}, []
+        return evaluate(policy, processor, template, envs, args, dist, autocast)
+
+    def write(directory: str, full_state: Optional[dict]) -> None:
+        """LoRA adapter (or the full model) + processor."""
+        policy.save_pretrained(directory)
+        processor.save_pretrained(directory)
+
+    shell = RunShell(args, run_path, policy, optimizer, False, write, logger, envs)
     if args.eval_only:
-        metrics, frames = evaluate(policy, processor, template, envs, args, dist, autocast)
-        print0(json.dumps(metrics))
-        if frames:
-            logger.video("eval/video", torch.stack(frames).numpy(), start_iteration)
-        logger.close()
-        envs.close()
-        cleanup()
-        return
+        return shell.eval_only(run_evaluation, start_iteration)
 
-    def save(iteration: int) -> None:
-        """LoRA adapter (or the full model) + processor + trainer state, written atomically by rank 0."""
-
-        def write(directory: str) -> None:
-            policy.save_pretrained(directory)
-            processor.save_pretrained(directory)
-            save_trainer_state(directory, trainer_state(args, iteration, optimizer))
-
-        check_in_sync(trainable)  # the hand-summed gradients keep ranks identical; verify before writing rank 0's copy
-        if dist.is_main:
-            path = save_checkpoint(
-                os.path.join(run_path, "checkpoints"), iteration, write, keep_last=args.keep_checkpoints
-            )
-            print0(f"saved {path}")
-
+    summary = (  # the line printed after every iteration
+        "loss {actor/loss:.4f} free-slot acc {actor/free_slot_accuracy:.3f} action acc {actor/action_accuracy:.3f} "
+        "samples/s {time/update_samples_per_s:.1f}"
+    )
     policy.train()
     for iteration in range(start_iteration + 1, args.total_iterations + 1):
         # -----------------------------------------------------------------------------------------------------------
@@ -414,20 +394,8 @@ def main(args: Args) -> None:
             "time/update_s": update_time,
             "time/update_samples_per_s": args.global_batch_size / update_time,
         }
-        if envs is not None and is_due(iteration, args.eval_interval, args.total_iterations):
-            eval_metrics, frames = evaluate(policy, processor, template, envs, args, dist, autocast)
-            metrics |= eval_metrics
-            if frames:
-                logger.video("eval/video", torch.stack(frames).numpy(), iteration)
-        logger.log(metrics, iteration)
-        print0(
-            f"iter {iteration}: loss {metrics['actor/loss']:.4f} free-slot acc "
-            f"{metrics['actor/free_slot_accuracy']:.3f} action acc {metrics['actor/action_accuracy']:.3f} "
-            f"samples/s {metrics['time/update_samples_per_s']:.1f}"
-            + (f" eval {metrics['eval/success_rate']:.3f}" if "eval/success_rate" in metrics else "")
-        )
-        if is_due(iteration, args.save_interval, args.total_iterations):
-            save(iteration)
+        if shell.end_of_iteration(iteration, metrics, run_evaluation, summary):
+            return shell.close()  # stopped (SIGTERM / Ctrl-C): resume later; the final model comes at the end
 
     # ---------------------------------------------------------------------------------------------------------------
     # Final model for grpo_internvl.py --model-path: LoRA merged into the base, transformers-native save_pretrained
@@ -449,10 +417,7 @@ def main(args: Args) -> None:
                 indent=2,
             )
         print0(f"final model (for grpo_internvl.py --model-path): {final_dir}")
-    logger.close()
-    if envs is not None:
-        envs.close()
-    cleanup()
+    shell.close()
 
 
 if __name__ == "__main__":

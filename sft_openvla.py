@@ -40,7 +40,6 @@ Run:
 """
 
 import contextlib
-import json
 import math
 import os
 import time
@@ -55,18 +54,11 @@ import tyro
 from peft.tuners.lora import LoraLayer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common.checkpoint import (
-    check_run_flags,
-    load_trainer_state,
-    restore_rng,
-    save_checkpoint,
-    save_trainer_state,
-    trainer_state,
-)
-from common.dist import all_reduce_mean, bf16_autocast, check_in_sync, cleanup, init_dist, print0
+from common.checkpoint import check_run_flags
+from common.dist import all_reduce_mean, bf16_autocast, init_dist, print0
 from common.envs.demos import action_norm_stats, load_demos, read_meta
-from common.envs.maniskill import ManiSkillVLAEnv, check_env_id, check_render_device
-from common.logger import Logger, is_due
+from common.envs.maniskill import ManiSkillVLAEnv, check_env_id, check_render_device, held_out_seeds
+from common.logger import Logger
 from common.models.openvla import (
     ActionTokenizer,
     load_lora_adapter,
@@ -77,6 +69,7 @@ from common.models.openvla import (
     save_lora_adapter,
     save_openvla,
 )
+from common.run import RunShell, resume_training
 from ppo_openvla import ActorCritic, to_env_action  # the RL script's greedy decoding and action conversion
 
 ACTION_DIM = 7
@@ -165,8 +158,8 @@ class Args:
     """demo steps in all --demos folders"""
 
 
-def validate(args: Args, world_size: int) -> None:
-    """Every check that can fail on user input, before envs or weights are loaded."""
+def validate(args: Args, world_size: int) -> str:
+    """Every check that can fail on user input, before envs or weights are loaded. Returns the run directory."""
     if min(args.batch_size, args.micro_batch_size, args.max_episode_steps) < 1 or args.num_envs < 0:
         raise ValueError("--batch-size, --micro-batch-size, --max-episode-steps must be >= 1 and --num-envs >= 0")
     if args.batch_size % args.micro_batch_size:
@@ -194,12 +187,15 @@ def validate(args: Args, world_size: int) -> None:
     args.env_id = args.env_id or metas[0]["env_id"]
     args.image_size = args.image_size or metas[0]["image_size"]
     args.unnorm_key = args.unnorm_key or f"maniskill_{metas[0]['env_id']}".lower()
-    check_run_flags(args, "sft_openvla.py", inherited=("model_path", "unnorm_key", "lora_rank", "lora_alpha"))
+    run_path = check_run_flags(
+        args, "sft_openvla.py", inherited=("model_path", "unnorm_key", "lora_rank", "lora_alpha")
+    )
     if args.num_envs > 0:
         check_env_id(args.env_id)
         check_render_device()
     args.model_path = resolve_model_path(args.model_path)
     read_openvla_config(args.model_path)
+    return run_path
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -287,21 +283,21 @@ def merge_lora(vla) -> None:
 # Evaluation: ppo_openvla.py's greedy decoding on its held-out initial states
 # ---------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(args, policy, env, processor, env_action, dist, autocast):
-    """One episode per env from seeds >= 10**9 (ppo_openvla.py's held-out set), decoded at --eval-temperature."""
-    seeds = [10**9 + dist.rank * args.num_envs + i for i in range(args.num_envs)]
-    prompt_ids, prompt_mask = processor.prompt_ids(env.instructions, device=dist.device)
+def evaluate(policy, processor, env_action, envs, args, dist, autocast):
+    """One episode per env from the held-out seeds (common/envs/maniskill.py `held_out_seeds`, as ppo_openvla.py),
+    decoded at --eval-temperature; an episode ends at success."""
     policy.eval()
-    obs = env.reset(seeds)
-    finished = torch.zeros(env.num_envs, dtype=torch.bool)
-    success = torch.zeros(env.num_envs, dtype=torch.bool)
-    length = torch.zeros(env.num_envs)
+    obs = envs.reset(held_out_seeds(dist.rank, envs.num_envs))
+    prompt_ids, prompt_mask = processor.prompt_ids(envs.instructions, device=dist.device)
+    finished = torch.zeros(envs.num_envs, dtype=torch.bool)
+    success = torch.zeros(envs.num_envs, dtype=torch.bool)
+    length = torch.zeros(envs.num_envs)
     frames = [obs["rgb"][0]] if args.capture_video else []
-    for _ in range(env.max_episode_steps):
+    for _ in range(envs.max_episode_steps):
         with autocast:
             pixel_values = processor.preprocess_images(obs["rgb"].to(dist.device))
             tokens, _, _ = policy.act(pixel_values, prompt_ids, prompt_mask, args.eval_temperature)
-        obs, _, terminated, truncated, info = env.step(env_action(tokens))
+        obs, _, terminated, truncated, info = envs.step(env_action(tokens))
         length += (~finished).float()
         success |= info["success"] & ~finished
         if args.capture_video and not finished[0]:
@@ -319,9 +315,8 @@ def main(args: Args) -> None:
     # Setup: validation, distributed, seeds, model, optimizer, data, envs
     # ---------------------------------------------------------------------------------------------------------------
     dist = init_dist()
-    validate(args, dist.world_size)
+    run_path = validate(args, dist.world_size)
     device = dist.device
-    run_path = os.path.join(args.run_dir, f"{args.exp_name}__s{args.seed}")
     checkpoint_dir = args.resume or args.checkpoint
     torch.manual_seed(args.seed)  # identical LoRA init on every rank (DDP also broadcasts rank 0's)
     dtype = torch.bfloat16 if (device.type == "cuda" and args.bf16 and args.lora_rank > 0) else torch.float32
@@ -337,14 +332,7 @@ def main(args: Args) -> None:
     policy = ActorCritic(vla, action_tokenizer).to(device)  # for evaluation; its value head is unused
     trainable = [p for p in vla.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=0.0)
-    start_iteration = 0
-    if checkpoint_dir:
-        state = load_trainer_state(checkpoint_dir)
-        start_iteration = state["step"]
-        if args.resume:
-            optimizer.load_state_dict(state["optimizer"])
-            restore_rng(state)
-            print0(f"resumed from {args.resume} at iteration {start_iteration}")
+    start_iteration = resume_training(args, vla, optimizer, sharded=False)
     ddp_vla = DDP(vla) if dist.world_size > 1 else vla  # DDP broadcasts rank 0's weights at construction
 
     data, norm_stats = load_samples(args.demos, action_tokenizer)
@@ -353,9 +341,9 @@ def main(args: Args) -> None:
     def env_action(tokens: torch.Tensor) -> torch.Tensor:
         return to_env_action(tokens, action_tokenizer, stats)  # (N, 7)
 
-    env = None
+    envs = None
     if args.num_envs > 0:
-        env = ManiSkillVLAEnv(
+        envs = ManiSkillVLAEnv(
             args.env_id,
             args.num_envs,
             sim_backend=args.sim_backend,
@@ -372,33 +360,26 @@ def main(args: Args) -> None:
         f"{sum(p.numel() for p in trainable):,} trainable parameters; norm_stats key {args.unnorm_key!r}"
     )
 
+    def run_evaluation(step: int) -> tuple[dict, list]:
+        if envs is None:  # --num-envs 0: no simulator evaluation
+            return {}, []
+        return evaluate(policy, processor, env_action, envs, args, dist, autocast)
+
+    def write(directory: str, full_state: Optional[dict]) -> None:
+        """LoRA adapter (or the full model in the openvla layout)."""
+        if lora_config is not None:
+            save_lora_adapter(vla, lora_config, directory)
+        else:
+            save_openvla(vla, processor, os.path.join(directory, "model"))
+
+    shell = RunShell(args, run_path, vla, optimizer, False, write, logger, envs)
     if args.eval_only:
-        metrics, frames = evaluate(args, policy, env, processor, env_action, dist, autocast)
-        print0(json.dumps(metrics))
-        if frames:
-            logger.video("eval/video", torch.stack(frames).numpy(), start_iteration)
-        logger.close()
-        env.close()
-        cleanup()
-        return
+        return shell.eval_only(run_evaluation, start_iteration)
 
-    def save(iteration: int) -> None:
-        """LoRA adapter (or the full model) + trainer state, written atomically by rank 0."""
-
-        def write(directory: str) -> None:
-            if lora_config is not None:
-                save_lora_adapter(vla, lora_config, directory)
-            else:
-                save_openvla(vla, processor, os.path.join(directory, "model"))
-            save_trainer_state(directory, trainer_state(args, iteration, optimizer))
-
-        check_in_sync(trainable)  # DDP keeps ranks identical; verify before writing rank 0's copy
-        if dist.is_main:
-            path = save_checkpoint(
-                os.path.join(run_path, "checkpoints"), iteration, write, keep_last=args.keep_checkpoints
-            )
-            print0(f"saved {path}")
-
+    summary = (  # the line printed after every iteration
+        "loss {actor/loss:.4f} free-slot acc {actor/free_slot_accuracy:.3f} action l1 {actor/action_l1:.4f} "
+        "samples/s {time/update_samples_per_s:.1f}"
+    )
     vla.train()
     for iteration in range(start_iteration + 1, args.total_iterations + 1):
         # -----------------------------------------------------------------------------------------------------------
@@ -449,20 +430,8 @@ def main(args: Args) -> None:
             "time/update_s": update_time,
             "time/update_samples_per_s": args.global_batch_size / update_time,
         }
-        if env is not None and is_due(iteration, args.eval_interval, args.total_iterations):
-            eval_metrics, frames = evaluate(args, policy, env, processor, env_action, dist, autocast)
-            metrics |= eval_metrics
-            if frames:
-                logger.video("eval/video", torch.stack(frames).numpy(), iteration)
-        logger.log(metrics, iteration)
-        print0(
-            f"iter {iteration}: loss {metrics['actor/loss']:.4f} free-slot acc "
-            f"{metrics['actor/free_slot_accuracy']:.3f} action l1 {metrics['actor/action_l1']:.4f} "
-            f"samples/s {metrics['time/update_samples_per_s']:.1f}"
-            + (f" eval {metrics['eval/success_rate']:.3f}" if "eval/success_rate" in metrics else "")
-        )
-        if is_due(iteration, args.save_interval, args.total_iterations):
-            save(iteration)
+        if shell.end_of_iteration(iteration, metrics, run_evaluation, summary):
+            return shell.close()  # stopped (SIGTERM / Ctrl-C): resume later; the final model comes at the end
 
     # ---------------------------------------------------------------------------------------------------------------
     # Final model for ppo_openvla.py --model-path: LoRA merged, norm_stats[unnorm_key] added, openvla-7b layout
@@ -474,10 +443,7 @@ def main(args: Args) -> None:
         vla.config["norm_stats"] = {**(vla.config.get("norm_stats") or {}), args.unnorm_key: norm_stats}
         save_openvla(vla, processor, final_dir)
         print0(f"final model (for ppo_openvla.py --model-path ... --unnorm-key {args.unnorm_key}): {final_dir}")
-    logger.close()
-    if env is not None:
-        env.close()
-    cleanup()
+    shell.close()
 
 
 if __name__ == "__main__":

@@ -62,11 +62,6 @@ from peft import LoraConfig
 from common import fsdp
 from common.checkpoint import (
     check_run_flags,
-    load_trainer_state,
-    restore_rng,
-    save_checkpoint,
-    save_trainer_state,
-    trainer_state,
     verify_safetensors_files,
 )
 from common.dist import (
@@ -75,8 +70,6 @@ from common.dist import (
     all_reduce_sum_,
     bf16_autocast,
     broadcast_parameters,
-    check_in_sync,
-    cleanup,
     init_dist,
     print0,
     sum_gradients_,
@@ -94,13 +87,10 @@ from common.envs.libero import (
 )
 from common.guards import (
     NonFiniteGuard,
-    StopRequest,
     check_finite_logits,
-    check_finite_state,
     check_flags,
-    named_state_tensors,
 )
-from common.logger import Logger, is_due
+from common.logger import Logger
 from common.models.openvla import (
     ActionTokenizer,
     action_stats,
@@ -113,6 +103,7 @@ from common.models.openvla import (
     save_openvla,
 )
 from common.models.vjepa2 import VideoEmbedder, check_world_model
+from common.run import RunShell, resume_training
 
 CHUNK_STEPS, ACTION_DIM = 8, 7  # OpenVLA-OFT LIBERO: 8 actions of 7 dims per query
 NUM_ACTION_TOKENS = CHUNK_STEPS * ACTION_DIM  # 56, predicted in one forward pass
@@ -456,9 +447,9 @@ def clipped_token_loss(
 def rollout(
     policy,
     processor,
+    env_action,
     envs,
     episodes,
-    to_env_actions,
     args,
     autocast,
     evaluation: bool = False,
@@ -491,13 +482,13 @@ def rollout(
         # sample each of the 56 tokens from softmax(bin logits / T); its log-prob under the same law
         logp_all = bin_logprobs(logits, temperature if temperature > 0 else 1.0)
         sampled = torch.distributions.Categorical(logits=logp_all).sample() if temperature > 0 else logits.argmax(-1)
-        env_actions = np.zeros((N, CHUNK_STEPS, ACTION_DIM))
-        env_actions[live.numpy()] = to_env_actions(sampled)
+        actions = np.zeros((N, CHUNK_STEPS, ACTION_DIM))
+        actions[live.numpy()] = env_action(sampled)
         policy_s += time.time() - t_policy
         images[q] = torch.from_numpy(images_now)
         bins[q, live] = sampled.cpu()
         logprobs[q, live] = logp_all.gather(-1, sampled[..., None]).squeeze(-1).cpu()
-        images_now, success, done, executed = envs.step(env_actions)  # all 8 actions of the chunk, unless it ends
+        images_now, success, done, executed = envs.step(actions)  # all 8 actions of the chunk, unless it ends
         token_mask[q] = torch.arange(NUM_ACTION_TOKENS)[None] // ACTION_DIM < torch.from_numpy(executed)[:, None]
         length += executed
     return dict(
@@ -512,8 +503,9 @@ def rollout(
     )
 
 
-def evaluate(policy, processor, envs, to_env_actions, args, dist, autocast, logger, iteration) -> dict:
-    """Every task x its first `eval_init_states` init states, split over ranks; per-task and suite success."""
+def evaluate(policy, processor, env_action, envs, args, dist, autocast, logger, iteration) -> tuple[dict, list]:
+    """Every task x its first `eval_init_states` init states, split over ranks; per-task and suite success. Logs a
+    success and a failure video itself (eval/video_success, eval/video_failure), so it returns no frames."""
     mine = eval_episodes(args.task_ids, args.eval_init_states)[dist.rank :: dist.world_size]
     num_tasks = max(args.task_ids) + 1
     totals = torch.zeros(3, num_tasks, dtype=torch.float64)  # (successes, env steps, episodes) per task
@@ -524,7 +516,7 @@ def evaluate(policy, processor, envs, to_env_actions, args, dist, autocast, logg
         padded = wave + [wave[-1]] * (envs.num_envs - len(wave))  # idle envs repeat the last episode
         record = dist.is_main and args.capture_video and len(videos) < 2
         out = rollout(
-            policy, processor, envs, padded, to_env_actions, args, autocast, evaluation=True, record_frames=record
+            policy, processor, env_action, envs, padded, args, autocast, evaluation=True, record_frames=record
         )
         for k, (task_id, _) in enumerate(wave):
             totals[:, task_id] += torch.tensor([float(out["success"][k]), float(out["length"][k]), 1.0])
@@ -543,13 +535,13 @@ def evaluate(policy, processor, envs, to_env_actions, args, dist, autocast, logg
         metrics[f"eval/{args.suite}/task_{task_id:02d}_success_rate"] = (successes[task_id] / counts[task_id]).item()
     for key, frames in videos.items():
         logger.video(f"eval/video_{key}", frames, iteration, fps=20)
-    return metrics
+    return metrics, []
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Update: epochs x minibatches over the kept policy queries; token-mean over all ranks
 # ---------------------------------------------------------------------------------------------------------------
-def update_policy(policy, optimizer, processor, batch, args, autocast, guard=None) -> dict:
+def update_policy(policy, optimizer, processor, batch, args, autocast, guard) -> dict:
     """PPO-style epochs over the training samples of `batch` (the rollouts plus query_idx, episode_idx (M,) and
     advantages (R,)); returns actor/* metrics. Each minibatch is one optimizer step: micro-batches accumulate the
     loss summed over tokens / (executed action tokens of the minibatch over all ranks), and gradients are summed
@@ -613,8 +605,10 @@ def update_policy(policy, optimizer, processor, batch, args, autocast, guard=Non
             if not sharded:
                 sum_gradients_(params)  # each rank's loss is already divided by the global token count
             grad_norm = fsdp.clip_grad_norm_(params, args.max_grad_norm)  # the norm before clipping
-            if guard.step(optimizer, minibatch_loss, grad_norm):
+            if guard.finite(minibatch_loss, grad_norm):  # skipped on every rank alike when not
+                optimizer.step()
                 sums["grad_norm"] += grad_norm.item()
+            optimizer.zero_grad(set_to_none=True)
             num_updates += 1
     if num_updates == 0:
         return {}
@@ -691,7 +685,7 @@ def main(args: Args) -> None:
         f"{sum(p.numel() for p in policy.parameters()):,}"
     )
 
-    def to_env_actions(bins: torch.Tensor) -> np.ndarray:
+    def env_action(bins: torch.Tensor) -> np.ndarray:
         """(n, 56) bins -> (n, 8, 7) LIBERO commands (gripper -sign(2 g - 1))."""
         return to_libero_actions(bins_to_actions(bins, policy, action_tokenizer, stats))
 
@@ -705,16 +699,7 @@ def main(args: Args) -> None:
             args.world_model_offload,
         )
 
-    start_iteration = 0
-    if args.resume:
-        state = load_trainer_state(args.resume, mmap=sharded)
-        if sharded:
-            fsdp.load_full_optimizer_state_dict(policy, optimizer, state["optimizer"])
-        else:
-            optimizer.load_state_dict(state["optimizer"])
-        restore_rng(state)
-        start_iteration = state["step"]
-        print0(f"resumed from {args.resume} at iteration {start_iteration}")
+    start_iteration = resume_training(args, policy, optimizer, sharded)
     logger = Logger(run_path, args, enabled=dist.is_main)
     max_steps = OFT_EVAL_MAX_STEPS[args.suite] if args.oft_eval_max_steps else args.max_episode_steps
     envs = LiberoVectorEnv(
@@ -729,34 +714,17 @@ def main(args: Args) -> None:
         max_restarts=args.env_max_restarts,
     )
 
-    if args.eval_only:
+    def run_evaluation(step: int) -> tuple[dict, list]:
         with fsdp.gathered_params(policy):
-            metrics = evaluate(policy, processor, envs, to_env_actions, args, dist, autocast, logger, start_iteration)
-        print0(json.dumps(metrics))
-        logger.close()
-        envs.close()
-        cleanup()
-        return
+            return evaluate(policy, processor, env_action, envs, args, dist, autocast, logger, step)
 
-    def save(iteration: int) -> None:
-        """LoRA adapter (or the full model) + trainer state, written atomically by rank 0."""
-        check_finite_state(named_state_tensors(policy, optimizer))  # never write NaN weights
-        full_state = optimizer_state = None
-        if sharded:  # collective: the full weights and optimizer state gathered to rank 0
-            full_state = fsdp.full_state_dict(policy)
-            optimizer_state = fsdp.full_optimizer_state_dict(policy, optimizer)
-        else:
-            check_in_sync(trainable)  # the hand-summed gradients keep ranks identical; verify rank 0's copy
+    def write(directory: str, full_state: Optional[dict]) -> None:
+        """LoRA adapter (or the full model in the OFT layout)."""
+        save_policy(policy, processor, lora_config, model_dir, directory, full_state)
 
-        def write(directory: str) -> None:
-            save_policy(policy, processor, lora_config, model_dir, directory, full_state)
-            save_trainer_state(directory, trainer_state(args, iteration, optimizer_state or optimizer))
-
-        if dist.is_main:
-            path = save_checkpoint(
-                os.path.join(run_path, "checkpoints"), iteration, write, keep_last=args.keep_checkpoints
-            )
-            print0(f"saved {path}")
+    shell = RunShell(args, run_path, policy, optimizer, sharded, write, logger, envs)
+    if args.eval_only:
+        return shell.eval_only(run_evaluation, start_iteration)
 
     # Rollout storage for this rank's R episodes, preallocated on CPU (filled wave by wave, num_envs at a time).
     R, Q = args.rollouts_per_rank, math.ceil(envs.max_steps / CHUNK_STEPS)
@@ -771,7 +739,10 @@ def main(args: Args) -> None:
         instructions=[""] * R,
     )
     guard = NonFiniteGuard()  # skips an optimizer step with a non-finite loss or gradient norm
-    stop = StopRequest()  # SIGTERM / Ctrl-C: finish the iteration, save, exit 0
+    summary = (  # the line printed after every iteration
+        "success {rollout/success_rate:.3f} reward {rollout/reward_mean:.4f} kept {rollout/kept_groups_frac:.2f} "
+        "env steps/s {time/env_steps_per_s:.1f}"
+    )
 
     for iteration in range(start_iteration + 1, args.total_iterations + 1):
         # -----------------------------------------------------------------------------------------------------------
@@ -794,9 +765,9 @@ def main(args: Args) -> None:
                 out = rollout(
                     policy,
                     processor,
+                    env_action,
                     envs,
                     episodes[wave],
-                    to_env_actions,
                     args,
                     autocast,
                     record_frames=embedder is not None,
@@ -883,30 +854,9 @@ def main(args: Args) -> None:
             "time/actions_per_s": env_steps / max(policy_s, 1e-9) * dist.world_size,
             "time/update_samples_per_s": num_samples * args.update_epochs / max(update_time, 1e-9) * dist.world_size,
         }
-        metrics = all_reduce_mean(metrics) | update_metrics
-        stop_now = stop.should_stop()
-        if is_due(iteration, args.eval_interval, args.total_iterations) and not stop_now:
-            with fsdp.gathered_params(policy):
-                metrics |= evaluate(policy, processor, envs, to_env_actions, args, dist, autocast, logger, iteration)
-        logger.log(metrics, iteration)
-        print0(
-            f"iter {iteration}: success {metrics['rollout/success_rate']:.3f} "
-            f"reward {metrics['rollout/reward_mean']:.4f} kept {metrics['rollout/kept_groups_frac']:.2f} "
-            f"env steps/s {metrics['time/env_steps_per_s']:.1f}"
-            + (f" eval {metrics['eval/success_rate']:.3f}" if "eval/success_rate" in metrics else "")
-        )
-        if is_due(iteration, args.save_interval, args.total_iterations) or stop_now:
-            save(iteration)
-        if stop_now:
-            print0(
-                f"stopped by {stop.signal_name} after iteration {iteration}; continue with --resume "
-                f"{run_path}/checkpoints"
-            )
+        if shell.end_of_iteration(iteration, all_reduce_mean(metrics) | update_metrics, run_evaluation, summary):
             break
-
-    logger.close()
-    envs.close()
-    cleanup()
+    shell.close()
 
 
 if __name__ == "__main__":

@@ -44,8 +44,12 @@ def world_size() -> int:
     return dist.get_world_size() if is_dist() else 1
 
 
+def is_main_process() -> bool:
+    return not is_dist() or dist.get_rank() == 0
+
+
 def print0(*args, **kwargs) -> None:
-    if not is_dist() or dist.get_rank() == 0:
+    if is_main_process():
         print(*args, **kwargs, flush=True)
 
 

@@ -11,6 +11,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import InternVLForConditionalGeneration, PreTrainedTokenizerFast, Qwen2Config
 
 import grpo_internvl as grpo
+from common.guards import NonFiniteGuard
 from common.models.action_text import parse_action_text
 from common.models.tiny import make_tiny_internvl
 
@@ -151,14 +152,20 @@ def rollout_batch(policy, processor, template, temperature, T=2, N=4):
     rgb, tcp_pose = make_inputs(processor, N * T, seed=3)
     inputs = grpo.build_inputs(processor, [INSTRUCTION] * (N * T), rgb, tcp_pose, "cpu")
     sampled = grpo.generate_actions(policy, inputs, template, temperature, 0, 1.0)
-    return dict(
+    return grpo.Rollout(
         instructions=[INSTRUCTION] * N,
         rgb=rgb.view(T, N, *rgb.shape[1:]),
         tcp_pose=tcp_pose.view(T, N, 7),
         choices=sampled.choices.view(T, N, -1),
         tokens=sampled.tokens.view(T, N, -1),
         logprobs=sampled.logp.view(T, N, -1),
+        entropy=sampled.entropy.view(T, N, -1),
         support=sampled.support.view(T, N, *sampled.support.shape[1:]),
+        alive=torch.ones(T, N, dtype=torch.bool),
+        success=torch.zeros(N, dtype=torch.bool),
+        length=torch.full((N,), T),
+        frames=[],
+        tokens_generated=0,
     )
 
 
@@ -167,13 +174,23 @@ def run_update(policy, reference, processor, template, batch, success, args):
     params = [p for p in policy.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
     optimizer = torch.optim.SGD(params, lr=args.learning_rate)
-    T, N = batch["logprobs"].shape[:2]
-    batch["advantages"] = grpo.group_advantages(args.reward_coef * success.float(), args.group_size)
+    T, N = batch.logprobs.shape[:2]
+    advantages = grpo.group_advantages(args.reward_coef * success.float(), args.group_size)
     kept = grpo.keep_groups(success, args.group_size, args.success_bounds)
-    batch["step_idx"], batch["env_idx"] = (torch.ones(T, N, dtype=torch.bool) & kept[None]).nonzero(as_tuple=True)
-    batch["weights"] = grpo.episode_weights(torch.full((N,), T), kept, args.loss_agg_mode)
+    step_idx, env_idx = (torch.ones(T, N, dtype=torch.bool) & kept[None]).nonzero(as_tuple=True)
+    weights = grpo.episode_weights(torch.full((N,), T), kept, args.loss_agg_mode)
+    samples = grpo.Samples(step_idx, env_idx, advantages, weights)
     metrics = grpo.update_policy(
-        policy, optimizer, processor, template, batch, args, contextlib.nullcontext(), reference
+        policy,
+        optimizer,
+        processor,
+        template,
+        batch,
+        samples,
+        args,
+        contextlib.nullcontext(),
+        NonFiniteGuard(),
+        reference,
     )
     change = sum((p.detach() - b).abs().sum().item() for p, b in zip(params, before))
     return change, metrics

@@ -68,7 +68,7 @@ def test_train_checkpoint_resume_and_eval(tiny_openvla, tmp_path):
         "rollout/reward_mean",
         "rollout/success_rate",
         "rollout/episode_length",
-        "eval/success_once",
+        "eval/success_rate",
         "eval/success_at_end",
         "time/env_steps_per_s",
         "time/actions_per_s",
@@ -98,7 +98,7 @@ def test_train_checkpoint_resume_and_eval(tiny_openvla, tmp_path):
             *TINY_RUN,
         ]
     )
-    assert '"eval/success_once"' in out and '"eval/success_at_end"' in out
+    assert '"eval/success_rate"' in out and '"eval/success_at_end"' in out
 
 
 def test_critic_warmup_leaves_the_policy_as_it_was(tiny_openvla, tmp_path):

@@ -73,9 +73,9 @@ def test_rollout_and_training_logprobs_agree(tiny_oft):
     out = rollout(
         policy,
         processor,
+        lambda bins: to_libero_actions(bins_to_actions(bins, policy, tokenizer, stats)),
         envs,
         [(0, 0), (1, 0), (2, 0)],
-        lambda bins: to_libero_actions(bins_to_actions(bins, policy, tokenizer, stats)),
         Args(temperature=1.6),
         nullcontext(),
     )

@@ -16,6 +16,8 @@ import shutil
 import pytest
 import torch
 
+from common.guards import NonFiniteGuard
+
 LEARNING_RATE = 1e-3  # large enough that one Adam step moves a tiny random model measurably
 
 
@@ -134,30 +136,32 @@ def test_grpo_update_follows_advantages(tmp_path):
         batch = grpo.rollout(policy, processor, template, envs, [7, 7], args, autocast)  # one group of 2
     finally:
         envs.close()
-    batch["advantages"] = torch.tensor([1.0, -1.0])  # (N,)
-    batch["step_idx"], batch["env_idx"] = batch["alive"].nonzero(as_tuple=True)  # (M,) every generated step
-    batch["weights"] = grpo.episode_weights(batch["length"], torch.ones(2, dtype=torch.bool), args.loss_agg_mode)
+    step_idx, env_idx = batch.alive.nonzero(as_tuple=True)  # (M,) every generated step
+    weights = grpo.episode_weights(batch.length, torch.ones(2, dtype=torch.bool), args.loss_agg_mode)
+    samples = grpo.Samples(step_idx, env_idx, torch.tensor([1.0, -1.0]), weights)  # advantages (N,)
 
     def episode_logprobs() -> torch.Tensor:
-        t, n = batch["step_idx"], batch["env_idx"]
+        t, n = samples.step_idx, samples.env_idx
         inputs = build_inputs(
-            processor, [batch["instructions"][i] for i in n], batch["rgb"][t, n], batch["tcp_pose"][t, n], "cpu"
+            processor, [batch.instructions[i] for i in n], batch.rgb[t, n], batch.tcp_pose[t, n], "cpu"
         )
         with torch.no_grad():
-            logits = grpo.free_slot_logits(policy, inputs, template.assemble(batch["tokens"][t, n]), template)
-        logp = grpo.policy_logprobs(logits, batch["support"][t, n], args.temperature)  # (M, F, S)
-        per_step = logp.gather(2, batch["choices"][t, n][..., None]).squeeze(2).sum(1)  # (M,)
+            logits = grpo.free_slot_logits(policy, inputs, template.assemble(batch.tokens[t, n]), template)
+        logp = grpo.policy_logprobs(logits, batch.support[t, n], args.temperature)  # (M, F, S)
+        per_step = logp.gather(2, batch.choices[t, n][..., None]).squeeze(2).sum(1)  # (M,)
         return torch.zeros(args.num_envs).index_add_(0, n, per_step)  # (N,)
 
     policy.eval()
     before = episode_logprobs()
-    alive = batch["alive"][..., None].expand_as(batch["logprobs"])
-    rollout_sum = (batch["logprobs"] * alive).sum((0, 2))  # (N,)
+    alive = batch.alive[..., None].expand_as(batch.logprobs)
+    rollout_sum = (batch.logprobs * alive).sum((0, 2))  # (N,)
     torch.testing.assert_close(before, rollout_sum, atol=1e-3, rtol=0)
-    metrics = grpo.update_policy(policy, optimizer, processor, template, batch, args, autocast)
+    metrics = grpo.update_policy(
+        policy, optimizer, processor, template, batch, samples, args, autocast, NonFiniteGuard()
+    )
     assert metrics["actor/grad_norm"] > 0
     policy.eval()
-    assert_moved_with_advantage(before, episode_logprobs(), batch["advantages"])
+    assert_moved_with_advantage(before, episode_logprobs(), samples.advantages)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -209,7 +213,7 @@ def test_srpo_update_follows_advantages(tiny_oft):
     tokenizer = ActionTokenizer(vla.vocab_size, srpo.N_BINS)
     autocast = contextlib.nullcontext()
 
-    def to_env_actions(bins):
+    def env_action(bins):
         return to_libero_actions(srpo.bins_to_actions(bins, policy, tokenizer, stats))
 
     envs = LiberoVectorEnv(
@@ -221,7 +225,7 @@ def test_srpo_update_follows_advantages(tiny_oft):
         seed=args.seed,
     )
     try:
-        batch = srpo.rollout(policy, processor, envs, [(0, 0), (0, 0)], to_env_actions, args, autocast)
+        batch = srpo.rollout(policy, processor, env_action, envs, [(0, 0), (0, 0)], args, autocast)
     finally:
         envs.close()
     batch["advantages"] = torch.tensor([1.0, -1.0])  # (R,)
@@ -239,6 +243,6 @@ def test_srpo_update_follows_advantages(tiny_oft):
 
     before = episode_logprobs()
     torch.testing.assert_close(before, (batch["logprobs"] * batch["token_mask"]).sum((0, 2)), atol=1e-3, rtol=0)
-    metrics = srpo.update_policy(policy, optimizer, processor, batch, args, autocast)
+    metrics = srpo.update_policy(policy, optimizer, processor, batch, args, autocast, NonFiniteGuard())
     assert metrics["actor/grad_norm"] > 0
     assert_moved_with_advantage(before, episode_logprobs(), batch["advantages"])

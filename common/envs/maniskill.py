@@ -287,9 +287,18 @@ def make_cpu_env(env_id: str, make_kwargs: dict) -> gym.Env:
     return _CPUEnvFactory(env_id, make_kwargs, os.environ.get("MS_ASSET_DIR")).build()
 
 
+HELD_OUT_SEED_BASE = 2**31  # training reset seeds, auto-reset ones included, lie below; evaluation's from here up
+
+
 def next_episode_seed(seed: int) -> int:
     """The seed of the episode that follows one started with `seed` (auto-reset): envs sharing a seed keep sharing."""
-    return int(np.random.default_rng(seed).integers(2**31))
+    return int(np.random.default_rng(seed).integers(HELD_OUT_SEED_BASE))
+
+
+def held_out_seeds(rank: int, num_envs: int) -> list[int]:
+    """Evaluation's reset seeds for one rank's envs: 2**31 + rank * num_envs + i, never drawn for training, the same
+    set for every run with the same layout."""
+    return [HELD_OUT_SEED_BASE + rank * num_envs + i for i in range(num_envs)]
 
 
 class ManiSkillVLAEnv:
