@@ -185,7 +185,9 @@ class Args:
     keep_checkpoints: int = 3
     """keep only the newest this many checkpoints (0: all)"""
     resume: Optional[str] = None
-    """checkpoint step directory, or a checkpoints directory with a `latest` file, to continue from"""
+    """checkpoint step directory, or a checkpoints directory with a `latest` file, to continue from; `auto`: this run
+    directory's own checkpoints if it has any, else a new run (the setting for torchrun --max-restarts, Slurm
+    --requeue and Kubernetes restarts, which relaunch the same command)"""
     eval_only: bool = False
     """only evaluate --checkpoint (or the base model if none) and exit"""
     checkpoint: Optional[str] = None
@@ -193,6 +195,9 @@ class Args:
     overwrite: bool = False
     """start over in a run directory that holds checkpoints, deleting them (or, with --resume from an older step,
     delete the later steps)"""
+    dist_timeout_s: float = 300.0
+    """seconds a collective waits for the other ranks before this rank stops with an error naming where it waited (a
+    dead or hung rank then ends the job in this time, not PyTorch's 10-30 minutes)"""
 
     # derived from the flags above in validate()
     batch_size: tyro.conf.Suppress[int] = 0
@@ -663,7 +668,7 @@ def main(args: Args) -> None:
     # ---------------------------------------------------------------------------------------------------------------
     # Setup: validation, distributed, seeds, envs, model, optimizer
     # ---------------------------------------------------------------------------------------------------------------
-    dist = init_dist()
+    dist = init_dist(args.dist_timeout_s)
     config, run_path = validate(args, dist.world_size)
     device = dist.device
     print0(

@@ -50,7 +50,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -211,7 +211,9 @@ class Args:
     keep_checkpoints: int = 3
     """keep only the newest this many checkpoints (0: all)"""
     resume: Optional[str] = None
-    """checkpoint step directory, or a checkpoints directory with a `latest` file, to continue from"""
+    """checkpoint step directory, or a checkpoints directory with a `latest` file, to continue from; `auto`: this run
+    directory's own checkpoints if it has any, else a new run (the setting for torchrun --max-restarts, Slurm
+    --requeue and Kubernetes restarts, which relaunch the same command)"""
     eval_only: bool = False
     """only evaluate --checkpoint (or the base model if none) and exit"""
     checkpoint: Optional[str] = None
@@ -219,6 +221,9 @@ class Args:
     overwrite: bool = False
     """start over in a run directory that holds checkpoints, deleting them (or, with --resume from an older step,
     delete the later steps)"""
+    dist_timeout_s: float = 300.0
+    """seconds a collective waits for the other ranks before this rank stops with an error naming where it waited (a
+    dead or hung rank then ends the job in this time, not PyTorch's 10-30 minutes)"""
 
     # derived from the flags above in validate()
     groups_per_rank: tyro.conf.Suppress[int] = 0
@@ -443,6 +448,28 @@ def clipped_token_loss(
 # ---------------------------------------------------------------------------------------------------------------
 # Rollout: N episodes to the end, every policy query stored in preallocated (Q, N, ...) tensors
 # ---------------------------------------------------------------------------------------------------------------
+class Rollout(NamedTuple):
+    """Episodes of (task, init state): (Q, N, ...) tensors on the CPU, Q = the most policy queries (8-step chunks) an
+    episode can take; a query after its episode ended has an all-False token_mask."""
+
+    images: torch.Tensor  # (Q, N, 224, 224, 3) uint8 what the policy saw
+    bins: torch.Tensor  # (Q, N, 56) sampled action bins
+    logprobs: torch.Tensor  # (Q, N, 56) their log-probs under the rollout policy
+    token_mask: torch.Tensor  # (Q, N, 56) True for the tokens of executed actions
+    instructions: list[str]  # (N,)
+    task: torch.Tensor  # (N,) task id
+    success: torch.Tensor  # (N,) bool
+    length: torch.Tensor  # (N,) env steps
+
+
+class Samples(NamedTuple):
+    """What the update trains on: the kept episodes' policy queries and each episode's advantage."""
+
+    query_idx: torch.Tensor  # (M,) query (chunk) of each training sample
+    episode_idx: torch.Tensor  # (M,) its episode
+    advantages: torch.Tensor  # (R,) per episode, broadcast to every executed action token of it
+
+
 @torch.no_grad()
 def rollout(
     policy,
@@ -454,11 +481,9 @@ def rollout(
     autocast,
     evaluation: bool = False,
     record_frames: bool = False,
-) -> dict:
+) -> tuple[Rollout, float]:
     """One episode per env from `episodes` [(task id, init state id)] * N, sampled at --temperature, or for evaluation
-    at --eval-temperature (0 = greedy). Returns (Q, N, ...) tensors (Q = max policy queries per episode): images,
-    bins, logprobs, token_mask (the tokens of executed actions), plus instructions, success (N,), length (N,) in env
-    steps, and the policy's wall time."""
+    at --eval-temperature (0 = greedy). Returns the episodes and the policy's wall time."""
     temperature = args.eval_temperature if evaluation else args.temperature
     device = next(policy.parameters()).device
     N, Q = envs.num_envs, math.ceil(envs.max_steps / CHUNK_STEPS)
@@ -491,16 +516,9 @@ def rollout(
         images_now, success, done, executed = envs.step(actions)  # all 8 actions of the chunk, unless it ends
         token_mask[q] = torch.arange(NUM_ACTION_TOKENS)[None] // ACTION_DIM < torch.from_numpy(executed)[:, None]
         length += executed
-    return dict(
-        images=images,
-        bins=bins,
-        logprobs=logprobs,
-        token_mask=token_mask,
-        instructions=instructions,
-        success=torch.from_numpy(success.copy()),
-        length=torch.from_numpy(length),
-        policy_s=policy_s,
-    )
+    task = torch.tensor([t for t, _ in episodes])
+    success, length = torch.from_numpy(success.copy()), torch.from_numpy(length)
+    return Rollout(images, bins, logprobs, token_mask, instructions, task, success, length), policy_s
 
 
 def evaluate(policy, processor, env_action, envs, args, dist, autocast, logger, iteration) -> tuple[dict, list]:
@@ -515,15 +533,15 @@ def evaluate(policy, processor, env_action, envs, args, dist, autocast, logger, 
         wave = mine[start : start + envs.num_envs]
         padded = wave + [wave[-1]] * (envs.num_envs - len(wave))  # idle envs repeat the last episode
         record = dist.is_main and args.capture_video and len(videos) < 2
-        out = rollout(
+        out, _ = rollout(
             policy, processor, env_action, envs, padded, args, autocast, evaluation=True, record_frames=record
         )
         for k, (task_id, _) in enumerate(wave):
-            totals[:, task_id] += torch.tensor([float(out["success"][k]), float(out["length"][k]), 1.0])
+            totals[:, task_id] += torch.tensor([float(out.success[k]), float(out.length[k]), 1.0])
         if record:
             wave_videos = envs.videos()
             for k in range(len(wave)):
-                videos.setdefault("success" if out["success"][k] else "failure", wave_videos[k])
+                videos.setdefault("success" if out.success[k] else "failure", wave_videos[k])
     successes, lengths, counts = all_reduce_sum_(totals.to(dist.device)).cpu()
     suite_success = (successes.sum() / counts.sum()).item()
     metrics = {
@@ -541,27 +559,25 @@ def evaluate(policy, processor, env_action, envs, args, dist, autocast, logger, 
 # ---------------------------------------------------------------------------------------------------------------
 # Update: epochs x minibatches over the kept policy queries; token-mean over all ranks
 # ---------------------------------------------------------------------------------------------------------------
-def update_policy(policy, optimizer, processor, batch, args, autocast, guard) -> dict:
-    """PPO-style epochs over the training samples of `batch` (the rollouts plus query_idx, episode_idx (M,) and
-    advantages (R,)); returns actor/* metrics. Each minibatch is one optimizer step: micro-batches accumulate the
-    loss summed over tokens / (executed action tokens of the minibatch over all ranks), and gradients are summed
-    over ranks, which gives the exact global token-mean. `guard` (a NonFiniteGuard) skips optimizer steps with a
-    non-finite loss or gradient norm. Under FSDP every rank runs the same number of micro-batches (padded with
-    weight-0 passes) and FSDP sums the gradients."""
+def update_policy(policy, optimizer, processor, batch: Rollout, samples: Samples, args, autocast, guard) -> dict:
+    """PPO-style epochs over the training samples of this rank's rollouts; returns actor/* metrics. Each minibatch is
+    one optimizer step: micro-batches accumulate the loss summed over tokens / (executed action tokens of the
+    minibatch over all ranks), and gradients are summed over ranks, which gives the exact global token-mean. `guard`
+    (a NonFiniteGuard) skips optimizer steps with a non-finite loss or gradient norm. Under FSDP every rank runs the
+    same number of micro-batches (padded with weight-0 passes) and FSDP sums the gradients."""
     device = next(policy.parameters()).device
     params = [p for p in policy.parameters() if p.requires_grad]
-    guard = guard or NonFiniteGuard()
     sharded = bool(fsdp.fsdp_modules(policy))
     # a padding sample at index M (query 0 of episode 0, which every rollout has) for FSDP's weight-0 passes
-    query_idx = torch.cat([batch["query_idx"], batch["query_idx"].new_zeros(1)])
-    episode_idx = torch.cat([batch["episode_idx"], batch["episode_idx"].new_zeros(1)])
-    num_samples = len(batch["query_idx"])
+    query_idx = torch.cat([samples.query_idx, samples.query_idx.new_zeros(1)])
+    episode_idx = torch.cat([samples.episode_idx, samples.episode_idx.new_zeros(1)])
+    num_samples = len(samples.query_idx)
     sums = {k: 0.0 for k in ("pg_loss", "approx_kl", "clipfrac", "entropy", "grad_norm")}
     num_updates = 0
     for _ in range(args.update_epochs):
         order = torch.randperm(num_samples)
         for minibatch in order.tensor_split(args.num_minibatches):
-            token_mask = batch["token_mask"][query_idx[minibatch], episode_idx[minibatch]]  # (m, 56)
+            token_mask = batch.token_mask[query_idx[minibatch], episode_idx[minibatch]]  # (m, 56)
             num_tokens = all_reduce_sum_(token_mask.sum().double().to(device)).item()
             if num_tokens == 0:
                 continue
@@ -576,19 +592,19 @@ def update_policy(policy, optimizer, processor, batch, args, autocast, guard) ->
             minibatch_loss = 0.0
             for micro, weight in weighted:
                 q, r = query_idx[micro], episode_idx[micro]
-                prompt_ids, prompt_mask = processor.prompt_ids([batch["instructions"][i] for i in r], device)
-                pixel_values = processor.preprocess_images(batch["images"][q, r].to(device))
-                bins = batch["bins"][q, r].to(device)  # (b, 56)
+                prompt_ids, prompt_mask = processor.prompt_ids([batch.instructions[i] for i in r], device)
+                pixel_values = processor.preprocess_images(batch.images[q, r].to(device))
+                bins = batch.bins[q, r].to(device)  # (b, 56)
                 with autocast:
                     logits = policy(prompt_ids, prompt_mask, pixel_values).float()  # (b, 56, 256)
                 # the per-token log-prob under the rollout's law (bin slice, temperature)
                 logp_all = bin_logprobs(logits, args.temperature)  # (b, 56, 256)
                 new_logprob = logp_all.gather(-1, bins[..., None]).squeeze(-1)  # (b, 56)
-                micro_mask = batch["token_mask"][q, r].to(device).float()  # (b, 56)
+                micro_mask = batch.token_mask[q, r].to(device).float()  # (b, 56)
                 loss, approx_kl, clipfrac = clipped_token_loss(
                     new_logprob,
-                    batch["logprobs"][q, r].to(device),
-                    batch["advantages"][r].to(device),
+                    batch.logprobs[q, r].to(device),
+                    samples.advantages[r].to(device),
                     micro_mask,
                     args.clip_low,
                     args.clip_high,
@@ -645,7 +661,7 @@ def main(args: Args) -> None:
     # ---------------------------------------------------------------------------------------------------------------
     # Setup: validation, distributed, seeds, model, reward model, optimizer, envs
     # ---------------------------------------------------------------------------------------------------------------
-    dist = init_dist()
+    dist = init_dist(args.dist_timeout_s)
     run_path = validate(args, dist.world_size)
     device = dist.device
     print0(
@@ -728,15 +744,15 @@ def main(args: Args) -> None:
 
     # Rollout storage for this rank's R episodes, preallocated on CPU (filled wave by wave, num_envs at a time).
     R, Q = args.rollouts_per_rank, math.ceil(envs.max_steps / CHUNK_STEPS)
-    batch = dict(
-        images=torch.zeros((Q, R, 224, 224, 3), dtype=torch.uint8),  # (Q, R, 224, 224, 3) what the policy saw
-        bins=torch.zeros((Q, R, NUM_ACTION_TOKENS), dtype=torch.long),  # (Q, R, 56) sampled action bins
-        logprobs=torch.zeros((Q, R, NUM_ACTION_TOKENS)),  # (Q, R, 56) their log-probs at rollout time
-        token_mask=torch.zeros((Q, R, NUM_ACTION_TOKENS), dtype=torch.bool),  # (Q, R, 56) executed actions
-        success=torch.zeros(R, dtype=torch.bool),  # (R,)
-        length=torch.zeros(R, dtype=torch.long),  # (R,) env steps
-        task=torch.zeros(R, dtype=torch.long),  # (R,) task id
+    batch = Rollout(
+        images=torch.zeros((Q, R, 224, 224, 3), dtype=torch.uint8),
+        bins=torch.zeros((Q, R, NUM_ACTION_TOKENS), dtype=torch.long),
+        logprobs=torch.zeros((Q, R, NUM_ACTION_TOKENS)),
+        token_mask=torch.zeros((Q, R, NUM_ACTION_TOKENS), dtype=torch.bool),
         instructions=[""] * R,
+        task=torch.zeros(R, dtype=torch.long),
+        success=torch.zeros(R, dtype=torch.bool),
+        length=torch.zeros(R, dtype=torch.long),
     )
     guard = NonFiniteGuard()  # skips an optimizer step with a non-finite loss or gradient norm
     summary = (  # the line printed after every iteration
@@ -762,7 +778,7 @@ def main(args: Args) -> None:
         for start in range(0, R, args.num_envs):
             wave = slice(start, start + args.num_envs)
             with fsdp.gathered_params(policy):  # FSDP: the full weights for the rollout's forwards
-                out = rollout(
+                out, wave_policy_s = rollout(
                     policy,
                     processor,
                     env_action,
@@ -772,14 +788,13 @@ def main(args: Args) -> None:
                     autocast,
                     record_frames=embedder is not None,
                 )
-            for key in ("images", "bins", "logprobs", "token_mask"):
-                batch[key][:, wave] = out[key]
-            batch["success"][wave], batch["length"][wave] = out["success"], out["length"]
-            batch["instructions"][wave] = out["instructions"]
-            policy_s += out["policy_s"]
+            batch.images[:, wave], batch.bins[:, wave] = out.images, out.bins  # this wave's episodes
+            batch.logprobs[:, wave], batch.token_mask[:, wave] = out.logprobs, out.token_mask
+            batch.task[wave], batch.success[wave], batch.length[wave] = out.task, out.success, out.length
+            batch.instructions[wave] = out.instructions
+            policy_s += wave_policy_s
             if embedder is not None:
                 embeddings.append(embedder(envs.videos()))  # (num_envs, hidden)
-        batch["task"] = torch.tensor([t for t, _ in episodes])
         rollout_time = time.time() - rollout_start
 
         # -----------------------------------------------------------------------------------------------------------
@@ -787,16 +802,16 @@ def main(args: Args) -> None:
         # -----------------------------------------------------------------------------------------------------------
         reward_start = time.time()
         kept = (
-            keep_groups(batch["success"], args.group_size, args.success_bounds)
+            keep_groups(batch.success, args.group_size, args.success_bounds)
             if args.dynamic_sampling
             else torch.ones(R, dtype=torch.bool)
         )  # (R,)
-        rewards = batch["success"].double()  # (R,) failures 0 unless shaped
+        rewards = batch.success.double()  # (R,) failures 0 unless shaped
         num_clusters, progress_mean = 0, 0.0
         if embedder is not None:
             all_embeddings = all_gather_cat(torch.cat(embeddings)).numpy()  # (world x R, hidden)
             all_success, all_task, all_kept = (
-                all_gather_cat(x.long()).numpy() for x in (batch["success"], batch["task"], kept)
+                all_gather_cat(x.long()).numpy() for x in (batch.success, batch.task, kept)
             )
             pooled = np.flatnonzero(all_kept)  # the reward sees only kept groups, as the anchor does
             all_rewards = np.zeros(len(all_success))
@@ -817,32 +832,33 @@ def main(args: Args) -> None:
         # 3. Advantage: group-normalised, broadcast to every action token of the episode; samples = the kept
         #    episodes' policy queries
         # -----------------------------------------------------------------------------------------------------------
-        batch["advantages"] = group_advantages(args.reward_coef * rewards, args.group_size)  # (R,)
-        queried = batch["token_mask"].any(-1)  # (Q, R) query q of episode r happened
-        batch["query_idx"], batch["episode_idx"] = (queried & kept[None, :]).nonzero(as_tuple=True)  # (M,) samples
+        advantages = group_advantages(args.reward_coef * rewards, args.group_size)  # (R,)
+        queried = batch.token_mask.any(-1)  # (Q, R) query q of episode r happened
+        query_idx, episode_idx = (queried & kept[None, :]).nonzero(as_tuple=True)  # (M,) the training samples
+        samples = Samples(query_idx, episode_idx, advantages)
 
         # -----------------------------------------------------------------------------------------------------------
         # 4. Update: clipped token-mean surrogate over the 56 per-token ratios
         # -----------------------------------------------------------------------------------------------------------
         update_start = time.time()
-        update_metrics = update_policy(policy, optimizer, processor, batch, args, autocast, guard)
+        update_metrics = update_policy(policy, optimizer, processor, batch, samples, args, autocast, guard)
         update_time = time.time() - update_start
 
         # -----------------------------------------------------------------------------------------------------------
         # 5. Log, evaluate, checkpoint
         # -----------------------------------------------------------------------------------------------------------
-        env_steps = int(batch["length"].sum())
-        num_samples = len(batch["query_idx"])
+        env_steps = int(batch.length.sum())
+        num_samples = len(query_idx)
         metrics = {
             "actor/lr": optimizer.param_groups[0]["lr"],
             "actor/samples": float(num_samples),
             "actor/skipped_steps": float(guard.skipped_steps),
             "rollout/reward_mean": rewards.mean().item(),
-            "rollout/success_rate": batch["success"].float().mean().item(),
-            "rollout/episode_length": batch["length"].float().mean().item(),
+            "rollout/success_rate": batch.success.float().mean().item(),
+            "rollout/episode_length": batch.length.float().mean().item(),
             "rollout/episodes": float(R),
             "rollout/kept_groups_frac": kept.float().mean().item(),
-            "rollout/advantage_abs_mean": batch["advantages"][kept].abs().mean().item() if kept.any() else 0.0,
+            "rollout/advantage_abs_mean": advantages[kept].abs().mean().item() if kept.any() else 0.0,
             "reward/progress_mean": progress_mean,
             "reward/num_clusters": float(num_clusters),
             "env/worker_restarts": float(envs.worker_restarts),

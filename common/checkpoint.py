@@ -12,14 +12,17 @@ and `check_run_dir` refuses to start a new run over an earlier run's checkpoints
 
 import dataclasses
 import errno
+import fcntl
 import json
 import os
 import pickle
 import random
 import shutil
+import socket
 import struct
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, Optional
@@ -28,6 +31,7 @@ import numpy as np
 import torch
 
 STATE_FILE = "trainer_state.pt"
+LOCK_FILE = "run.lock"  # held by rank 0 of the job training in this run directory (see lock_run_dir)
 INFO_FILE = "args.json"  # args, step, script and git commit in plain JSON: read without loading the optimizer state
 TMP_PREFIX, OLD_PREFIX = ".tmp_", ".old_"
 WEIGHT_SETTINGS = ("model_path", "lora_rank", "lora_alpha")  # settings that shape or define the trained weights
@@ -381,9 +385,13 @@ def check_run_dir(run_path: str, resume: Optional[str], overwrite: bool, eval_on
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        raise CheckpointError(
-            f"cannot write to the run directory {run_path} ({e.strerror or e}): pass a writable --run-dir"
-        ) from e
+        raise _not_writable(run_path, e) from e
+
+
+def _not_writable(run_path: str, error: OSError) -> CheckpointError:
+    return CheckpointError(
+        f"cannot write to the run directory {run_path} ({error.strerror or error}): pass a writable --run-dir"
+    )
 
 
 def _model_id(path: str) -> str:
@@ -443,20 +451,74 @@ def check_run_flags(args, script: str, inherited: tuple[str, ...]) -> str:
         raise ValueError("--eval-only evaluates --checkpoint; do not combine it with --resume")
     if args.checkpoint and not args.eval_only:
         raise ValueError("--checkpoint is for --eval-only; use --resume to continue training")
-    if args.resume:
-        args.resume = resolve_checkpoint(args.resume, "--resume")
-        check_checkpoint_compatible(args.resume, script, args)
-        verify_safetensors_files(args.resume)
-    if args.checkpoint:
-        args.checkpoint = resolve_checkpoint(args.checkpoint, "--checkpoint")
-        check_checkpoint_compatible(args.checkpoint, script, args, keys=(), flag="--checkpoint")
-        verify_safetensors_files(args.checkpoint)
-        saved = read_checkpoint_info(args.checkpoint)["args"]
-        for key in inherited:
-            setattr(args, key, saved[key])
     run_path = os.path.join(args.run_dir, f"{args.exp_name}__s{args.seed}")
-    check_run_dir(run_path, args.resume, args.overwrite, eval_only=args.eval_only)
+    if not args.eval_only:  # before anything is read or deleted: a second job into this directory stops here
+        lock_run_dir(run_path)
+    try:
+        if args.resume == "auto":  # what an automatic restart passes: continue this run if it has saved, else start
+            ckpt_root = os.path.join(run_path, "checkpoints")
+            args.resume = ckpt_root if _steps_on_disk(ckpt_root) else None
+            if _is_main_process():
+                found = f"continuing from {ckpt_root}" if args.resume else f"no checkpoint in {ckpt_root}, a new run"
+                print(f"--resume auto: {found}", flush=True)
+        if args.resume:
+            args.resume = resolve_checkpoint(args.resume, "--resume")
+            check_checkpoint_compatible(args.resume, script, args)
+            verify_safetensors_files(args.resume)
+        if args.checkpoint:
+            args.checkpoint = resolve_checkpoint(args.checkpoint, "--checkpoint")
+            check_checkpoint_compatible(args.checkpoint, script, args, keys=(), flag="--checkpoint")
+            verify_safetensors_files(args.checkpoint)
+            saved = read_checkpoint_info(args.checkpoint)["args"]
+            for key in inherited:
+                setattr(args, key, saved[key])
+        check_run_dir(run_path, args.resume, args.overwrite, eval_only=args.eval_only)
+    except BaseException:
+        unlock_run_dir(run_path)  # refused: the directory is free again
+        raise
     return run_path
+
+
+_HELD_LOCKS: dict[str, int] = {}  # run directory -> file descriptor of the lock this process holds
+
+
+def lock_run_dir(run_path: str) -> None:
+    """Rank 0 takes an exclusive lock (`fcntl.flock`) on {run_path}/run.lock and holds it until `unlock_run_dir` or
+    its exit, however it exits: the kernel drops the lock of a dead process, so a crashed or killed job never blocks
+    its own restart. A second job into the same directory is refused, naming the holder (host, pid, start time,
+    command) written in the file. Other ranks do nothing. Taking it again in the process that holds it is a no-op."""
+    if not _is_main_process():
+        return
+    path = os.path.join(run_path, LOCK_FILE)
+    key = os.path.realpath(path)
+    if key in _HELD_LOCKS:
+        return
+    try:
+        os.makedirs(run_path, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise _not_writable(run_path, e) from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise CheckpointError(
+            f"{run_path} is in use by another job ({holder}): two jobs in one run directory would overwrite each "
+            f"other's checkpoints. Wait for that job to end (or stop it), or pass a new --exp-name / --run-dir"
+        ) from None
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
+    holder = f"host {socket.gethostname()}, pid {os.getpid()}, started {started}, command: {' '.join(sys.argv)}"
+    os.ftruncate(fd, 0)
+    os.write(fd, (holder + "\n").encode())
+    _HELD_LOCKS[key] = fd
+
+
+def unlock_run_dir(run_path: str) -> None:
+    """Release the lock `lock_run_dir` took (the file stays; a new job takes it again)."""
+    fd = _HELD_LOCKS.pop(os.path.realpath(os.path.join(run_path, LOCK_FILE)), None)
+    if fd is not None:
+        os.close(fd)  # closing the only descriptor releases the flock
 
 
 def _earlier_checkpoint_hint(path: str) -> str:

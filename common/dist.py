@@ -1,7 +1,10 @@
 """torch.distributed in a few lines: the same script runs under `torchrun` or plain `python` (world size 1)."""
 
 import contextlib
+import datetime
 import os
+import sys
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -20,8 +23,14 @@ class Dist:
         return self.rank == 0
 
 
-def init_dist() -> Dist:
-    """Join the process group when launched by torchrun (NCCL on GPU, gloo on CPU); otherwise a 1-process world."""
+def init_dist(timeout_s: float = 300.0) -> Dist:
+    """Join the process group when launched by torchrun (NCCL on GPU, gloo on CPU); otherwise a 1-process world.
+
+    timeout_s (--dist-timeout-s): how long a collective waits for the other ranks. When a rank dies or hangs, the
+    others raise after this long instead of PyTorch's default 10 minutes (NCCL) or 30 (gloo), and the message names
+    this rank, the flag and where it waited; torchrun then stops the whole job (and restarts it with --max-restarts)."""
+    if not timeout_s > 0:
+        raise ValueError(f"--dist-timeout-s must be > 0 seconds, got {timeout_s}")
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
@@ -31,9 +40,35 @@ def init_dist() -> Dist:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
+            "nccl" if device.type == "cuda" else "gloo",
+            device_id=device if device.type == "cuda" else None,
+            timeout=datetime.timedelta(seconds=timeout_s),
         )
+        sys.excepthook = _name_collective_timeouts(sys.excepthook, rank, timeout_s)
     return Dist(rank, local_rank, world_size, device)
+
+
+def _name_collective_timeouts(excepthook, rank: int, timeout_s: float):
+    """An uncaught collective timeout gets one plain line first: this rank, the flag, and the project code that was
+    waiting (the innermost frame of the scripts or common/)."""
+
+    def hook(kind, error, tb):
+        text = f"{kind.__name__}: {error}".lower()
+        if isinstance(error, (RuntimeError, dist.DistError)) and ("timed out" in text or "timeout" in text):
+            root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            ours = [f for f in traceback.extract_tb(tb) if os.path.abspath(f.filename).startswith(root)]
+            where = f"{os.path.relpath(ours[-1].filename, root)}:{ours[-1].lineno} ({ours[-1].line})" if ours else "?"
+            print(
+                f"rank {rank}: a collective got no answer from another rank within --dist-timeout-s {timeout_s:g} s, "
+                f"waiting at {where}. Another rank died or hangs (look at its log first: an error, an OOM, a stuck "
+                f"env worker); this job stops, and with torchrun --max-restarts and --resume auto it restarts from "
+                f"the last checkpoint.",
+                file=sys.stderr,
+                flush=True,
+            )
+        excepthook(kind, error, tb)
+
+    return hook
 
 
 def is_dist() -> bool:

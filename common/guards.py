@@ -1,6 +1,8 @@
 """Training guards that every rank applies identically: non-finite losses/gradients, non-finite state before a
 save, and a stop request (SIGTERM/SIGINT from Slurm, Kubernetes or Ctrl-C) that ends the run with a checkpoint."""
 
+import ctypes
+import os
 import signal
 import sys
 import time
@@ -155,3 +157,16 @@ class StopRequest:
         """Put back the signal handlers that were installed before."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def exit_with_parent(trainer_pid: int) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux PR_SET_PDEATHSIG), so env workers never
+    outlive a trainer killed with SIGKILL, which no handler of the trainer sees; and exit now if the trainer
+    (`trainer_pid`, the parent or the parent's parent) is already gone, since a worker is killed only by the death of
+    a parent it had when this ran. Call it first thing in a worker."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    try:
+        os.kill(trainer_pid, 0)
+    except ProcessLookupError:
+        os._exit(0)

@@ -24,7 +24,14 @@ from typing import Optional
 import torch
 
 from common import fsdp
-from common.checkpoint import load_trainer_state, restore_rng, save_checkpoint, save_trainer_state, trainer_state
+from common.checkpoint import (
+    load_trainer_state,
+    restore_rng,
+    save_checkpoint,
+    save_trainer_state,
+    trainer_state,
+    unlock_run_dir,
+)
 from common.dist import check_in_sync, cleanup, is_main_process, print0
 from common.guards import StopRequest, check_finite_state, named_state_tensors
 from common.logger import is_due
@@ -122,4 +129,5 @@ class RunShell:
         self.logger.close()
         if self.envs is not None:
             self.envs.close()
+        unlock_run_dir(self.run_path)
         cleanup()

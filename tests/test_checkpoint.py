@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from common.checkpoint import (
     CheckpointError,
     check_checkpoint_compatible,
     check_run_dir,
+    check_run_flags,
     convert_trusted_trainer_state,
     load_safetensors,
     load_trainer_state,
@@ -32,6 +34,7 @@ from common.checkpoint import (
     save_trainer_state,
     step_dirs,
     trainer_state,
+    unlock_run_dir,
     verify_safetensors_files,
 )
 from common.guards import NonFiniteGuard, check_finite_state, named_state_tensors
@@ -261,6 +264,39 @@ def test_run_dir_that_is_a_file(tmp_path):
     (tmp_path / "runs").write_text("not a directory")
     with pytest.raises(CheckpointError, match="cannot write to the run directory .*writable --run-dir"):
         check_run_dir(str(tmp_path / "runs" / "run__s1"), resume=None, overwrite=False)
+
+
+@dataclasses.dataclass
+class RunArgs:
+    run_dir: str
+    exp_name: str = "ppo"
+    seed: int = 1
+    resume: Optional[str] = None
+    eval_only: bool = False
+    checkpoint: Optional[str] = None
+    overwrite: bool = False
+    model_path: str = "/models/openvla-7b"
+    lora_rank: int = 4
+    lora_alpha: int = 8
+
+
+def test_resume_auto_starts_a_new_run_then_continues_its_own(tmp_path, capsys):
+    """--resume auto, what an automatic restart passes: no checkpoint yet -> a new run; then the run's newest step."""
+    args = RunArgs(run_dir=str(tmp_path), resume="auto")
+    run_path = check_run_flags(args, "ppo_openvla.py", inherited=())
+    assert args.resume is None and "no checkpoint in" in capsys.readouterr().out
+    for step in (1, 2):
+        save_checkpoint(
+            os.path.join(run_path, "checkpoints"),
+            step,
+            lambda d, step=step: save_trainer_state(d, trainer_state(args, step, None, script="ppo_openvla.py")),
+        )
+    unlock_run_dir(run_path)  # as the first job does when it ends
+    args = RunArgs(run_dir=str(tmp_path), resume="auto")
+    check_run_flags(args, "ppo_openvla.py", inherited=())
+    assert args.resume == os.path.join(run_path, "checkpoints", "step_00000002")
+    assert "--resume auto: continuing from" in capsys.readouterr().out
+    unlock_run_dir(run_path)
 
 
 # --------------------------------------------------------------------------------------------- compatibility

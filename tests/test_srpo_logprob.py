@@ -70,7 +70,7 @@ def test_rollout_and_training_logprobs_agree(tiny_oft):
     tokenizer = ActionTokenizer(policy.vla.vocab_size)
     torch.manual_seed(0)
     envs = FakeEnvs(3, max_steps=24, lengths=[24, 11, 5])
-    out = rollout(
+    out, _ = rollout(
         policy,
         processor,
         lambda bins: to_libero_actions(bins_to_actions(bins, policy, tokenizer, stats)),
@@ -79,20 +79,20 @@ def test_rollout_and_training_logprobs_agree(tiny_oft):
         Args(temperature=1.6),
         nullcontext(),
     )
-    mask = out["token_mask"]  # (Q, N, 56)
+    mask = out.token_mask  # (Q, N, 56)
     assert mask.shape == (3, 3, NUM_ACTION_TOKENS)
     assert mask[:, 0].all() and mask[1, 1, :21].all() and not mask[1, 1, 21:].any() and not mask[2, 1].any()
     assert mask[0, 2, :35].all() and not mask[0, 2, 35:].any() and not mask[1:, 2].any()
     # Training: the valid queries, in another order and other batch compositions (other left padding)
     samples = [(q, n) for q in range(3) for n in range(3) if mask[q, n].any()][::-1]
     for batch in (samples[:1], samples[1:4], samples[4:]):
-        ids, attn = processor.prompt_ids([out["instructions"][n] for _, n in batch])
-        images = torch.from_numpy(np.stack([out["images"][q, n] for q, n in batch]))
+        ids, attn = processor.prompt_ids([out.instructions[n] for _, n in batch])
+        images = torch.from_numpy(np.stack([out.images[q, n] for q, n in batch]))
         with torch.no_grad():
             logp_all = bin_logprobs(policy(ids, attn, processor.preprocess_images(images)), 1.6)
-        bins = torch.stack([out["bins"][q, n] for q, n in batch])
+        bins = torch.stack([out.bins[q, n] for q, n in batch])
         new = logp_all.gather(-1, bins[..., None]).squeeze(-1)
-        old = torch.stack([out["logprobs"][q, n] for q, n in batch])
+        old = torch.stack([out.logprobs[q, n] for q, n in batch])
         m = torch.stack([mask[q, n] for q, n in batch])
         torch.testing.assert_close(new[m], old[m], atol=1e-5, rtol=0)
 

@@ -225,24 +225,24 @@ def test_srpo_update_follows_advantages(tiny_oft):
         seed=args.seed,
     )
     try:
-        batch = srpo.rollout(policy, processor, env_action, envs, [(0, 0), (0, 0)], args, autocast)
+        batch, _ = srpo.rollout(policy, processor, env_action, envs, [(0, 0), (0, 0)], args, autocast)
     finally:
         envs.close()
-    batch["advantages"] = torch.tensor([1.0, -1.0])  # (R,)
-    batch["query_idx"], batch["episode_idx"] = batch["token_mask"].any(-1).nonzero(as_tuple=True)  # (M,)
-    assert len(batch["query_idx"]) == 4  # 2 episodes x 16 steps / 8-step chunks
+    query_idx, episode_idx = batch.token_mask.any(-1).nonzero(as_tuple=True)  # (M,)
+    samples = srpo.Samples(query_idx, episode_idx, torch.tensor([1.0, -1.0]))  # advantages (R,)
+    assert len(query_idx) == 4  # 2 episodes x 16 steps / 8-step chunks
 
     def episode_logprobs() -> torch.Tensor:
-        q, r = batch["query_idx"], batch["episode_idx"]
-        prompt_ids, prompt_mask = processor.prompt_ids([batch["instructions"][i] for i in r])
+        q, r = samples.query_idx, samples.episode_idx
+        prompt_ids, prompt_mask = processor.prompt_ids([batch.instructions[i] for i in r])
         with torch.no_grad():
-            logits = policy(prompt_ids, prompt_mask, processor.preprocess_images(batch["images"][q, r]))
-        logp = srpo.bin_logprobs(logits, args.temperature).gather(-1, batch["bins"][q, r][..., None]).squeeze(-1)
-        per_query = (logp * batch["token_mask"][q, r]).sum(1)  # (M,) executed tokens only
+            logits = policy(prompt_ids, prompt_mask, processor.preprocess_images(batch.images[q, r]))
+        logp = srpo.bin_logprobs(logits, args.temperature).gather(-1, batch.bins[q, r][..., None]).squeeze(-1)
+        per_query = (logp * batch.token_mask[q, r]).sum(1)  # (M,) executed tokens only
         return torch.zeros(args.num_envs).index_add_(0, r, per_query)  # (R,)
 
     before = episode_logprobs()
-    torch.testing.assert_close(before, (batch["logprobs"] * batch["token_mask"]).sum((0, 2)), atol=1e-3, rtol=0)
-    metrics = srpo.update_policy(policy, optimizer, processor, batch, args, autocast, NonFiniteGuard())
+    torch.testing.assert_close(before, (batch.logprobs * batch.token_mask).sum((0, 2)), atol=1e-3, rtol=0)
+    metrics = srpo.update_policy(policy, optimizer, processor, batch, samples, args, autocast, NonFiniteGuard())
     assert metrics["actor/grad_norm"] > 0
-    assert_moved_with_advantage(before, episode_logprobs(), batch["advantages"])
+    assert_moved_with_advantage(before, episode_logprobs(), samples.advantages)

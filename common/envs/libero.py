@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.envs.libero_image import model_image
+from common.guards import exit_with_parent
 
 SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
 MAX_STEPS = 512  # env steps per episode, every suite (SimpleVLA-RL, siiRL, RLinf)
@@ -262,7 +263,8 @@ class LiberoEnv:
             self.sim = None
 
 
-def _worker(pipe, env_kwargs: dict) -> None:
+def _worker(pipe, env_kwargs: dict, trainer_pid: int) -> None:
+    exit_with_parent(trainer_pid)  # a trainer killed with SIGKILL takes its workers with it
     # A stop signal (Ctrl-C, Slurm's SIGTERM) reaches the whole process group: the training process saves a
     # checkpoint and closes the envs, so the workers must not die first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -354,7 +356,7 @@ class LiberoVectorEnv:
     def _start_worker(self, i: int) -> None:
         ctx = mp.get_context("spawn")  # no fork: the parent may hold CUDA / torch threads
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_worker, args=(child, self.env_kwargs[i]), daemon=True)
+        proc = ctx.Process(target=_worker, args=(child, self.env_kwargs[i], os.getpid()), daemon=True)
         proc.start()
         child.close()
         self.pipes[i], self.procs[i] = parent, proc

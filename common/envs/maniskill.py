@@ -38,6 +38,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from common.guards import exit_with_parent
+
 # Instructions for the tasks that need no downloaded assets. Tasks with a `get_language_instruction()` method
 # (the Bridge / "InScene" digital twins) use their own; anything else needs `--instruction`.
 INSTRUCTIONS = {
@@ -234,8 +236,10 @@ class _CPUEnvFactory:
     def __init__(self, env_id: str, make_kwargs: dict, asset_dir: Optional[str], offset: int = 0, count: int = 1):
         self.env_id, self.make_kwargs, self.asset_dir, self.spaces = env_id, make_kwargs, asset_dir, None
         self.offset, self.count = offset, count
+        self.trainer_pid = os.getpid()  # the workers' forkserver exits with this process; the workers follow
 
     def build_slice(self) -> _EnvSlice:
+        exit_with_parent(self.trainer_pid)
         return _EnvSlice([self.build() for _ in range(self.count)], self.offset)
 
     def build(self) -> gym.Env:
@@ -265,6 +269,7 @@ class _CPUEnvFactory:
 
 def _probe_spaces(factory: _CPUEnvFactory):
     """The spaces of one env (the slice's are these batched)."""
+    exit_with_parent(factory.trainer_pid)
     env = factory.build()
     spaces = (env.observation_space, env.action_space, dict(env.metadata), env.render_mode)
     env.close()

@@ -1,0 +1,299 @@
+"""Jobs that restart themselves, and what a dead, hung or second job does: torchrun --max-restarts with --resume auto
+after a rank is killed, a hung rank ending the job within --dist-timeout-s, two torchrun agents as two nodes, env
+workers that never outlive a killed trainer, and the run-directory lock. CPU, gloo, tiny models, real simulators."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from common.checkpoint import CheckpointError, lock_run_dir, unlock_run_dir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def ppo_flags(model: str, run_dir: str) -> list[str]:
+    """A PPO run small enough for a test: 1 env per rank, 4-step iterations, a checkpoint after every iteration."""
+    return [
+        "ppo_openvla.py",
+        "--model-path",
+        model,
+        "--run-dir",
+        run_dir,
+        "--exp-name",
+        "t",
+        "--env-id",
+        "PushCube-v1",
+        "--num-envs",
+        "1",
+        "--num-steps",
+        "4",
+        "--max-episode-steps",
+        "4",
+        "--num-minibatches",
+        "1",
+        "--micro-batch-size",
+        "4",
+        "--lora-rank",
+        "4",
+        "--image-size",
+        "64",
+        "--eval-interval",
+        "0",
+        "--save-interval",
+        "1",
+    ]
+
+
+# ------------------------------------------------------------------------------------------- processes, from /proc
+def _children() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def descendants(pid: int) -> list[int]:
+    children, found, todo = _children(), [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running or stopped; a zombie (exited, not yet reaped) counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def worker_of_rank(agent_pid: int, rank: int) -> int:
+    """The training process torchrun's agent started for `rank` (its direct child with RANK=rank)."""
+    for pid in _children().get(agent_pid, []):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if f"RANK={rank}".encode() in f.read().split(b"\0"):
+                    return pid
+        except OSError:
+            continue
+    raise AssertionError(f"no worker of rank {rank} under {agent_pid}")
+
+
+def wait_gone(pids: list[int], seconds: float) -> list[int]:
+    deadline = time.time() + seconds
+    while time.time() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.2)
+    return [p for p in pids if alive(p)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+
+
+def read_until(proc: subprocess.Popen, pattern: str, lines: list[str]) -> str:
+    for line in proc.stdout:
+        lines.append(line)
+        if re.search(pattern, line):
+            return line
+    raise AssertionError(f"{pattern!r} never printed:\n{''.join(lines)[-3000:]}")
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+# ------------------------------------------------------------------------------------------------------- the tests
+def test_torchrun_restarts_a_killed_rank_and_resume_auto_continues(tiny_openvla, tmp_path):
+    """kill -9 of rank 1 in the middle of iteration 3: torchrun --max-restarts 1 relaunches the same command, which
+    with --resume auto continues from the last complete checkpoint and ends at the requested step."""
+    cmd = [*TORCHRUN, "--standalone", "--nproc-per-node", "2", "--max-restarts", "1"]
+    cmd += ppo_flags(tiny_openvla, str(tmp_path)) + ["--total-iterations", "4", "--resume", "auto"]
+    proc, lines = start(cmd), []
+    try:
+        read_until(proc, r"saved .*step_00000002", lines)
+        os.kill(worker_of_rank(proc.pid, 1), signal.SIGKILL)
+        output = "".join(lines) + proc.communicate(timeout=600)[0]
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 0, output[-4000:]
+    assert "--resume auto: no checkpoint" in output and "--resume auto: continuing from" in output
+    resumed_at = int(re.search(r"resumed from \S*step_(\d+) at iteration", output).group(1))
+    assert resumed_at >= 2  # nothing lost beyond the iteration that was running
+    ckpts = tmp_path / "t__s1" / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_00000004"
+    assert not [d for d in os.listdir(ckpts) if d.startswith(".tmp_")]  # no half-written checkpoint
+
+
+def test_a_hung_rank_ends_the_job_within_the_dist_timeout(tiny_openvla, tmp_path):
+    """SIGSTOP of rank 1 (a stuck process): rank 0 stops with an error naming itself and --dist-timeout-s, the job
+    exits non-zero within that bound plus torchrun's shutdown, and no process of it is left, env workers included."""
+    timeout_s = 15
+    cmd = [*TORCHRUN, "--standalone", "--nproc-per-node", "2"]
+    cmd += ppo_flags(tiny_openvla, str(tmp_path)) + ["--total-iterations", "1000", "--dist-timeout-s", str(timeout_s)]
+    proc, lines = start(cmd), []
+    try:
+        read_until(proc, r"^iter 1:", lines)
+        job = descendants(proc.pid)
+        os.kill(worker_of_rank(proc.pid, 1), signal.SIGSTOP)
+        stopped = time.time()
+        output = "".join(lines) + proc.communicate(timeout=timeout_s + 150)[0]
+        elapsed = time.time() - stopped
+        left = wait_gone(job, 10)
+    finally:
+        kill_group(proc)
+    assert proc.returncode != 0, output[-4000:]
+    assert f"rank 0: a collective got no answer from another rank within --dist-timeout-s {timeout_s} s" in output
+    assert elapsed < timeout_s + 90, (elapsed, output[-3000:])  # torchrun stops the other rank within 30 s more
+    assert not left, f"processes of the job still running: {left}"
+
+
+def test_two_torchrun_agents_train_save_and_resume_one_run(tiny_openvla, tmp_path):
+    """Two nodes as two torchrun agents on this machine (c10d rendezvous): one PPO run of 2 ranks, saved, then
+    relaunched with --resume auto to one more iteration."""
+
+    def launch(total: int) -> list[str]:
+        port, outputs = free_port(), []
+        procs = [
+            start(
+                [*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node)]
+                + ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", f"run{total}"]
+                + ppo_flags(tiny_openvla, str(tmp_path))
+                + ["--total-iterations", str(total), "--resume", "auto"]
+            )
+            for node in (0, 1)
+        ]
+        try:
+            for proc in procs:
+                outputs.append(proc.communicate(timeout=600)[0])
+        finally:
+            for proc in procs:
+                kill_group(proc)
+        for proc, output in zip(procs, outputs):
+            assert proc.returncode == 0, output[-4000:]
+        return outputs
+
+    first = "".join(launch(2))
+    assert "2 rank(s) x 1 envs" in first
+    second = "".join(launch(3))
+    assert re.search(r"resumed from \S*step_00000002 at iteration 2", second), second[-3000:]
+    assert (tmp_path / "t__s1" / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+
+
+@pytest.fixture(scope="module")
+def srpo_models(tiny_openvla, tmp_path_factory) -> tuple[str, str]:
+    """An OpenVLA-OFT checkpoint (the tiny OpenVLA plus its dataset_statistics.json) and a tiny V-JEPA 2."""
+    from common.models.tiny import make_tiny_vjepa2
+
+    oft = str(tmp_path_factory.mktemp("tiny_oft") / "model")
+    shutil.copytree(tiny_openvla, oft)
+    bounds = {"q01": [-0.9] * 6 + [0.0], "q99": [0.9] * 6 + [1.0], "mask": [True] * 6 + [False]}
+    with open(os.path.join(oft, "dataset_statistics.json"), "w") as f:
+        json.dump({"libero_spatial_no_noops": {"action": bounds}}, f)
+    return oft, make_tiny_vjepa2(str(tmp_path_factory.mktemp("tiny_vjepa2")))
+
+
+@pytest.mark.parametrize("simulator", ["maniskill", "libero"])
+def test_sigkill_of_a_script_leaves_no_env_worker(simulator, tiny_openvla, srpo_models, tmp_path):
+    """kill -9 of the trainer, which no handler sees: its env workers (ManiSkill CPU workers under their forkserver,
+    LIBERO worker processes) exit with it."""
+    if simulator == "maniskill":
+        cmd = [sys.executable, *ppo_flags(tiny_openvla, str(tmp_path))]
+        cmd += ["--num-envs", "2", "--total-iterations", "1000", "--save-interval", "0"]
+    else:
+        oft, vjepa2 = srpo_models
+        cmd = [sys.executable, "srpo_openvla_oft.py", "--model-path", oft, "--world-model-path", vjepa2]
+        cmd += ["--suite", "libero_spatial", "--task-ids", "0", "--num-envs", "2", "--group-size", "2"]
+        cmd += ["--tasks-per-iteration", "1", "--no-dynamic-sampling", "--max-episode-steps", "16", "--lora-rank", "4"]
+        cmd += ["--camera-size", "64", "--total-iterations", "1000", "--eval-interval", "0", "--save-interval", "0"]
+        cmd += ["--run-dir", str(tmp_path)]
+    proc = start(cmd)
+    try:  # kill while the workers build their scenes: busy, they would notice a closed pipe only when done
+        deadline, workers = time.time() + 300, []
+        while len(workers) < 2 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            workers = [p for p in descendants(proc.pid) if simulator == "libero" or p not in _children()[proc.pid]]
+        assert len(workers) >= 2, f"no env workers appeared: {proc.communicate()[0][-3000:]}"
+        time.sleep(1.0)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        left = wait_gone(workers, 15)  # one that had not yet run exit_with_parent finishes its imports first
+    finally:
+        kill_group(proc)
+    assert not left, f"env workers still running 15 s after the trainer was killed: {left}"
+
+
+def test_exit_with_parent_takes_a_busy_worker_along():
+    """The mechanism under the workers: a child that called exit_with_parent and then stays busy (as a worker
+    building its scenes, which would notice a closed pipe only when done) dies with its parent's kill -9."""
+    child = (
+        "import os, time; from common.guards import exit_with_parent; exit_with_parent(os.getppid()); time.sleep(60)"
+    )
+    parent = (
+        "import subprocess, sys, time\n"
+        f"child = subprocess.Popen([sys.executable, '-c', {child!r}])\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", parent], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    child_pid = int(proc.stdout.readline())
+    time.sleep(3.0)  # the child has imported and called exit_with_parent
+    assert alive(child_pid)
+    proc.kill()
+    proc.wait(timeout=30)
+    assert not wait_gone([child_pid], 3), "the busy child outlived its killed parent"
+
+
+def test_the_run_directory_lock_refuses_a_second_job_and_not_a_dead_ones(tmp_path):
+    run_path = str(tmp_path / "run")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from common.checkpoint import lock_run_dir; lock_run_dir({run_path!r}); print('held', flush=True); "
+            "input()",
+        ],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(CheckpointError, match=rf"in use by another job \(host \S+, pid {holder.pid}, started"):
+            lock_run_dir(run_path)
+        holder.kill()  # a crashed job: its lock dies with it
+        holder.wait(timeout=30)
+        lock_run_dir(run_path)
+        lock_run_dir(run_path)  # this process holds it already: no error
+        unlock_run_dir(run_path)
+    finally:
+        holder.kill()
