@@ -769,8 +769,8 @@ def main(args: Args) -> None:
         # 2. Reward: the task's, or grasp-shaped; a truncated episode (unless --no-bootstrap-truncated) and, with the
         #    dense reward, a successful one get gamma V(final observation) folded into their last reward
         # -----------------------------------------------------------------------------------------------------------
-        env_rewards = step_rewards(batch)  # (T, N)
-        rewards = env_rewards + args.gamma * batch.final_values  # final_values is 0 where nothing is bootstrapped
+        task_rewards = step_rewards(batch)  # (T, N) what the task pays, logged as rollout/reward_mean
+        rewards = task_rewards + args.gamma * batch.final_values  # final_values is 0 where nothing is bootstrapped
         dones = (batch.terminated | batch.truncated).float()
 
         # -----------------------------------------------------------------------------------------------------------
@@ -803,14 +803,14 @@ def main(args: Args) -> None:
         # -----------------------------------------------------------------------------------------------------------
         # 5. Log, evaluate, checkpoint
         # -----------------------------------------------------------------------------------------------------------
-        episodes = finished_episodes(env_rewards, dones.bool(), batch.success)
+        episodes = finished_episodes(task_rewards, dones.bool(), batch.success)
         explained_var = 1 - (samples["returns"] - samples["values"]).var() / samples["returns"].var().clamp(min=1e-8)
         metrics = update_metrics | {
             "actor/lr": args.learning_rate,
             "actor/skipped_steps": float(guard.skipped_steps),
             "critic/explained_variance": explained_var.item(),
             "critic/value_mean": samples["values"].mean().item(),
-            "rollout/reward_mean": env_rewards.mean().item(),
+            "rollout/reward_mean": task_rewards.mean().item(),
             "rollout/return_mean": float(np.mean(episodes["returns"])) if episodes["returns"] else 0.0,
             "rollout/success_rate": float(np.mean(episodes["success"])) if episodes["success"] else 0.0,
             "rollout/episode_length": float(np.mean(episodes["lengths"])) if episodes["lengths"] else float(T),
