@@ -32,6 +32,8 @@ Runs go one after another (one simulator at a time).
 """
 
 import argparse
+import functools
+import glob
 import json
 import os
 import subprocess
@@ -128,6 +130,104 @@ def plot(curves: dict, panels: list[tuple[str, str]], title: str, path: str) -> 
     fig.tight_layout()
     fig.savefig(path)
     print(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Provenance: what made a result, so `check` can tell when today's code would no longer make it
+# ---------------------------------------------------------------------------------------------------------------
+SCRIPTS = {
+    "ppo": ["ppo_openvla.py"],
+    "sft-ppo": ["collect_demos.py", "sft_openvla.py", "ppo_openvla.py"],
+    "sft-grpo": ["collect_demos.py", "sft_internvl.py", "grpo_internvl.py"],
+}
+PACKAGES = ("torch", "transformers", "mani_skill", "sapien", "gymnasium", "numpy")
+
+
+def depends_on(mode: str) -> list[str]:
+    """The files a mode's numbers depend on: its scripts, common/, this file and the pinned requirements."""
+    return [*SCRIPTS[mode], "common", "bench/learning_curves.py", "requirements.txt"]
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def provenance(mode: str) -> dict:
+    """The commit, command and versions a result is made with. Refuses a checkout whose files this result depends
+    on have uncommitted changes: the recorded commit would not be the code that ran."""
+    from importlib.metadata import version
+
+    dirty = git("status", "--porcelain", "--", *depends_on(mode))
+    if dirty:
+        raise SystemExit(f"uncommitted changes in files this result depends on; commit them first:\n{dirty}")
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "commit_date": git("log", "-1", "--format=%cs"),
+        "command": " ".join(["python", "bench/learning_curves.py", *sys.argv[1:]]),
+        "argv": sys.argv[1:],
+        "versions": {"python": sys.version.split()[0], **{p: version(p.replace("_", "-")) for p in PACKAGES}},
+        "cpus": os.cpu_count(),
+    }
+
+
+def check(parser: argparse.ArgumentParser, paths: list[str]) -> int:
+    """For each curves.json: is it what its recorded command gives on today's code? Stale when it records no
+    provenance, when its command now parses to other settings, or when a file it depends on changed after its
+    commit. Returns the number of stale results."""
+    stale = 0
+    for path in paths:
+        with open(path) as f:
+            results = json.load(f)
+        made, problems = results.get("provenance"), []
+        if made is None:
+            problems.append("records no commit or command (made before learning_curves.py recorded them)")
+        else:
+            today = vars(parser.parse_args(made["argv"]))
+            changed = {k: (v, today.get(k)) for k, v in results["settings"].items() if today.get(k) != v}
+            if changed:
+                problems.append(f"its command now runs other settings (recorded, today): {changed}")
+            later = git("log", "--format=%h %s", f"{made['commit']}..HEAD", "--", *depends_on(results["mode"]))
+            if later:
+                problems.append(
+                    f"files it depends on changed after {made['commit'][:7]}:\n    " + "\n    ".join(later.splitlines())
+                )
+        stale += bool(problems)
+        where = (
+            f"made at {made['commit'][:7]} ({made['commit_date']})"
+            if made
+            else "committed in " + git("log", "-1", "--format=%h (%cs)", "--", path)
+        )
+        print(f"{'STALE' if problems else 'ok   '} {os.path.relpath(path, ROOT)}: {where}")
+        for problem in problems:
+            print(f"      {problem}")
+    return stale
+
+
+def spread(paths: list[str]) -> None:
+    """Each summary number over several results of one mode (e.g. one per --seed): every value, mean, min, max."""
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            runs.append(json.load(f))
+    modes = {r["mode"] for r in runs}
+    if len(modes) > 1:
+        raise SystemExit(f"spread: give results of one mode, got {sorted(modes)}")
+    print("seeds:", [r["settings"]["seed"] for r in runs])
+    rows = [("sft_eval_success_rate",)] if "sft_eval_success_rate" in runs[0] else []
+    rows += [("summary", name, key) for name in runs[0]["summary"] for key in runs[0]["summary"][name]]
+
+    def show(label: str, values: list) -> None:
+        if all(isinstance(v, (int, float)) for v in values):
+            each = " ".join(f"{v:.3f}" for v in values)
+            print(f"{label:42s} {each}   mean {mean(values):.3f} min {min(values):.3f} max {max(values):.3f}")
+
+    for row in rows:
+        show(".".join(row[1:]) or row[0], [functools.reduce(lambda d, k: d[k], row, r) for r in runs])
+    for key in runs[0]["summary"]["trained"]:
+        if key.endswith(("first10", "last10")):
+            show(
+                f"trained - control {key}", [r["summary"]["trained"][key] - r["summary"]["control"][key] for r in runs]
+            )
 
 
 def finish(out: str, results: dict) -> None:
@@ -249,7 +349,7 @@ def starting_model(a: argparse.Namespace, family: str) -> str:
 
 def ppo_mode(a: argparse.Namespace) -> None:
     model = starting_model(a, "openvla")
-    results = {"mode": "ppo", "settings": vars(a), "wall_s": {}, "curves": {}}
+    results = {"mode": "ppo", "provenance": provenance("ppo"), "settings": vars(a), "wall_s": {}, "curves": {}}
     ppo_pair(a, model, [], results)
     results["title"] = (
         f"PPO from {a.model_path or 'a tiny random OpenVLA'}, {a.env_id} {a.reward_mode} reward, "
@@ -260,7 +360,7 @@ def ppo_mode(a: argparse.Namespace) -> None:
 
 def sft_ppo_mode(a: argparse.Namespace) -> None:
     base = starting_model(a, "openvla")
-    results = {"mode": "sft-ppo", "settings": vars(a), "wall_s": {}, "curves": {}}
+    results = {"mode": "sft-ppo", "provenance": provenance("sft-ppo"), "settings": vars(a), "wall_s": {}, "curves": {}}
     sft_model = demos_then_sft(a, "sft_openvla.py", base, results)
     # sft_openvla.py writes the demos' action statistics under this key (its default)
     ppo_pair(a, sft_model, ["--unnorm-key", f"maniskill_{a.env_id}".lower()], results)
@@ -355,7 +455,13 @@ def demos_then_sft(a: argparse.Namespace, script: str, base: str, results: dict)
 def sft_grpo_mode(a: argparse.Namespace) -> None:
     base = starting_model(a, "internvl")
     run_dir = os.path.join(a.out, "runs")
-    results = {"mode": "sft-grpo", "settings": vars(a), "wall_s": {}, "curves": {}}
+    results = {
+        "mode": "sft-grpo",
+        "provenance": provenance("sft-grpo"),
+        "settings": vars(a),
+        "wall_s": {},
+        "curves": {},
+    }
     # 1. demonstrations from the scripted expert, 2. SFT on them
     sft_model = demos_then_sft(a, "sft_internvl.py", base, results)
     # 3. GRPO from the SFT model, next to the same run with learning rate 0
@@ -487,8 +593,19 @@ def main() -> None:
     sft.add_argument("--grpo-micro-batch-size", type=int, default=32)
     replot = modes.add_parser("plot", help="redraw {out}/curves.png from {out}/curves.json")
     replot.add_argument("--out", required=True)
+    stale = modes.add_parser("check", help="which stored results today's code would no longer give (exit 1 if any)")
+    stale.add_argument("paths", nargs="*", help="curves.json files (default: every one under bench/results)")
+    across = modes.add_parser("spread", help="summary numbers over several curves.json (e.g. seeds)")
+    across.add_argument("paths", nargs="+")
     a = parser.parse_args()
     start = time.time()
+    if a.mode == "spread":
+        return spread(a.paths)
+    if a.mode == "check":
+        paths = a.paths or sorted(
+            glob.glob(os.path.join(ROOT, "bench", "results", "**", "curves.json"), recursive=True)
+        )
+        raise SystemExit(1 if check(parser, paths) else 0)
     if a.mode == "plot":
         with open(os.path.join(a.out, "curves.json")) as f:
             results = json.load(f)

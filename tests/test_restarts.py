@@ -2,10 +2,8 @@
 after a rank is killed, a hung rank ending the job within --dist-timeout-s, two torchrun agents as two nodes, env
 workers that never outlive a killed trainer, and the run-directory lock. CPU, gloo, tiny models, real simulators."""
 
-import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -111,9 +109,32 @@ def free_port() -> int:
 
 
 def start(cmd: list[str]) -> subprocess.Popen:
+    """PYTHONFAULTHANDLER: a process sent SIGABRT prints every thread's Python stack (see `finish`)."""
     return subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"},
     )
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> str:
+    """The rest of the job's output once it ends. A job still running after `timeout` seconds fails the test with
+    the Python stack of every process it started (SIGABRT to each), so a hang says where it hangs."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        for pid in [proc.pid, *descendants(proc.pid)]:
+            try:
+                os.kill(pid, signal.SIGABRT)
+            except ProcessLookupError:
+                pass
+        time.sleep(5)
+        kill_group(proc)
+        raise AssertionError(f"still running after {timeout} s; stacks:\n{proc.communicate()[0][-20000:]}") from None
 
 
 def read_until(proc: subprocess.Popen, pattern: str, lines: list[str]) -> str:
@@ -148,7 +169,7 @@ def test_torchrun_restarts_a_killed_rank_and_resume_auto_continues(tiny_openvla,
     try:
         read_until(proc, r"saved .*step_00000002", lines)
         os.kill(worker_of_rank(proc.pid, 1), signal.SIGKILL)
-        output = "".join(lines) + proc.communicate(timeout=600)[0]
+        output = "".join(lines) + finish(proc, 420)
     finally:
         kill_group(proc)
     assert proc.returncode == 0, output[-4000:]
@@ -172,7 +193,7 @@ def test_a_hung_rank_ends_the_job_within_the_dist_timeout(tiny_openvla, tmp_path
         job = descendants(proc.pid)
         os.kill(worker_of_rank(proc.pid, 1), signal.SIGSTOP)
         stopped = time.time()
-        output = "".join(lines) + proc.communicate(timeout=timeout_s + 150)[0]
+        output = "".join(lines) + finish(proc, timeout_s + 150)
         elapsed = time.time() - stopped
         left = wait_gone(job, 10)
     finally:
@@ -200,7 +221,7 @@ def test_two_torchrun_agents_train_save_and_resume_one_run(tiny_openvla, tmp_pat
         ]
         try:
             for proc in procs:
-                outputs.append(proc.communicate(timeout=600)[0])
+                outputs.append(finish(proc, 600))
         finally:
             for proc in procs:
                 kill_group(proc)
@@ -215,29 +236,15 @@ def test_two_torchrun_agents_train_save_and_resume_one_run(tiny_openvla, tmp_pat
     assert (tmp_path / "t__s1" / "checkpoints" / "latest").read_text().strip() == "step_00000003"
 
 
-@pytest.fixture(scope="module")
-def srpo_models(tiny_openvla, tmp_path_factory) -> tuple[str, str]:
-    """An OpenVLA-OFT checkpoint (the tiny OpenVLA plus its dataset_statistics.json) and a tiny V-JEPA 2."""
-    from common.models.tiny import make_tiny_vjepa2
-
-    oft = str(tmp_path_factory.mktemp("tiny_oft") / "model")
-    shutil.copytree(tiny_openvla, oft)
-    bounds = {"q01": [-0.9] * 6 + [0.0], "q99": [0.9] * 6 + [1.0], "mask": [True] * 6 + [False]}
-    with open(os.path.join(oft, "dataset_statistics.json"), "w") as f:
-        json.dump({"libero_spatial_no_noops": {"action": bounds}}, f)
-    return oft, make_tiny_vjepa2(str(tmp_path_factory.mktemp("tiny_vjepa2")))
-
-
 @pytest.mark.parametrize("simulator", ["maniskill", "libero"])
-def test_sigkill_of_a_script_leaves_no_env_worker(simulator, tiny_openvla, srpo_models, tmp_path):
+def test_sigkill_of_a_script_leaves_no_env_worker(simulator, tiny_openvla, tiny_oft, tiny_vjepa2, tmp_path):
     """kill -9 of the trainer, which no handler sees: its env workers (ManiSkill CPU workers under their forkserver,
     LIBERO worker processes) exit with it."""
     if simulator == "maniskill":
         cmd = [sys.executable, *ppo_flags(tiny_openvla, str(tmp_path))]
         cmd += ["--num-envs", "2", "--total-iterations", "1000", "--save-interval", "0"]
     else:
-        oft, vjepa2 = srpo_models
-        cmd = [sys.executable, "srpo_openvla_oft.py", "--model-path", oft, "--world-model-path", vjepa2]
+        cmd = [sys.executable, "srpo_openvla_oft.py", "--model-path", tiny_oft, "--world-model-path", tiny_vjepa2]
         cmd += ["--suite", "libero_spatial", "--task-ids", "0", "--num-envs", "2", "--group-size", "2"]
         cmd += ["--tasks-per-iteration", "1", "--no-dynamic-sampling", "--max-episode-steps", "16", "--lora-rank", "4"]
         cmd += ["--camera-size", "64", "--total-iterations", "1000", "--eval-interval", "0", "--save-interval", "0"]

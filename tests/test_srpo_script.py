@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -37,30 +36,14 @@ TINY_RUN = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny_models(tiny_openvla, tmp_path_factory):
-    from common.models.tiny import make_tiny_vjepa2
-
-    oft = str(tmp_path_factory.mktemp("tiny_oft") / "model")
-    shutil.copytree(tiny_openvla, oft)
-    stats = {
-        "libero_spatial_no_noops": {
-            "action": {"q01": [-0.9] * 6 + [0.0], "q99": [0.9] * 6 + [1.0], "mask": [True] * 6 + [False]}
-        }
-    }
-    with open(os.path.join(oft, "dataset_statistics.json"), "w") as f:
-        json.dump(stats, f)  # an OFT checkpoint's statistics file
-    return oft, make_tiny_vjepa2(str(tmp_path_factory.mktemp("tiny_vjepa2")))
-
-
 def run(cmd, **kw):
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, **kw)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout
 
 
-def test_train_checkpoint_resume_and_eval(tiny_models, tmp_path):
-    oft, vjepa = tiny_models
+def test_train_checkpoint_resume_and_eval(tiny_oft, tiny_vjepa2, tmp_path):
+    oft, vjepa = tiny_oft, tiny_vjepa2
     base = [
         sys.executable,
         "srpo_openvla_oft.py",
@@ -108,10 +91,10 @@ def test_train_checkpoint_resume_and_eval(tiny_models, tmp_path):
     )
 
 
-def test_bad_input_fails_before_any_work(tiny_models, tmp_path):
+def test_bad_input_fails_before_any_work(tiny_oft, tiny_vjepa2, tmp_path):
     import srpo_openvla_oft
 
-    oft, vjepa = tiny_models
+    oft, vjepa = tiny_oft, tiny_vjepa2
     for flags, message in [
         (dict(suite="libero_100"), "libero_spatial"),
         (dict(suite="libero_spatial", task_ids=[12]), "0: pick_up_the_black_bowl"),
@@ -127,8 +110,8 @@ def test_bad_input_fails_before_any_work(tiny_models, tmp_path):
             srpo_openvla_oft.main(args)
 
 
-def test_torchrun_two_ranks_full_finetuning(tiny_models, tmp_path):
-    oft, vjepa = tiny_models
+def test_torchrun_two_ranks_full_finetuning(tiny_oft, tiny_vjepa2, tmp_path):
+    oft, vjepa = tiny_oft, tiny_vjepa2
     cmd = [
         "torchrun",
         "--standalone",

@@ -9,11 +9,7 @@ tokens or an advantage paired with the wrong sample.
 """
 
 import contextlib
-import json
-import os
-import shutil
 
-import pytest
 import torch
 
 from common.guards import NonFiniteGuard
@@ -167,21 +163,6 @@ def test_grpo_update_follows_advantages(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # SRPO (srpo_openvla_oft.py): rollout on LIBERO libero_spatial task 0, update_policy, OFTPolicy forward
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_oft(tiny_openvla, tmp_path_factory) -> str:
-    """The tiny OpenVLA plus a dataset_statistics.json: an OpenVLA-OFT checkpoint, as tests/test_srpo_script.py."""
-    oft = str(tmp_path_factory.mktemp("tiny_oft") / "model")
-    shutil.copytree(tiny_openvla, oft)
-    stats = {
-        "libero_spatial_no_noops": {
-            "action": {"q01": [-0.9] * 6 + [0.0], "q99": [0.9] * 6 + [1.0], "mask": [True] * 6 + [False]}
-        }
-    }
-    with open(os.path.join(oft, "dataset_statistics.json"), "w") as f:
-        json.dump(stats, f)
-    return oft
-
-
 def test_srpo_update_follows_advantages(tiny_oft):
     import srpo_openvla_oft as srpo
     from common.envs.libero import LiberoVectorEnv, configure_rendering, to_libero_actions
