@@ -32,6 +32,7 @@ Runs go one after another (one simulator at a time).
 """
 
 import argparse
+import ast
 import functools
 import glob
 import json
@@ -144,8 +145,33 @@ PACKAGES = ("torch", "transformers", "mani_skill", "sapien", "gymnasium", "numpy
 
 
 def depends_on(mode: str) -> list[str]:
-    """The files a mode's numbers depend on: its scripts, common/, this file and the pinned requirements."""
-    return [*SCRIPTS[mode], "common", "bench/learning_curves.py", "requirements.txt"]
+    """The files a mode's numbers depend on: its scripts, this file, every project module they import (read from
+    their import statements, transitively, package __init__ files included) and the pinned requirements."""
+
+    def module_files(name: str) -> list[str]:
+        parts, found = name.split("."), []
+        for i in range(1, len(parts) + 1):
+            stem = os.path.join(*parts[:i])
+            found += [
+                f for f in (stem + ".py", os.path.join(stem, "__init__.py")) if os.path.isfile(os.path.join(ROOT, f))
+            ]
+        return found
+
+    todo, seen = [*SCRIPTS[mode], "bench/learning_curves.py"], set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        with open(os.path.join(ROOT, path)) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                todo += [f for alias in node.names for f in module_files(alias.name)]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                todo += module_files(node.module)
+                todo += [f for alias in node.names for f in module_files(f"{node.module}.{alias.name}")]
+    return sorted(seen) + ["requirements.txt"]
 
 
 def git(*args: str) -> str:
