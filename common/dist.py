@@ -39,10 +39,19 @@ def init_dist(timeout_s: float = 300.0) -> Dist:
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
+        # torchrun keeps one key-value store for every attempt of a job, so after a --max-restarts relaunch the
+        # previous attempt's keys (the dead ranks' addresses) are still in it, and a rank that reads one before the
+        # new value lands keeps dialling a closed port until the timeout. Each attempt gets keys of its own.
+        store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(
             "nccl" if device.type == "cuda" else "gloo",
+            store=dist.PrefixStore(f"attempt_{attempt}", store),
+            rank=rank,
+            world_size=world_size,
             device_id=device if device.type == "cuda" else None,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=timeout,
         )
         sys.excepthook = _name_collective_timeouts(sys.excepthook, rank, timeout_s)
     return Dist(rank, local_rank, world_size, device)
