@@ -293,7 +293,8 @@ def test_exit_with_parent_takes_a_busy_worker_along():
     """The mechanism under the workers: a child that called exit_with_parent and then stays busy (as a worker
     building its scenes, which would notice a closed pipe only when done) dies with its parent's kill -9."""
     child = (
-        "import os, time; from common.guards import exit_with_parent; exit_with_parent(os.getppid()); time.sleep(60)"
+        "import os, time; from common.guards import exit_with_parent; exit_with_parent(os.getppid()); "
+        "print('ready', flush=True); time.sleep(60)"
     )
     parent = (
         "import subprocess, sys, time\n"
@@ -303,7 +304,7 @@ def test_exit_with_parent_takes_a_busy_worker_along():
     )
     proc = subprocess.Popen([sys.executable, "-c", parent], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     child_pid = int(proc.stdout.readline())
-    time.sleep(3.0)  # the child has imported and called exit_with_parent
+    assert proc.stdout.readline().strip() == "ready"  # the child (sharing the pipe) has called exit_with_parent
     assert alive(child_pid)
     proc.kill()
     proc.wait(timeout=30)
