@@ -64,6 +64,7 @@ from common.dist import (
     bf16_autocast,
     broadcast_parameters,
     init_dist,
+    is_main_process,
     print0,
     sum_gradients_,
     world_size,
@@ -76,8 +77,9 @@ from common.envs.maniskill import (
     held_out_seeds,
     obj_set_kwargs,
 )
+from common.evaluation import advance, gather_episodes, progress, success_metrics
 from common.guards import NonFiniteGuard, check_finite_logits, check_flags
-from common.logger import Logger
+from common.logger import Logger, check_tracking, video_file
 from common.models.action_text import ActionTemplate, build_inputs, load_processor_and_template
 from common.run import RunShell, resume_training
 
@@ -170,6 +172,13 @@ class Args:
     """0 = greedy decoding at eval"""
     capture_video: bool = False
     """save an mp4 of env 0 of each evaluation"""
+    track: bool = False
+    """mirror the TensorBoard scalars, the hyperparameters and the eval videos to Weights & Biases (pip install wandb;
+    WANDB_MODE=offline on a node without network)"""
+    wandb_project_name: str = "vla-rl"
+    """W&B project of --track"""
+    wandb_entity: Optional[str] = None
+    """W&B team or user of --track (default: your own)"""
     save_interval: int = 10
     """checkpoint every this many iterations and after the last one (0: only after the last one)"""
     keep_checkpoints: int = 3
@@ -199,6 +208,7 @@ class Args:
 def validate(args: Args, world_size: int):
     """Every check that can fail on user input, before envs or weights are loaded. Returns the processor, the action
     template and the run directory."""
+    check_tracking(args)  # --track without wandb installed
     check_flags(
         args,
         positive=(
@@ -508,6 +518,7 @@ def rollout(policy, processor, template, envs, seeds, args, autocast, evaluation
     length = torch.full((N,), T)
     record = evaluation and args.capture_video
     frames = [obs["rgb"][0]] if record else []
+    bar = progress(T, f"eval {args.env_id}" if evaluation else "rollout", "step", is_main_process())
     for t in range(T):
         rgb[t], tcp_pose[t], alive[t] = obs["rgb"], obs["tcp_pose"], running
         idx = running.nonzero().squeeze(1)
@@ -530,8 +541,10 @@ def rollout(policy, processor, template, envs, seeds, args, autocast, evaluation
         running &= ~done
         if record and alive[t, 0]:
             frames.append(info["final_obs"]["rgb"][0] if done[0] else obs["rgb"][0])
+        advance(bar, 1, f"{int((~running).sum())} of {N} episodes ended, {int(success.sum())} succeeded (this rank)")
         if not running.any():
             break
+    bar.close()
     return Rollout(
         episode_instructions,
         rgb,
@@ -549,15 +562,30 @@ def rollout(policy, processor, template, envs, seeds, args, autocast, evaluation
     )
 
 
-def evaluate(policy, processor, template, envs, args, dist, autocast):
-    """Held-out initial states (common/envs/maniskill.py `held_out_seeds`), greedy unless --eval-temperature."""
+# the flags that fix what one evaluation episode is (recorded in eval/step_*.summary.json)
+EVAL_PROTOCOL_FLAGS = ("env_id", "obj_set", "instruction", "max_episode_steps", "eval_temperature")
+
+
+def evaluate(policy, processor, template, envs, args, dist, autocast, step: int):
+    """Held-out initial states (common/envs/maniskill.py `held_out_seeds`), greedy unless --eval-temperature; returns
+    the metrics, env 0's frames and every rank's episodes."""
     policy.eval()
-    out = rollout(policy, processor, template, envs, held_out_seeds(dist.rank, envs.num_envs), args, autocast, True)
-    metrics = {
-        "eval/success_rate": out.success.float().mean().item(),
-        "eval/episode_length": out.length.float().mean().item(),
-    }
-    return all_reduce_mean(metrics), out.frames
+    seeds = held_out_seeds(dist.rank, envs.num_envs)
+    out = rollout(policy, processor, template, envs, seeds, args, autocast, True)
+    mine = [
+        {
+            "task": args.env_id,
+            "seed": seed,
+            "success": bool(out.success[i]),
+            "length": int(out.length[i]),
+            "temperature": args.eval_temperature,
+        }
+        for i, seed in enumerate(seeds)
+    ]
+    if out.frames and dist.is_main:
+        mine[0]["video"] = video_file("eval/video", step)
+    episodes = gather_episodes(mine)
+    return success_metrics(episodes), out.frames, episodes
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -687,16 +715,16 @@ def main(args: Args) -> None:
         f"{sum(p.numel() for p in trainable):,} trainable parameters; {template.num_free} free tokens per action"
     )
 
-    def run_evaluation(step: int) -> tuple[dict, list]:
+    def run_evaluation(step: int) -> tuple[dict, list, list]:
         with fsdp.gathered_params(policy):
-            return evaluate(policy, processor, template, envs, args, dist, autocast)
+            return evaluate(policy, processor, template, envs, args, dist, autocast, step)
 
     def write(directory: str, full_state: Optional[dict]) -> None:
         """LoRA adapter (or the full model) + processor."""
         policy.save_pretrained(directory, state_dict=full_state)
         processor.save_pretrained(directory)
 
-    shell = RunShell(args, run_path, policy, optimizer, sharded, write, logger, envs)
+    shell = RunShell(args, run_path, policy, optimizer, sharded, write, logger, envs, EVAL_PROTOCOL_FLAGS)
     if args.eval_only:
         return shell.eval_only(run_evaluation, start_iteration)
 

@@ -52,7 +52,7 @@ from transformers import DynamicCache
 
 from common import fsdp
 from common.checkpoint import check_run_flags, load_safetensors, verify_safetensors_files
-from common.dist import all_reduce_mean, bf16_autocast, global_mean_std, init_dist, print0
+from common.dist import all_reduce_mean, bf16_autocast, global_mean_std, init_dist, is_main_process, print0
 from common.envs.maniskill import (
     ManiSkillVLAEnv,
     check_env_id,
@@ -60,8 +60,9 @@ from common.envs.maniskill import (
     held_out_seeds,
     obj_set_kwargs,
 )
+from common.evaluation import advance, gather_episodes, progress, success_metrics
 from common.guards import NonFiniteGuard, check_finite_logits, check_flags
-from common.logger import Logger
+from common.logger import Logger, check_tracking, video_file
 from common.models.openvla import (
     ActionTokenizer,
     action_stats,
@@ -180,6 +181,13 @@ class Args:
     """sampling temperature at eval (RLinf's 0.6; 0 = greedy)"""
     capture_video: bool = False
     """save an mp4 of env 0 of each evaluation"""
+    track: bool = False
+    """mirror the TensorBoard scalars, the hyperparameters and the eval videos to Weights & Biases (pip install wandb;
+    WANDB_MODE=offline on a node without network)"""
+    wandb_project_name: str = "vla-rl"
+    """W&B project of --track"""
+    wandb_entity: Optional[str] = None
+    """W&B team or user of --track (default: your own)"""
     save_interval: int = 10
     """checkpoint every this many iterations and after the last one (0: only after the last one)"""
     keep_checkpoints: int = 3
@@ -209,6 +217,7 @@ class Args:
 def validate(args: Args, world_size: int) -> tuple[dict, str]:
     """Every check that can fail on user input, before envs or weights are loaded. Returns the model config and the
     run directory."""
+    check_tracking(args)  # --track without wandb installed
     check_flags(
         args,
         positive=(
@@ -485,6 +494,7 @@ def rollout(policy, processor, env_action, envs, seeds, args, autocast) -> Rollo
     reward_mode, policy_s = args.reward_mode, 0.0
     obs = envs.reset(seeds)
     prompt_ids, prompt_mask = processor.prompt_ids(envs.instructions, device=device)  # (N, L) left-padded
+    bar = progress(T, "rollout", "step", is_main_process())
     for t in range(T):
         images[t], instructions[t] = obs["rgb"], list(envs.instructions)
         t0 = time.time()
@@ -514,6 +524,8 @@ def rollout(policy, processor, env_action, envs, seeds, args, autocast) -> Rollo
             final_values[t, bootstrap] = final_value.cpu()
         if info["reset_mask"].any():  # new episodes: their instructions may differ
             prompt_ids, prompt_mask = processor.prompt_ids(envs.instructions, device=device)
+        advance(bar, 1, f"{int(success[: t + 1].any(0).sum())} of {N} envs succeeded (this rank)")
+    bar.close()
     with autocast:
         pixel_values = processor.preprocess_images(obs["rgb"].to(device))
         next_value = policy.predict_value(pixel_values, prompt_ids, prompt_mask).cpu()
@@ -641,27 +653,49 @@ def update_policy(
 # Evaluation (RLinf's protocol): held-out seeds, --eval-temperature sampling, every episode runs its full length
 # ignoring termination; success at any step (success_rate) and at the last step (success_at_end)
 # ---------------------------------------------------------------------------------------------------------------
+# the flags that fix what one evaluation episode is: recorded in eval/step_*.summary.json and matched against the
+# anchors' protocols (common/evaluation.py)
+EVAL_PROTOCOL_FLAGS = ("env_id", "obj_set", "instruction", "control_mode", "max_episode_steps", "eval_temperature")
+
+
 @torch.no_grad()
-def evaluate(policy, processor, env_action, envs, args, dist, autocast):
+def evaluate(policy, processor, env_action, envs, args, dist, autocast, step: int):
+    """One episode per env from the held-out seeds; returns the metrics, env 0's frames, every rank's episodes."""
     seeds = held_out_seeds(dist.rank, envs.num_envs)
     policy.eval()
     envs.ignore_terminations = True
     obs = envs.reset(seeds)
     prompt_ids, prompt_mask = processor.prompt_ids(envs.instructions, device=dist.device)
     frames = [obs["rgb"][0]]
+    returns = torch.zeros(envs.num_envs)
+    bar = progress(envs.max_episode_steps, f"eval {args.env_id}", "step", dist.is_main)
     for _ in range(envs.max_episode_steps):
         with autocast:
             pixel_values = processor.preprocess_images(obs["rgb"].to(dist.device))
             tokens, _, _ = policy.act(pixel_values, prompt_ids, prompt_mask, args.eval_temperature)
-        obs, _, _, truncated, info = envs.step(env_action(tokens))
+        obs, reward, _, truncated, info = envs.step(env_action(tokens))
+        returns += reward
         frames.append(info["final_obs"]["rgb"][0])
+        advance(bar, 1, f"succeeded so far {int(info['success_once'].sum())} of {envs.num_envs} (this rank)")
+    bar.close()
     envs.ignore_terminations = False
     assert truncated.all(), "every eval episode ends at the time limit"
-    metrics = {
-        "eval/success_rate": info["success_once"].float().mean().item(),
-        "eval/success_at_end": info["success"].float().mean().item(),
-    }
-    return all_reduce_mean(metrics), frames if args.capture_video else []
+    mine = [
+        {
+            "task": args.env_id,
+            "seed": seed,
+            "success": bool(info["success_once"][i]),  # at any step
+            "success_at_end": bool(info["success"][i]),
+            "length": envs.max_episode_steps,
+            "return": float(returns[i]),
+            "temperature": args.eval_temperature,
+        }
+        for i, seed in enumerate(seeds)
+    ]
+    if args.capture_video and dist.is_main:
+        mine[0]["video"] = video_file("eval/video", step)
+    episodes = gather_episodes(mine)
+    return success_metrics(episodes), frames if args.capture_video else [], episodes
 
 
 def main(args: Args) -> None:
@@ -733,15 +767,15 @@ def main(args: Args) -> None:
     ddp_policy = DDP(policy) if use_ddp else policy  # DDP broadcasts rank 0's weights at construction
     logger = Logger(run_path, args, enabled=dist.is_main)
 
-    def run_evaluation(step: int) -> tuple[dict, list]:
+    def run_evaluation(step: int) -> tuple[dict, list, list]:
         with fsdp.gathered_params(policy):
-            return evaluate(policy, processor, env_action, envs, args, dist, autocast)
+            return evaluate(policy, processor, env_action, envs, args, dist, autocast, step)
 
     def write(directory: str, full_state: Optional[dict]) -> None:
         """LoRA adapter (or the full model) + value head."""
         save_policy(policy, processor, lora_config, directory, full_state)
 
-    shell = RunShell(args, run_path, policy, optimizer, sharded, write, logger, envs)
+    shell = RunShell(args, run_path, policy, optimizer, sharded, write, logger, envs, EVAL_PROTOCOL_FLAGS)
     if args.eval_only:
         return shell.eval_only(run_evaluation, start_iteration)
 

@@ -64,7 +64,8 @@ from common.dist import (
 )
 from common.envs.demos import load_demos, read_meta
 from common.envs.maniskill import ManiSkillVLAEnv, check_env_id, check_render_device, held_out_seeds
-from common.logger import Logger
+from common.evaluation import advance, gather_episodes, progress, success_metrics
+from common.logger import Logger, check_tracking, video_file
 from common.models.action_text import ActionTemplate, build_inputs, load_processor_and_template
 from common.run import RunShell, resume_training
 from grpo_internvl import generate_actions, load_policy  # the RL script's decoding and model loading
@@ -128,6 +129,13 @@ class Args:
     """0 = greedy decoding at eval"""
     capture_video: bool = False
     """save an mp4 of env 0 of each evaluation"""
+    track: bool = False
+    """mirror the TensorBoard scalars, the hyperparameters and the eval videos to Weights & Biases (pip install wandb;
+    WANDB_MODE=offline on a node without network)"""
+    wandb_project_name: str = "vla-rl"
+    """W&B project of --track"""
+    wandb_entity: Optional[str] = None
+    """W&B team or user of --track (default: your own)"""
     save_interval: int = 100
     """checkpoint every this many iterations and after the last one (0: only after the last one)"""
     keep_checkpoints: int = 3
@@ -157,6 +165,7 @@ class Args:
 def validate(args: Args, world_size: int):
     """Every check that can fail on user input, before envs or weights are loaded. Returns the processor, the action
     template and the run directory."""
+    check_tracking(args)  # --track without wandb installed
     if min(args.batch_size, args.micro_batch_size, args.max_episode_steps) < 1 or args.num_envs < 0:
         raise ValueError("--batch-size, --micro-batch-size, --max-episode-steps must be >= 1 and --num-envs >= 0")
     if args.batch_size % args.micro_batch_size:
@@ -263,17 +272,23 @@ def answer_loss(policy, inputs, choices: torch.Tensor, template: ActionTemplate,
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation: grpo_internvl.py's greedy constrained decoding on its held-out initial states
 # ---------------------------------------------------------------------------------------------------------------
+EVAL_PROTOCOL_FLAGS = ("env_id", "instruction", "max_episode_steps", "eval_temperature")  # as grpo_internvl.py
+
+
 @torch.no_grad()
-def evaluate(policy, processor, template, envs, args, dist, autocast):
+def evaluate(policy, processor, template, envs, args, dist, autocast, step: int):
     """One episode per env from the held-out seeds (common/envs/maniskill.py `held_out_seeds`, as grpo_internvl.py),
-    decoded at --eval-temperature; an episode ends at success."""
+    decoded at --eval-temperature; an episode ends at success. Returns the metrics, env 0's frames and every rank's
+    episodes."""
     device, N = next(policy.parameters()).device, envs.num_envs
     policy.eval()
-    obs = envs.reset(held_out_seeds(dist.rank, N))
+    seeds = held_out_seeds(dist.rank, N)
+    obs = envs.reset(seeds)
     running = torch.ones(N, dtype=torch.bool)
     success = torch.zeros(N, dtype=torch.bool)
     length = torch.full((N,), envs.max_episode_steps)
     frames = [obs["rgb"][0]] if args.capture_video else []
+    bar = progress(envs.max_episode_steps, f"eval {args.env_id}", "step", dist.is_main)
     for t in range(envs.max_episode_steps):
         idx = running.nonzero().squeeze(1)
         inputs = build_inputs(
@@ -291,11 +306,20 @@ def evaluate(policy, processor, template, envs, args, dist, autocast):
         running &= ~done
         if args.capture_video and was_running:
             frames.append(info["final_obs"]["rgb"][0])
+        advance(bar, 1, f"{int((~running).sum())} of {N} episodes ended, {int(success.sum())} succeeded (this rank)")
         if not running.any():
             break
+    bar.close()
     policy.train()
-    metrics = {"eval/success_rate": success.float().mean().item(), "eval/episode_length": length.float().mean().item()}
-    return all_reduce_mean(metrics), frames
+    mine = [
+        {"task": args.env_id, "seed": seed, "success": bool(success[i]), "length": int(length[i])}
+        | {"temperature": args.eval_temperature}
+        for i, seed in enumerate(seeds)
+    ]
+    if args.capture_video and dist.is_main:
+        mine[0]["video"] = video_file("eval/video", step)
+    episodes = gather_episodes(mine)
+    return success_metrics(episodes), frames, episodes
 
 
 def main(args: Args) -> None:
@@ -334,17 +358,17 @@ def main(args: Args) -> None:
         f"{template.num_free} free"
     )
 
-    def run_evaluation(step: int) -> tuple[dict, list]:
+    def run_evaluation(step: int) -> tuple[dict, list, list]:
         if envs is None:  # --num-envs 0: no simulator evaluation
-            return {}, []
-        return evaluate(policy, processor, template, envs, args, dist, autocast)
+            return {}, [], []
+        return evaluate(policy, processor, template, envs, args, dist, autocast, step)
 
     def write(directory: str, full_state: Optional[dict]) -> None:
         """LoRA adapter (or the full model) + processor."""
         policy.save_pretrained(directory)
         processor.save_pretrained(directory)
 
-    shell = RunShell(args, run_path, policy, optimizer, False, write, logger, envs)
+    shell = RunShell(args, run_path, policy, optimizer, False, write, logger, envs, EVAL_PROTOCOL_FLAGS)
     if args.eval_only:
         return shell.eval_only(run_evaluation, start_iteration)
 

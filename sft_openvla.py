@@ -58,7 +58,8 @@ from common.checkpoint import check_run_flags
 from common.dist import all_reduce_mean, bf16_autocast, init_dist, print0
 from common.envs.demos import action_norm_stats, load_demos, read_meta
 from common.envs.maniskill import ManiSkillVLAEnv, check_env_id, check_render_device, held_out_seeds
-from common.logger import Logger
+from common.evaluation import advance, gather_episodes, progress, success_metrics
+from common.logger import Logger, check_tracking, video_file
 from common.models.openvla import (
     ActionTokenizer,
     load_lora_adapter,
@@ -135,6 +136,13 @@ class Args:
     """0 = greedy decoding at eval"""
     capture_video: bool = False
     """save an mp4 of env 0 of each evaluation"""
+    track: bool = False
+    """mirror the TensorBoard scalars, the hyperparameters and the eval videos to Weights & Biases (pip install wandb;
+    WANDB_MODE=offline on a node without network)"""
+    wandb_project_name: str = "vla-rl"
+    """W&B project of --track"""
+    wandb_entity: Optional[str] = None
+    """W&B team or user of --track (default: your own)"""
     save_interval: int = 100
     """checkpoint every this many iterations and after the last one (0: only after the last one)"""
     keep_checkpoints: int = 3
@@ -165,6 +173,7 @@ class Args:
 
 def validate(args: Args, world_size: int) -> str:
     """Every check that can fail on user input, before envs or weights are loaded. Returns the run directory."""
+    check_tracking(args)  # --track without wandb installed
     if min(args.batch_size, args.micro_batch_size, args.max_episode_steps) < 1 or args.num_envs < 0:
         raise ValueError("--batch-size, --micro-batch-size, --max-episode-steps must be >= 1 and --num-envs >= 0")
     if args.batch_size % args.micro_batch_size:
@@ -287,17 +296,23 @@ def merge_lora(vla) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation: ppo_openvla.py's greedy decoding on its held-out initial states
 # ---------------------------------------------------------------------------------------------------------------
+EVAL_PROTOCOL_FLAGS = ("env_id", "instruction", "control_mode", "max_episode_steps", "eval_temperature")
+
+
 @torch.no_grad()
-def evaluate(policy, processor, env_action, envs, args, dist, autocast):
+def evaluate(policy, processor, env_action, envs, args, dist, autocast, step: int):
     """One episode per env from the held-out seeds (common/envs/maniskill.py `held_out_seeds`, as ppo_openvla.py),
-    decoded at --eval-temperature; an episode ends at success."""
+    decoded at --eval-temperature; an episode ends at success. Returns the metrics, env 0's frames and every rank's
+    episodes."""
     policy.eval()
-    obs = envs.reset(held_out_seeds(dist.rank, envs.num_envs))
+    seeds = held_out_seeds(dist.rank, envs.num_envs)
+    obs = envs.reset(seeds)
     prompt_ids, prompt_mask = processor.prompt_ids(envs.instructions, device=dist.device)
     finished = torch.zeros(envs.num_envs, dtype=torch.bool)
     success = torch.zeros(envs.num_envs, dtype=torch.bool)
     length = torch.zeros(envs.num_envs)
     frames = [obs["rgb"][0]] if args.capture_video else []
+    bar = progress(envs.max_episode_steps, f"eval {args.env_id}", "step", dist.is_main)
     for _ in range(envs.max_episode_steps):
         with autocast:
             pixel_values = processor.preprocess_images(obs["rgb"].to(dist.device))
@@ -308,11 +323,20 @@ def evaluate(policy, processor, env_action, envs, args, dist, autocast):
         if args.capture_video and not finished[0]:
             frames.append(info["final_obs"]["rgb"][0])
         finished |= terminated | truncated
+        advance(bar, 1, f"{int(finished.sum())} of {envs.num_envs} episodes ended, {int(success.sum())} succeeded")
         if finished.all():
             break
+    bar.close()
     policy.train()
-    metrics = {"eval/success_rate": success.float().mean().item(), "eval/episode_length": length.mean().item()}
-    return all_reduce_mean(metrics), frames
+    mine = [
+        {"task": args.env_id, "seed": seed, "success": bool(success[i]), "length": int(length[i])}
+        | {"temperature": args.eval_temperature}
+        for i, seed in enumerate(seeds)
+    ]
+    if args.capture_video and dist.is_main:
+        mine[0]["video"] = video_file("eval/video", step)
+    episodes = gather_episodes(mine)
+    return success_metrics(episodes), frames, episodes
 
 
 def main(args: Args) -> None:
@@ -365,10 +389,10 @@ def main(args: Args) -> None:
         f"{sum(p.numel() for p in trainable):,} trainable parameters; norm_stats key {args.unnorm_key!r}"
     )
 
-    def run_evaluation(step: int) -> tuple[dict, list]:
+    def run_evaluation(step: int) -> tuple[dict, list, list]:
         if envs is None:  # --num-envs 0: no simulator evaluation
-            return {}, []
-        return evaluate(policy, processor, env_action, envs, args, dist, autocast)
+            return {}, [], []
+        return evaluate(policy, processor, env_action, envs, args, dist, autocast, step)
 
     def write(directory: str, full_state: Optional[dict]) -> None:
         """LoRA adapter (or the full model in the openvla layout)."""
@@ -377,7 +401,7 @@ def main(args: Args) -> None:
         else:
             save_openvla(vla, processor, os.path.join(directory, "model"))
 
-    shell = RunShell(args, run_path, vla, optimizer, False, write, logger, envs)
+    shell = RunShell(args, run_path, vla, optimizer, False, write, logger, envs, EVAL_PROTOCOL_FLAGS)
     if args.eval_only:
         return shell.eval_only(run_evaluation, start_iteration)
 

@@ -85,12 +85,13 @@ from common.envs.libero import (
     load_suite,
     to_libero_actions,
 )
+from common.evaluation import advance, gather_episodes, progress, rate
 from common.guards import (
     NonFiniteGuard,
     check_finite_logits,
     check_flags,
 )
-from common.logger import Logger
+from common.logger import Logger, check_tracking, video_file
 from common.models.openvla import (
     ActionTokenizer,
     action_stats,
@@ -206,6 +207,13 @@ class Args:
     """0 = greedy (argmax over the bins)"""
     capture_video: bool = True
     """save one successful and one failed evaluation episode as mp4 per evaluation"""
+    track: bool = False
+    """mirror the TensorBoard scalars, the hyperparameters and the eval videos to Weights & Biases (pip install wandb;
+    WANDB_MODE=offline on a node without network)"""
+    wandb_project_name: str = "vla-rl"
+    """W&B project of --track"""
+    wandb_entity: Optional[str] = None
+    """W&B team or user of --track (default: your own)"""
     save_interval: int = 25
     """checkpoint every this many iterations and after the last one (0: only after the last one)"""
     keep_checkpoints: int = 3
@@ -234,6 +242,7 @@ class Args:
 
 def validate(args: Args, world_size: int):
     """Every check that can fail on user input, before envs or weights are loaded. Returns the run directory."""
+    check_tracking(args)  # --track without wandb installed
     check_flags(
         args,
         positive=(
@@ -521,39 +530,60 @@ def rollout(
     return Rollout(images, bins, logprobs, token_mask, instructions, task, success, length), policy_s
 
 
-def evaluate(policy, processor, env_action, envs, args, dist, autocast, logger, iteration) -> tuple[dict, list]:
+# the flags that fix what one evaluation episode is: recorded in eval/step_*.summary.json and matched against the
+# anchors' protocols (common/evaluation.py)
+EVAL_PROTOCOL_FLAGS = (
+    "suite",
+    "task_ids",
+    "eval_init_states",
+    "eval_temperature",
+    "max_episode_steps",
+    "oft_eval_max_steps",
+    "center_crop",
+    "camera_size",
+)
+
+
+def evaluate(policy, processor, env_action, envs, args, dist, autocast, logger, step: int):
     """Every task x its first `eval_init_states` init states, split over ranks; per-task and suite success. Logs a
-    success and a failure video itself (eval/video_success, eval/video_failure), so it returns no frames."""
-    mine = eval_episodes(args.task_ids, args.eval_init_states)[dist.rank :: dist.world_size]
-    num_tasks = max(args.task_ids) + 1
-    totals = torch.zeros(3, num_tasks, dtype=torch.float64)  # (successes, env steps, episodes) per task
-    videos = {}
+    success and a failure video itself (eval/video_success, eval/video_failure), so it returns no frames; returns the
+    metrics and every rank's episodes."""
+    todo = eval_episodes(args.task_ids, args.eval_init_states)[dist.rank :: dist.world_size]
+    mine, videos = [], {}
     policy.eval()
-    for start in range(0, len(mine), envs.num_envs):
-        wave = mine[start : start + envs.num_envs]
+    bar = progress(len(todo), f"eval {args.suite}", "episode", dist.is_main)
+    for start in range(0, len(todo), envs.num_envs):
+        wave = todo[start : start + envs.num_envs]
         padded = wave + [wave[-1]] * (envs.num_envs - len(wave))  # idle envs repeat the last episode
         record = dist.is_main and args.capture_video and len(videos) < 2
         out, _ = rollout(
             policy, processor, env_action, envs, padded, args, autocast, evaluation=True, record_frames=record
         )
-        for k, (task_id, _) in enumerate(wave):
-            totals[:, task_id] += torch.tensor([float(out.success[k]), float(out.length[k]), 1.0])
-        if record:
-            wave_videos = envs.videos()
-            for k in range(len(wave)):
-                videos.setdefault("success" if out.success[k] else "failure", wave_videos[k])
-    successes, lengths, counts = all_reduce_sum_(totals.to(dist.device)).cpu()
-    suite_success = (successes.sum() / counts.sum()).item()
+        wave_videos = envs.videos() if record else []
+        for k, (task_id, init_state) in enumerate(wave):
+            outcome = "success" if out.success[k] else "failure"
+            mine.append(
+                {"task": f"{args.suite}/task_{task_id:02d}", "init_state": init_state, "success": bool(out.success[k])}
+                | {"length": int(out.length[k]), "temperature": args.eval_temperature}
+            )
+            if record and outcome not in videos:  # the first success and the first failure of rank 0
+                videos[outcome] = wave_videos[k]
+                mine[-1]["video"] = video_file(f"eval/video_{outcome}", step)
+        advance(bar, len(wave), f"success {sum(r['success'] for r in mine)} of {len(mine)} (this rank)")
+    bar.close()
+    episodes = gather_episodes(mine)
+    suite_success = rate(episodes)
     metrics = {
         "eval/success_rate": suite_success,
-        "eval/episode_length": (lengths.sum() / counts.sum()).item(),
+        "eval/episode_length": sum(r["length"] for r in episodes) / len(episodes),
         f"eval/{args.suite}/success_rate": suite_success,
     }
     for task_id in args.task_ids:
-        metrics[f"eval/{args.suite}/task_{task_id:02d}_success_rate"] = (successes[task_id] / counts[task_id]).item()
-    for key, frames in videos.items():
-        logger.video(f"eval/video_{key}", frames, iteration, fps=20)
-    return metrics, []
+        of_task = [r for r in episodes if r["task"] == f"{args.suite}/task_{task_id:02d}"]
+        metrics[f"eval/{args.suite}/task_{task_id:02d}_success_rate"] = rate(of_task)
+    for outcome, frames in videos.items():
+        logger.video(f"eval/video_{outcome}", frames, step, fps=20)
+    return metrics, [], episodes
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -730,7 +760,7 @@ def main(args: Args) -> None:
         max_restarts=args.env_max_restarts,
     )
 
-    def run_evaluation(step: int) -> tuple[dict, list]:
+    def run_evaluation(step: int) -> tuple[dict, list, list]:
         with fsdp.gathered_params(policy):
             return evaluate(policy, processor, env_action, envs, args, dist, autocast, logger, step)
 
@@ -738,7 +768,7 @@ def main(args: Args) -> None:
         """LoRA adapter (or the full model in the OFT layout)."""
         save_policy(policy, processor, lora_config, model_dir, directory, full_state)
 
-    shell = RunShell(args, run_path, policy, optimizer, sharded, write, logger, envs)
+    shell = RunShell(args, run_path, policy, optimizer, sharded, write, logger, envs, EVAL_PROTOCOL_FLAGS)
     if args.eval_only:
         return shell.eval_only(run_evaluation, start_iteration)
 
@@ -775,6 +805,7 @@ def main(args: Args) -> None:
         torch.manual_seed(int(np.random.default_rng([args.seed, dist.rank, iteration]).integers(2**62)))
         policy.eval()
         embeddings, policy_s = [], 0.0
+        bar = progress(R, "rollout", "episode", dist.is_main)
         for start in range(0, R, args.num_envs):
             wave = slice(start, start + args.num_envs)
             with fsdp.gathered_params(policy):  # FSDP: the full weights for the rollout's forwards
@@ -795,6 +826,8 @@ def main(args: Args) -> None:
             policy_s += wave_policy_s
             if embedder is not None:
                 embeddings.append(embedder(envs.videos()))  # (num_envs, hidden)
+            advance(bar, len(out.success), f"success {int(batch.success[: wave.stop].sum())} (this rank)")
+        bar.close()
         rollout_time = time.time() - rollout_start
 
         # -----------------------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ def git_commit() -> Optional[str]:
         return None
 
 
-def _write_text_atomic(path: str, text: str) -> None:
+def write_text_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "w") as f:
@@ -161,7 +161,7 @@ def save_checkpoint(ckpt_root: str, step: int, write_fn: Callable[[str], None], 
         os.replace(final, old)
     os.replace(tmp, final)
     try:
-        _write_text_atomic(os.path.join(ckpt_root, "latest"), name + "\n")
+        write_text_atomic(os.path.join(ckpt_root, "latest"), name + "\n")
     except OSError as e:
         raise _write_error(e, os.path.join(ckpt_root, "latest"), _disk_full(e, ckpt_root)) from e
     shutil.rmtree(old, ignore_errors=True)

@@ -12,8 +12,10 @@
 
 `write(directory, full_state)` writes the script's own weights (a LoRA adapter or the full model, plus whatever
 else the script keeps); the shell adds the trainer state and publishes the directory atomically
-(common/checkpoint.py). `run_evaluation(step)` returns (metrics, frames): frames, a list of (H, W, 3) uint8 images
-of env 0, is logged as eval/video when not empty (a script may log its own videos at `step` and return none).
+(common/checkpoint.py). `run_evaluation(step)` returns (metrics, frames, episodes): frames, a list of (H, W, 3) uint8
+images of env 0, is logged as eval/video when not empty (a script may log its own videos at `step` and return none);
+episodes, every rank's episode records (common/evaluation.py), go to {run}/eval/step_XXXXXXXX.jsonl with a summary.
+`eval_flags` names the flags that define the evaluation protocol, recorded in that summary.
 """
 
 import json
@@ -33,6 +35,7 @@ from common.checkpoint import (
     unlock_run_dir,
 )
 from common.dist import check_in_sync, cleanup, is_main_process, print0
+from common.evaluation import summarize, write_evaluation
 from common.guards import StopRequest, check_finite_state, named_state_tensors
 from common.logger import is_due
 
@@ -66,9 +69,11 @@ class RunShell:
         write: Callable[[str, Optional[dict]], None],
         logger,
         envs=None,
+        eval_flags: tuple[str, ...] = (),
     ):
         self.args, self.run_path, self.policy, self.optimizer = args, run_path, policy, optimizer
         self.sharded, self.write, self.logger, self.envs = sharded, write, logger, envs
+        self.eval_flags = eval_flags
         self.stop = StopRequest()  # SIGTERM / Ctrl-C: finish the iteration, save, exit 0
 
     def save(self, step: int) -> None:
@@ -90,19 +95,27 @@ class RunShell:
             path = save_checkpoint(ckpt_root, step, write, keep_last=self.args.keep_checkpoints)
             print0(f"saved {path}")
 
-    def log_evaluation(self, run_evaluation: Callable[[int], tuple[dict, list]], step: int) -> dict:
-        metrics, frames = run_evaluation(step)
+    def log_evaluation(self, run_evaluation: Callable[[int], tuple[dict, list, list]], step: int) -> dict:
+        metrics, frames, episodes = run_evaluation(step)
         if frames:
             self.logger.video("eval/video", torch.stack([torch.as_tensor(f) for f in frames]).numpy(), step)
+        if episodes and is_main_process():
+            summary = summarize(episodes, self.args, self.eval_flags, step)
+            records_path = write_evaluation(self.run_path, step, episodes, summary)
+            low, high = summary["ci95"]
+            print0(
+                f"eval at step {step}: success {summary['success_rate']:.3f} (95% CI {low:.3f}-{high:.3f}) over "
+                f"{summary['episodes']} episodes, protocol {summary['protocol']}; records {records_path}"
+            )
         return metrics
 
-    def eval_only(self, run_evaluation: Callable[[int], tuple[dict, list]], step: int) -> None:
+    def eval_only(self, run_evaluation: Callable[[int], tuple[dict, list, list]], step: int) -> None:
         """--eval-only: evaluate once, print the metrics as JSON, close everything."""
         print0(json.dumps(self.log_evaluation(run_evaluation, step)))
         self.close()
 
     def end_of_iteration(
-        self, iteration: int, metrics: dict, run_evaluation: Callable[[int], tuple[dict, list]], summary: str
+        self, iteration: int, metrics: dict, run_evaluation: Callable[[int], tuple[dict, list, list]], summary: str
     ) -> bool:
         """Evaluate (every --eval-interval iterations and after the last), log, print `summary` (a format string over
         the metric names) and checkpoint (every --save-interval iterations, after the last, and on a stop request).

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from eval_checks import check_evaluation
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from common.envs.maniskill import HELD_OUT_SEED_BASE
 from common.models.tiny import make_tiny_internvl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +60,8 @@ def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
 
 
 def test_two_ranks_train_checkpoint_resume_eval(model_path, tmp_path):
-    """torchrun with 2 gloo ranks: train, checkpoint, resume (replays exactly), then --eval-only on one process."""
+    """torchrun with 2 gloo ranks: train, checkpoint, resume (replays exactly), then --eval-only on one process; the
+    evaluation records of both, compared by common.eval_report."""
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
     first, resumed = tmp_path / "first", tmp_path / "resumed"
     out = run(
@@ -96,6 +99,12 @@ def test_two_ranks_train_checkpoint_resume_eval(model_path, tmp_path):
         assert tag in logged, tag
     assert logged["actor/samples"][1] > 0
     assert logged["actor/approx_kl"][1] == pytest.approx(0.0, abs=1e-6)  # rollout and training log-probs agree
+    records, summary = check_evaluation(
+        first / "grpo_internvl__s1", 2, 4, {tag: values[2] for tag, values in logged.items() if 2 in values}
+    )
+    assert [r["seed"] for r in records] == [HELD_OUT_SEED_BASE + i for i in range(4)]  # both ranks' episodes
+    assert (first / "grpo_internvl__s1" / records[0]["video"]).exists()
+    assert summary["flags"]["env_id"] == "PushCube-v1" and summary["flags"]["eval_temperature"] == 0.0
 
     # Resume from step 1 into a fresh run folder: it starts at iteration 2 and replays it exactly.
     out = run(
@@ -120,6 +129,23 @@ def test_two_ranks_train_checkpoint_resume_eval(model_path, tmp_path):
 
     out = run(*TINY_RUN, "--eval-only", "--checkpoint", str(ckpts), "--run-dir", str(tmp_path / "eval"))
     assert '"eval/success_rate"' in out  # the model path and LoRA settings come from the checkpoint
+    _, summary = check_evaluation(tmp_path / "eval" / "grpo_internvl__s1", 2, 2)
+    assert summary["checkpoint"].endswith("step_00000002")
+
+    chart = tmp_path / "compare.png"
+    report = subprocess.run(
+        [sys.executable, "-m", "common.eval_report", str(first / "grpo_internvl__s1")]
+        + [str(tmp_path / "eval" / "grpo_internvl__s1" / "eval" / "step_00000002.summary.json")]
+        + ["--out", str(chart)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    overall = [line for line in report.stdout.splitlines() if line.startswith("overall")]
+    assert len(overall) == 1 and "/4" in overall[0] and "/2" in overall[0], report.stdout
+    assert chart.stat().st_size > 1000
 
 
 def test_cli_rejects_indivisible_groups():

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from eval_checks import check_evaluation
 from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,7 +57,8 @@ def test_train_checkpoint_resume_and_eval(tiny_openvla, tmp_path):
     assert os.listdir(tmp_path / "t__s1" / "videos")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    tags = set(EventAccumulator(str(tmp_path / "t__s1")).Reload().Tags()["scalars"])
+    events = EventAccumulator(str(tmp_path / "t__s1")).Reload()
+    tags = set(events.Tags()["scalars"])
     expected = {
         "actor/pg_loss",
         "critic/value_loss",
@@ -75,6 +77,11 @@ def test_train_checkpoint_resume_and_eval(tiny_openvla, tmp_path):
         "time/update_samples_per_s",
     }
     assert expected <= tags, expected - tags
+    logged = {tag: events.Scalars(tag)[-1].value for tag in ("eval/success_rate", "eval/success_at_end")}
+    records, summary = check_evaluation(tmp_path / "t__s1", 2, 2, logged, ("seed", "success_at_end", "return"))
+    assert summary["success_at_end"]["successes"] == sum(r["success_at_end"] for r in records)
+    assert logged["eval/success_at_end"] == pytest.approx(summary["success_at_end"]["success_rate"])
+    assert all(r["length"] == 4 and r["temperature"] == 0.6 for r in records)
 
     # Resuming from iteration 1 replays iteration 2 exactly: same env seeds, sampling, minibatches and optimizer state.
     resumed = [a if a != "t" else "r" for a in base]
@@ -99,6 +106,8 @@ def test_train_checkpoint_resume_and_eval(tiny_openvla, tmp_path):
         ]
     )
     assert '"eval/success_rate"' in out and '"eval/success_at_end"' in out
+    _, summary = check_evaluation(tmp_path / "ppo_openvla__s1", 2, 2)  # the checkpoint's step
+    assert summary["checkpoint"].endswith("step_00000002") and summary["script"] == "ppo_openvla.py"
 
 
 def test_critic_warmup_leaves_the_policy_as_it_was(tiny_openvla, tmp_path):

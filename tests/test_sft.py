@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from eval_checks import check_evaluation
 
 from common.envs.demos import action_norm_stats, save_episode
 from common.models.action_text import ActionTemplate, build_inputs, load_processor_and_template, parse_action_text
@@ -225,6 +226,8 @@ def test_sft_internvl_train_eval_resume_final_model(demo_dir, tiny_internvl, tmp
     }
     assert expected <= scalar_tags(run_path)
     assert list((run_path / "videos").glob("*.mp4"))
+    records, _ = check_evaluation(run_path, 4, 1, fields=("seed", "video"))
+    assert (run_path / records[0]["video"]).exists()
 
     # Resuming from step 2 (no simulator) replays steps 3 and 4 exactly.
     run(
@@ -292,6 +295,7 @@ def test_sft_openvla_train_eval_final_model(demo_dir, tiny_openvla, tmp_path):
     run_path = tmp_path / "sft_openvla__s3"
     expected = {"actor/loss", "actor/free_slot_accuracy", "actor/action_l1", "eval/success_rate", "actor/epoch"}
     assert expected <= scalar_tags(run_path)
+    check_evaluation(run_path, 3, 1, fields=("seed",))
 
     # final/ is in the openvla-7b layout with the demos' stats under the new key, next to the base model's keys;
     # ppo_openvla.py's loaders read it, and it computes what the base model + the trained adapter computes.

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from eval_checks import check_evaluation
 from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,6 +90,10 @@ def test_train_checkpoint_resume_and_eval(tiny_oft, tiny_vjepa2, tmp_path):
     assert {"eval/success_rate", "eval/libero_spatial/success_rate", "eval/libero_spatial/task_00_success_rate"} <= set(
         metrics
     )
+    records, summary = check_evaluation(tmp_path / "e__s1", 3, 1, metrics, ("init_state", "video"))
+    assert records[0]["task"] == "libero_spatial/task_00" and records[0]["init_state"] == 0
+    assert (tmp_path / "e__s1" / records[0]["video"]).exists()  # the one episode is the success or failure video
+    assert summary["flags"]["suite"] == "libero_spatial" and summary["flags"]["task_ids"] == [0]
 
 
 def test_bad_input_fails_before_any_work(tiny_oft, tiny_vjepa2, tmp_path):
