@@ -237,7 +237,7 @@ def progress(total: int, desc: str, unit: str, enabled: bool) -> tqdm:
         file=_Lines(sys.stderr),
         mininterval=PROGRESS_LOG_S,
         delay=PROGRESS_LOG_S,
-        ncols=100,
+        ncols=120,
     )
 
 

@@ -207,9 +207,10 @@ def test_a_restarted_attempt_never_dials_the_previous_attempts_ranks(tmp_path):
 
 def test_a_hung_rank_ends_the_job_within_the_dist_timeout(tiny_openvla, tmp_path):
     """SIGSTOP of rank 1 (a stuck process): rank 0 stops with an error naming itself and --dist-timeout-s, the job
-    exits non-zero within that bound plus torchrun's shutdown, and no process of it is left, env workers included."""
+    exits non-zero within that bound plus torchrun's --shutdown-timeout (5 s here, 30 by default), and no process of it
+    is left, env workers included."""
     timeout_s = 10
-    cmd = [*TORCHRUN, "--standalone", "--nproc-per-node", "2"]
+    cmd = [*TORCHRUN, "--standalone", "--nproc-per-node", "2", "--shutdown-timeout", "5"]
     cmd += ppo_flags(tiny_openvla, str(tmp_path)) + ["--total-iterations", "1000", "--dist-timeout-s", str(timeout_s)]
     proc, lines = start(cmd), []
     try:
@@ -224,43 +225,34 @@ def test_a_hung_rank_ends_the_job_within_the_dist_timeout(tiny_openvla, tmp_path
         kill_group(proc)
     assert proc.returncode != 0, output[-4000:]
     assert f"rank 0: a collective got no answer from another rank within --dist-timeout-s {timeout_s} s" in output
-    assert elapsed < timeout_s + 90, (elapsed, output[-3000:])  # torchrun stops the other rank within 30 s more
+    assert elapsed < timeout_s + 60, (elapsed, output[-3000:])  # torchrun SIGKILLs the stopped rank 5 s later
     assert not left, f"processes of the job still running: {left}"
 
 
-def test_two_torchrun_agents_train_save_and_resume_one_run(tiny_openvla, tmp_path):
-    """Two nodes as two torchrun agents on this machine (c10d rendezvous): one PPO run of 2 ranks, saved, then
-    relaunched with --resume auto to one more iteration."""
-
-    def launch(total: int) -> list[str]:
-        port, outputs = free_port(), []
-        procs = [
-            start(
-                [*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node)]
-                + ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", f"run{total}"]
-                + ppo_flags(tiny_openvla, str(tmp_path))
-                + ["--total-iterations", str(total), "--resume", "auto"]
-            )
-            for node in (0, 1)
-        ]
-        try:
-            for proc in procs:
-                outputs.append(finish(proc, 600))
-        finally:
-            for proc in procs:
-                kill_group(proc)
-        for proc, output in zip(procs, outputs):
-            assert proc.returncode == 0, output[-4000:]
-        return outputs
-
-    first = "".join(launch(2))
-    assert "2 rank(s) x 1 envs" in first
-    second = "".join(launch(3))
-    assert re.search(r"resumed from \S*step_00000002 at iteration 2", second), second[-3000:]
-    assert (tmp_path / "t__s1" / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+def test_two_torchrun_agents_train_and_save_one_run(tiny_openvla, tmp_path):
+    """Two nodes as two torchrun agents on this machine (c10d rendezvous): one PPO run of 2 ranks trains and saves.
+    (Continuing such a run is a relaunch with --resume auto, as in the restart test above.)"""
+    port = free_port()
+    procs = [
+        start(
+            [*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node)]
+            + ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "run"]
+            + ppo_flags(tiny_openvla, str(tmp_path))
+            + ["--total-iterations", "2", "--resume", "auto"]
+        )
+        for node in (0, 1)
+    ]
+    try:
+        outputs = [finish(proc, 600) for proc in procs]
+    finally:
+        for proc in procs:
+            kill_group(proc)
+    for proc, output in zip(procs, outputs):
+        assert proc.returncode == 0, output[-4000:]
+    assert "2 rank(s) x 1 envs" in "".join(outputs)
+    assert (tmp_path / "t__s1" / "checkpoints" / "latest").read_text().strip() == "step_00000002"
 
 
-@pytest.mark.parametrize("simulator", ["maniskill", "libero"])
 def test_sigkill_of_a_script_leaves_no_env_worker(simulator, tiny_openvla, tiny_oft, tiny_vjepa2, tmp_path):
     """kill -9 of the trainer, which no handler sees: its env workers (ManiSkill CPU workers under their forkserver,
     LIBERO worker processes) exit with it."""
