@@ -253,6 +253,7 @@ def test_two_torchrun_agents_train_and_save_one_run(tiny_openvla, tmp_path):
     assert (tmp_path / "t__s1" / "checkpoints" / "latest").read_text().strip() == "step_00000002"
 
 
+@pytest.mark.parametrize("simulator", ["maniskill", "libero"])
 def test_sigkill_of_a_script_leaves_no_env_worker(simulator, tiny_openvla, tiny_oft, tiny_vjepa2, tmp_path):
     """kill -9 of the trainer, which no handler sees: its env workers (ManiSkill CPU workers under their forkserver,
     LIBERO worker processes) exit with it."""
