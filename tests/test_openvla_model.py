@@ -7,7 +7,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common.models.openvla import PROMPT, ActionTokenizer, action_stats, load_openvla, read_openvla_config, save_openvla
+from common.models.openvla import (
+    PROMPT,
+    TOKENIZER_FILES,
+    ActionTokenizer,
+    action_stats,
+    load_openvla,
+    read_openvla_config,
+    save_openvla,
+)
 
 
 def test_checkpoint_layout_matches_openvla_7b(tiny_openvla):
@@ -54,6 +62,28 @@ def test_save_load_round_trip_gives_identical_logits(tiny_openvla, tmp_path):
         if f.endswith(".safetensors"):
             copied.update(load_file(os.path.join(tmp_path / "copy", f)))
     assert original.keys() == copied.keys()
+    for name in TOKENIZER_FILES:  # the tokenizer files travel byte for byte, whatever transformers would write
+        assert os.path.isfile(tmp_path / "copy" / name) == os.path.isfile(os.path.join(tiny_openvla, name))
+        if os.path.isfile(os.path.join(tiny_openvla, name)):
+            assert (tmp_path / "copy" / name).read_bytes() == open(os.path.join(tiny_openvla, name), "rb").read()
+
+
+# Prompt ids of the tiny tokenizer's files as transformers 4.57.1 gives them (where tokenizer.model loads as
+# LlamaTokenizerFast, the reference's stack); transformers 5 converts the same sentencepiece file itself.
+IDS_UNDER_TRANSFORMERS_4 = {
+    "push the cube to the goal region": [1, 305, 718, 319, 325, 316, 263, 323, 312, 282, 391, 263, 334, 282, 263]
+    + [347, 366, 721, 13, 723, 286, 718],
+    "Weird UPPER 123 ünï": [1, 305, 718, 319, 325, 316, 263, 323, 312, 282, 693, 710, 695, 699, 706, 707, 349, 705]
+    + [372, 693, 52, 53, 54, 693, 198, 191, 701, 198, 178, 721, 13, 723, 286, 718],
+}
+
+
+def test_tokenizer_ids_equal_the_reference_stacks(tiny_openvla):
+    _, processor = load_openvla(tiny_openvla)
+    space = processor.tokenizer.convert_tokens_to_ids("▁")
+    for text, expected in IDS_UNDER_TRANSFORMERS_4.items():
+        ids, _ = processor.prompt_ids([text])
+        assert ids[0].tolist() == expected + [space]
 
 
 def test_forward_follows_reference_conventions(tiny_openvla):
@@ -138,3 +168,15 @@ def test_bf16_load_keeps_rope_frequencies_in_float32(tiny_openvla):
     model, _ = load_openvla(tiny_openvla, dtype=torch.bfloat16)
     assert model.language_model.model.rotary_emb.inv_freq.dtype == torch.float32
     assert model.language_model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+
+
+def test_openvla_7b_text_config_still_builds_llama_2_7b():
+    """openvla-7b's config.json keeps text_config as a diff against LlamaConfig's defaults of the transformers that
+    saved it (4.40); the installed version's defaults must rebuild the same Llama-2 7B from that diff."""
+    from transformers import LlamaConfig
+
+    c = LlamaConfig(**{"model_type": "llama", "vocab_size": 32064, "rms_norm_eps": 1e-5, "pad_token_id": 32000})
+    shape = (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads)
+    assert shape == (4096, 11008, 32, 32, 32) and c.head_dim == 128 and c.hidden_act == "silu"
+    assert c.rope_parameters == {"rope_theta": 10000.0, "rope_type": "default"} and c.max_position_embeddings == 2048
+    assert not (c.attention_bias or c.mlp_bias or c.tie_word_embeddings) and (c.bos_token_id, c.eos_token_id) == (1, 2)

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torchvision.transforms.functional as TF
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from common.dist import attn_implementation as choose_attn_implementation
@@ -35,6 +35,16 @@ VISION_BACKBONES = {
 }
 PROMPT = "In: What action should the robot take to {}?\nOut:"
 INDEX_FILE, WEIGHTS_FILE = "model.safetensors.index.json", "model.safetensors"
+# openvla-7b's tokenizer files. Training never changes the tokenizer, so a saved checkpoint carries these files
+# byte for byte as they were loaded: the checkpoint then loads in the reference's own stack (transformers 4.40)
+# as well as in ours, whatever layout the installed transformers would write.
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -243,8 +253,9 @@ def action_stats(config: dict, unnorm_key: Optional[str], flag: str = "--unnorm-
 # Processor: images -> pixel_values (B, 6, 224, 224); instructions -> left-padded prompt ids ending in "▁"
 # ---------------------------------------------------------------------------------------------------------------
 class OpenVLAProcessor:
-    def __init__(self, tokenizer, preprocessor_config: dict):
+    def __init__(self, tokenizer, preprocessor_config: dict, tokenizer_files: Optional[dict[str, bytes]] = None):
         self.tokenizer, self.preprocessor_config = tokenizer, preprocessor_config
+        self.tokenizer_files = tokenizer_files  # {file name: bytes} as loaded; None: written by save_pretrained
         if preprocessor_config.get("image_resize_strategy", "resize-naive") != "resize-naive":
             raise ValueError(
                 f"image_resize_strategy {preprocessor_config['image_resize_strategy']!r}: "
@@ -355,12 +366,22 @@ def load_openvla(
     llm = model.language_model.model
     llm.rotary_emb = None  # RoPE frequencies are a non-persistent buffer, still on the meta device: rebuilt below
     model = model.to(device=device, dtype=dtype)
-    llm.rotary_emb = LlamaRotaryEmbedding(
-        llm.config, device=device
-    )  # float32 even in a bf16 model, as transformers keeps it
+    with torch.device(device):  # float32 even in a bf16 model, as transformers keeps it
+        llm.rotary_emb = LlamaRotaryEmbedding(llm.config)
     with open(os.path.join(path, "preprocessor_config.json")) as f:
-        processor = OpenVLAProcessor(AutoTokenizer.from_pretrained(path), json.load(f))
+        # LlamaTokenizer, the class openvla-7b's tokenizer_config.json names (AutoTokenizer would read config.json's
+        # auto_map and ask whether to run the checkpoint's own code).
+        processor = OpenVLAProcessor(LlamaTokenizer.from_pretrained(path), json.load(f), read_tokenizer_files(path))
     return model, processor
+
+
+def read_tokenizer_files(path: str) -> dict[str, bytes]:
+    files = {}
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(path, name)):
+            with open(os.path.join(path, name), "rb") as f:
+                files[name] = f.read()
+    return files
 
 
 def save_openvla(
@@ -396,4 +417,9 @@ def save_openvla(
         json.dump(model.config, f, indent=2)
     with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
         json.dump(processor.preprocessor_config, f, indent=2)
-    processor.tokenizer.save_pretrained(path)
+    if processor.tokenizer_files:
+        for name, data in processor.tokenizer_files.items():
+            with open(os.path.join(path, name), "wb") as f:
+                f.write(data)
+    else:
+        processor.tokenizer.save_pretrained(path)

@@ -9,12 +9,15 @@ Each is written by the same code path that writes or reads the real checkpoints 
 
 The InternVL tokenizer is a byte-level BPE in the Qwen2 format, built offline with `tokenizers`.
 `digits="grouped"` (default) pre-tokenizes numbers in runs of up to 3 digits (Llama-3 / GPT-4 style) and holds
-every integer "0".."999" as one token; `digits="single"` splits numbers into single digits exactly like the real
-Qwen2/Qwen2.5 tokenizer of InternVL3.
+every integer "0".."999" as one token, saved as a generic `tokenizers` tokenizer (transformers loads the
+tokenizer.json pipeline as written); `digits="single"` splits numbers into single digits exactly like the real
+Qwen2/Qwen2.5 tokenizer of InternVL3 and is saved as a `Qwen2Tokenizer` (transformers 5 rebuilds that class's own
+pre-tokenizer on load, the one real InternVL3 checkpoints get).
 """
 
 import argparse
 import itertools
+import json
 import os
 from typing import Optional
 
@@ -22,15 +25,23 @@ import torch
 import torch.nn as nn
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
-    GotOcr2ImageProcessorFast,
+    GotOcr2ImageProcessor,
     InternVLConfig,
     InternVLForConditionalGeneration,
     InternVLProcessor,
     InternVLVideoProcessor,
-    Qwen2TokenizerFast,
+    PreTrainedTokenizerFast,
+    Qwen2Tokenizer,
 )
 
-from common.models.openvla import PROMPT, VISION_BACKBONES, OpenVLA, OpenVLAProcessor, save_openvla
+from common.models.openvla import (
+    PROMPT,
+    VISION_BACKBONES,
+    OpenVLA,
+    OpenVLAProcessor,
+    read_tokenizer_files,
+    save_openvla,
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -120,11 +131,22 @@ def build_tiny_tokenizer(out_dir: str, vocab_size: int = 1024):
         num_threads=1,
         minloglevel=2,
     )
-    tokenizer = LlamaTokenizer(vocab_file=prefix + ".model", legacy=False, add_bos_token=True, add_eos_token=False)
-    tokenizer.add_special_tokens({"pad_token": "<PAD>"})
-    for suffix in (".model", ".vocab"):
-        os.remove(prefix + suffix)
-    return tokenizer
+    # The files openvla-7b ships: the sentencepiece tokenizer.model (transformers converts it on load), its
+    # tokenizer_config.json, and "<PAD>" as an added token right after the vocabulary.
+    os.replace(prefix + ".model", os.path.join(out_dir, "tokenizer.model"))
+    os.remove(prefix + ".vocab")
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "legacy": False,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        **{"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<PAD>"},
+    }
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    with open(os.path.join(out_dir, "added_tokens.json"), "w") as f:
+        json.dump({"<PAD>": vocab_size}, f)
+    return LlamaTokenizer.from_pretrained(out_dir)
 
 
 _TINY_CORPUS = [
@@ -215,7 +237,8 @@ def make_tiny_openvla(
     for name, p in model.named_parameters():  # timm inits LayerScale to 1e-5; make the tiny vision path matter
         if name.endswith(".gamma"):
             nn.init.uniform_(p, 0.5, 1.0)
-    save_openvla(model, OpenVLAProcessor(tokenizer, preprocessor_config()), out_dir, max_shard_bytes=1 << 20)
+    processor = OpenVLAProcessor(tokenizer, preprocessor_config(), read_tokenizer_files(out_dir))
+    save_openvla(model, processor, out_dir, max_shard_bytes=1 << 20)
     return out_dir
 
 
@@ -252,7 +275,7 @@ WORDS = (
 ).split()
 
 
-def build_tokenizer(digits: str = "grouped") -> Qwen2TokenizerFast:
+def build_tokenizer(digits: str = "grouped") -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer in the Qwen2 format with a small hand-made vocabulary."""
     byte_chars = pre_tokenizers.ByteLevel.alphabet()
     to_bytes = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -285,7 +308,8 @@ def build_tokenizer(digits: str = "grouped") -> Qwen2TokenizerFast:
     )
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(ADDED_TOKENS)
-    return Qwen2TokenizerFast(
+    tokenizer_class = PreTrainedTokenizerFast if digits == "grouped" else Qwen2Tokenizer
+    return tokenizer_class(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
@@ -324,10 +348,11 @@ def make_tiny_internvl(out_dir: str, digits: str = "grouped", image_size: int = 
         image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
         image_seq_length=image_seq_length,
         downsample_ratio=0.5,
+        tie_word_embeddings=False,  # transformers 5 reads the top-level flag (its default: tied)
     )
     torch.manual_seed(seed)
     InternVLForConditionalGeneration(config).save_pretrained(out_dir)
-    image_processor = GotOcr2ImageProcessorFast(
+    image_processor = GotOcr2ImageProcessor(
         size={"height": image_size, "width": image_size},
         crop_to_patches=False,
         image_mean=[0.485, 0.456, 0.406],
