@@ -8,7 +8,7 @@ Made for an air-gapped node with a wall-clock limit (bench/README.md: the wheels
 the JSON is rewritten after every part, so a killed run keeps what finished, and each part is stopped after
 --part-timeout-s (120). A failing part is reported in the table and the JSON; the others still run.
 
-Model parts (the node's torch plus transformers, peft, timm and tyro wheels):
+Model parts (the node's torch and transformers 5, plus peft, timm and tyro wheels):
 - param_counts: parameters of the real OpenVLA-7B (= OpenVLA-OFT) and InternVL3-1B/2B shapes, on the meta device.
 - ppo_rollout: ppo_openvla.py `ActorCritic.act` (prefill + 6 cached one-token decodes, LoRA rank 32 injected) at
   batch 16 and 64: actions/s, the prefill alone (`predict_value`, the same forward) and the decode time per token,
@@ -63,7 +63,7 @@ PARTS = (
     "maniskill_gpu",
     "libero",
 )
-MODEL_PARTS = PARTS[:8]  # need only torch, transformers, peft, timm, tyro: the node's own torch plus ~17 MB of wheels
+MODEL_PARTS = PARTS[:8]  # the node's torch and transformers 5 plus ~5 MB of wheels (peft, timm, tyro, ...)
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0}  # dense, no sparsity
 
 # InternVL3 -hf shapes (InternViT-300M-448px-V2.5 + Qwen2.5-0.5B / 1.5B), as in their config.json files.
@@ -710,6 +710,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--video-batch", type=int, default=None, help="V-JEPA 2 clips per call; default 8 (tiny: 2)")
     parser.add_argument("--part-timeout-s", type=int, default=120, help="each part is stopped after this long")
     args = parser.parse_args(argv)
+    import peft
+    import timm
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        parser.error(f"transformers {transformers.__version__} is installed; the project needs 5.x (bench/README.md)")
     tiny = args.size == "tiny"
     args.rollout_batch_sizes = args.rollout_batch_sizes or ([2, 4] if tiny else [16, 64])
     args.decode_batch_sizes = args.decode_batch_sizes or ([4] if tiny else [64])
@@ -724,6 +730,7 @@ def main(argv=None) -> dict:
             "size": args.size,
             "device": torch.cuda.get_device_name() if ctx.cuda else "cpu",
             "torch": torch.__version__,
+            "versions": {m.__name__: m.__version__ for m in (transformers, peft, timm)},
             "parts": {},
         }
         for name in args.parts:

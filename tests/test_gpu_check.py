@@ -39,6 +39,7 @@ def test_gpu_check_tiny(tmp_path):
     )
     results = json.loads(out.read_text())
     assert results["size"] == "tiny" and results["device"] == "cpu"
+    assert results["versions"]["transformers"].split(".")[0] == "5"
     parts = results["parts"]
     for name in [p for p in gpu_check.MODEL_PARTS if p != "fsdp_step"]:  # that one is torchrun: test_fsdp.py
         assert parts[name]["status"] == "ok", parts[name].get("traceback")
