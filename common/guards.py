@@ -162,11 +162,20 @@ class StopRequest:
 def exit_with_parent(trainer_pid: int) -> None:
     """Have the kernel SIGKILL this process when its parent dies (Linux PR_SET_PDEATHSIG), so env workers never
     outlive a trainer killed with SIGKILL, which no handler of the trainer sees; and exit now if the trainer
-    (`trainer_pid`, the parent or the parent's parent) is already gone, since a worker is killed only by the death of
-    a parent it had when this ran. Call it first thing in a worker."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
-    try:
-        os.kill(trainer_pid, 0)
-    except ProcessLookupError:
+    (`trainer_pid`) is no longer the parent or the parent's parent, since the signal comes only from the death of a
+    parent this process had when it asked for it. Call it first thing in a worker (and in a forkserver between the
+    trainer and its workers: see common/envs/forkserver_exit.py)."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    parent = os.getppid()
+    if trainer_pid not in (parent, _parent_of(parent)):  # a dead trainer's children have been handed to init already
         os._exit(0)
+
+
+def _parent_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0

@@ -306,6 +306,33 @@ def test_exit_with_parent_takes_a_busy_worker_along():
     assert not wait_gone([child_pid], 3), "the busy child outlived its killed parent"
 
 
+def test_an_idle_forkserver_worker_exits_with_the_trainer():
+    """The ManiSkill workers' forkserver exits with a trainer killed with kill -9, and with it a worker that waits on
+    its queue (as the pool worker that probes the env spaces: it holds its queue's write end, so it never reads EOF).
+    Without the server's own exit_with_parent the server outlives the trainer (each process it forked holds its
+    "alive" pipe), and so do the workers that would die with it."""
+    trainer = (
+        "import concurrent.futures, os, time\n"
+        "from common.envs.maniskill import _forkserver\n"
+        "from common.guards import exit_with_parent\n"
+        "pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=_forkserver())\n"
+        "pool.submit(exit_with_parent, os.getpid()).result()\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", trainer], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        started = descendants(proc.pid)  # resource tracker, forkserver, pool worker
+        assert len(started) >= 3, started
+        proc.kill()
+        proc.wait(timeout=30)
+        left = wait_gone(started, 10)
+    finally:
+        kill_group(proc)
+    assert not left, f"still running 10 s after the trainer was killed: {left}"
+
+
 def test_the_run_directory_lock_refuses_a_second_job_and_not_a_dead_ones(tmp_path):
     run_path = str(tmp_path / "run")
     holder = subprocess.Popen(

@@ -259,12 +259,20 @@ class _CPUEnvFactory:
         if multiprocessing.parent_process() is not None:
             return self.build_slice()
         if self.spaces is None:
-            context = multiprocessing.get_context("forkserver")
-            with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+            with concurrent.futures.ProcessPoolExecutor(1, mp_context=_forkserver()) as pool:
                 observation_space, action_space, *rest = pool.submit(_probe_spaces, self).result()
             batched = [gym.vector.utils.batch_space(space, self.count) for space in (observation_space, action_space)]
             self.spaces = (*batched, *rest)
         return _SpacesOnly(*self.spaces)
+
+
+def _forkserver() -> multiprocessing.context.BaseContext:
+    """The "forkserver" start method (workers forked from a server that has imported the script once), its server made
+    to exit with this process: the workers exit with the server (see common/envs/forkserver_exit.py). Python keeps one
+    forkserver per process; the preload list applies when it starts."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", "common.envs.forkserver_exit"])
+    return context
 
 
 def _probe_spaces(factory: _CPUEnvFactory):
@@ -382,7 +390,7 @@ class ManiSkillVLAEnv:
         return gym.vector.AsyncVectorEnv(
             self._factories,
             autoreset_mode=gym.vector.AutoresetMode.DISABLED,
-            context="forkserver",
+            context=_forkserver().get_start_method(),
         )
 
     def _refresh_instructions(self, mask: torch.Tensor) -> None:
