@@ -1,0 +1,333 @@
+"""LeRobot datasets (layout v3.0) in and out: demonstrations in the field's format.
+
+The layout, as LeRobot's `LeRobotDataset` writes it (a local folder or a hub dataset id):
+
+    meta/info.json        codebase_version "v3.0", fps, features {key: {dtype, shape, names[, info]}}, total_episodes,
+                          total_frames, total_tasks, chunks_size, data_path, video_path (path templates), splits
+    meta/tasks.parquet    one row per task string (the pandas index) with its task_index
+    meta/episodes/chunk-000/file-000.parquet
+                          one row per episode: episode_index, tasks, length, dataset_from_index / dataset_to_index
+                          (its rows in the data files), data/chunk_index, data/file_index and, per video feature,
+                          videos/{key}/chunk_index, file_index, from_timestamp, to_timestamp (its span in a shared mp4)
+    meta/stats.json       per feature: min, max, mean, std, count (q01 and q99 too when written here)
+    data/chunk-XXX/file-YYY.parquet
+                          one row per frame: every non-video feature, timestamp, frame_index, episode_index, index,
+                          task_index; "image" features as {bytes: PNG, path: null}
+    videos/{key}/chunk-XXX/file-YYY.mp4
+                          "video" features: the episodes' frames back to back
+
+Read and written with pyarrow and ffmpeg (imageio-ffmpeg's binary decodes LeRobot's default AV1 and H.264): the
+`lerobot` package itself pins torch < 2.11 and huggingface_hub < 0.36 and cannot be installed beside this project.
+
+`LeRobotEpisodes` decodes one episode at a time, so a dataset need not fit in memory; each episode comes back as
+the dict `common/envs/demos.py` uses (rgb, state, action, instruction, success, seed).
+"""
+
+import io
+import json
+import os
+from typing import Optional
+
+import numpy as np
+
+CODEBASE_VERSION = "v3.0"
+DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
+VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
+EPISODES_PATH = "meta/episodes/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
+# Default feature names, as LeRobot's LIBERO and ManiSkill conversions name them.
+IMAGE_KEY, STATE_KEY, ACTION_KEY = "observation.images.image", "observation.state", "action"
+
+
+def is_lerobot_dataset(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "meta", "info.json"))
+
+
+def resolve_dataset(path: str, flag: str) -> str:
+    """A local dataset folder, or a hub dataset id downloaded (or found in the cache) with huggingface_hub."""
+    if os.path.isdir(path):
+        if not is_lerobot_dataset(path):
+            raise FileNotFoundError(f"{flag} {path!r} has no meta/info.json: not a LeRobot dataset folder")
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(path, repo_type="dataset")
+    except Exception as e:
+        raise FileNotFoundError(f"{flag} {path!r}: no such folder, and no hub dataset of that id ({e})") from e
+    if not is_lerobot_dataset(local):
+        raise FileNotFoundError(f"{flag} {path!r} has no meta/info.json: not a LeRobot dataset")
+    return local
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------------------------
+def _read_table(path: str) -> dict[str, list]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pydict()
+
+
+def _decode_png(cell) -> np.ndarray:
+    import imageio.v3 as iio
+
+    data = cell["bytes"] if isinstance(cell, dict) else cell
+    return np.asarray(iio.imread(io.BytesIO(data)))
+
+
+def decode_video_span(path: str, start_s: float, num_frames: int) -> np.ndarray:
+    """num_frames RGB frames (N, H, W, 3) uint8 of an mp4 from start_s on (ffmpeg's accurate seek)."""
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(
+        path, pix_fmt="rgb24", input_params=["-ss", f"{start_s:.6f}"], output_params=["-frames:v", str(num_frames)]
+    )
+    meta = next(reader)
+    width, height = meta["size"]
+    frames = [np.frombuffer(f, np.uint8).reshape(height, width, 3) for f in reader]
+    if len(frames) != num_frames:
+        raise ValueError(f"{path}: {len(frames)} frames from {start_s:.3f} s, the episode metadata says {num_frames}")
+    return np.stack(frames)
+
+
+class LeRobotEpisodes:
+    """The episodes of a LeRobot v3.0 dataset, each decoded when asked for.
+
+    image_key / state_key / action_key name the features to read (state_key None: no state); a missing one is
+    refused with the dataset's feature names, naming `flag_prefix`-image-key etc."""
+
+    def __init__(
+        self,
+        root: str,
+        image_key: str = IMAGE_KEY,
+        state_key: Optional[str] = STATE_KEY,
+        action_key: str = ACTION_KEY,
+        flag_prefix: str = "--dataset",
+    ):
+        import glob
+
+        self.root = root
+        with open(os.path.join(root, "meta", "info.json")) as f:
+            self.info = json.load(f)
+        version = self.info.get("codebase_version")
+        if version != CODEBASE_VERSION:
+            raise ValueError(
+                f"{root}: LeRobot dataset version {version!r}; only {CODEBASE_VERSION!r} is read (convert older "
+                "datasets with LeRobot's convert_dataset_v21_to_v30)"
+            )
+        features = self.info["features"]
+        for flag, key in (("image-key", image_key), ("state-key", state_key), ("action-key", action_key)):
+            if key is not None and key not in features:
+                raise ValueError(f"{flag_prefix}-{flag} {key!r} is not a feature of {root}; it has {sorted(features)}")
+        if features[image_key]["dtype"] not in ("image", "video"):
+            raise ValueError(f"{flag_prefix}-image-key {image_key!r} is a {features[image_key]['dtype']}, not an image")
+        self.image_key, self.state_key, self.action_key = image_key, state_key, action_key
+        self.fps = float(self.info["fps"])
+        tasks = _read_table(os.path.join(root, "meta", "tasks.parquet"))
+        names = next(k for k in tasks if k != "task_index")  # the index column: "task" or "__index_level_0__"
+        self.tasks = dict(zip(tasks["task_index"], tasks[names]))
+        rows: dict[str, list] = {}
+        for file in sorted(glob.glob(os.path.join(root, "meta", "episodes", "chunk-*", "file-*.parquet"))):
+            for key, values in _read_table(file).items():
+                rows.setdefault(key, []).extend(values)
+        order = np.argsort(rows["episode_index"])
+        self.episodes = [{key: rows[key][i] for key in rows} for i in order]
+        self._data_file, self._data = None, None
+
+    def __len__(self) -> int:
+        return len(self.episodes)
+
+    def _rows(self, meta: dict) -> dict[str, list]:
+        """This episode's rows of its data file (the file is read once and kept while episodes come from it)."""
+        file = DATA_PATH.format(chunk_index=meta["data/chunk_index"], file_index=meta["data/file_index"])
+        if file != self._data_file:
+            self._data_file, self._data = file, _read_table(os.path.join(self.root, file))
+        index = self._data["index"]
+        first = int(np.searchsorted(index, meta["dataset_from_index"]))
+        return {key: values[first : first + meta["length"]] for key, values in self._data.items()}
+
+    def __getitem__(self, i: int) -> dict:
+        meta = self.episodes[i]
+        rows = self._rows(meta)
+        if self.info["features"][self.image_key]["dtype"] == "image":
+            rgb = np.stack([_decode_png(cell) for cell in rows[self.image_key]])
+        else:
+            key = self.image_key
+            video = VIDEO_PATH.format(
+                video_key=key,
+                chunk_index=meta[f"videos/{key}/chunk_index"],
+                file_index=meta[f"videos/{key}/file_index"],
+            )
+            rgb = decode_video_span(
+                os.path.join(self.root, video), meta[f"videos/{key}/from_timestamp"], meta["length"]
+            )
+        episode = {
+            "rgb": rgb,
+            "action": np.asarray(rows[self.action_key], dtype=np.float32),
+            "instruction": self.tasks[rows["task_index"][0]],
+            "success": bool(meta.get("success", True)),  # published demonstrations are successes
+            "seed": int(meta.get("seed", -1)),
+        }
+        if self.state_key is not None:
+            episode["state"] = np.asarray(rows[self.state_key], dtype=np.float32)
+        return episode
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------------------
+def _stats(values: np.ndarray) -> dict:
+    """Per-dimension statistics over frames (images: per channel, scaled to [0, 1], as LeRobot stores them)."""
+    axes = tuple(range(values.ndim - 1)) if values.ndim == 2 else (0, 1, 2)
+    if values.ndim == 4:  # (N, H, W, 3) uint8 -> (3, 1, 1) statistics of values / 255
+        values = values.astype(np.float64) / 255.0
+    stats = {
+        "min": values.min(axes),
+        "max": values.max(axes),
+        "mean": values.mean(axes),
+        "std": values.std(axes),
+        "q01": np.quantile(values, 0.01, axis=axes),
+        "q99": np.quantile(values, 0.99, axis=axes),
+    }
+    if values.ndim == 4:
+        stats = {k: v.reshape(3, 1, 1) for k, v in stats.items()}
+    return {k: v.tolist() for k, v in stats.items()} | {"count": [len(values)]}
+
+
+def _write_table(columns: dict[str, list], path: str, pandas_index: Optional[str] = None) -> None:
+    """One parquet file; pandas_index marks a column as the pandas index (how LeRobot keeps tasks.parquet)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(columns)
+    if pandas_index is not None:
+        columns_meta = [
+            {
+                "name": name,
+                "field_name": name,
+                "pandas_type": "unicode" if name == pandas_index else "int64",
+                "numpy_type": "object" if name == pandas_index else "int64",
+                "metadata": None,
+            }
+            for name in table.column_names
+        ]
+        pandas_meta = {"index_columns": [pandas_index], "column_indexes": [], "columns": columns_meta}
+        table = table.replace_schema_metadata({b"pandas": json.dumps(pandas_meta).encode()})
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(table, path)
+
+
+def write_lerobot_dataset(
+    root: str,
+    episodes: list[dict],
+    fps: int,
+    video: bool = False,
+    robot_type: Optional[str] = None,
+    image_key: str = IMAGE_KEY,
+    state_key: str = STATE_KEY,
+    action_key: str = ACTION_KEY,
+    state_names: Optional[list[str]] = None,
+    action_names: Optional[list[str]] = None,
+) -> None:
+    """Write episodes (dicts with rgb (T, H, W, 3) uint8, state (T, S), action (T, A), instruction, and optionally
+    success and seed, kept as extra episode columns) as one LeRobot v3.0 dataset in a single chunk and file.
+
+    video False: frames as lossless PNG "image" features (the SFT data is then bit for bit the demos');
+    video True: one H.264 mp4 ("video" feature, yuv420p, lossy), as the hub datasets store cameras."""
+    import imageio.v3 as iio
+
+    if is_lerobot_dataset(root):
+        raise FileExistsError(f"{root!r} already holds a LeRobot dataset; choose a new folder")
+    tasks = list(dict.fromkeys(e["instruction"] for e in episodes))
+    T = [len(e["action"]) for e in episodes]
+    starts = np.concatenate([[0], np.cumsum(T)[:-1]]).astype(int)
+    rgb = np.concatenate([e["rgb"] for e in episodes])
+    state = np.concatenate([e["state"] for e in episodes]).astype(np.float32)
+    action = np.concatenate([e["action"] for e in episodes]).astype(np.float32)
+    height, width = rgb.shape[1:3]
+
+    data = {
+        state_key: state.tolist(),
+        action_key: action.tolist(),
+        "timestamp": np.concatenate([np.arange(t) / fps for t in T]).astype(np.float32).tolist(),
+        "frame_index": np.concatenate([np.arange(t) for t in T]).tolist(),
+        "episode_index": np.repeat(np.arange(len(episodes)), T).tolist(),
+        "index": np.arange(sum(T)).tolist(),
+        "task_index": np.repeat([tasks.index(e["instruction"]) for e in episodes], T).tolist(),
+    }
+    episode_rows = {
+        "episode_index": list(range(len(episodes))),
+        "tasks": [[e["instruction"]] for e in episodes],
+        "length": T,
+        "dataset_from_index": starts.tolist(),
+        "dataset_to_index": (starts + T).tolist(),
+        "data/chunk_index": [0] * len(episodes),
+        "data/file_index": [0] * len(episodes),
+        "meta/episodes/chunk_index": [0] * len(episodes),
+        "meta/episodes/file_index": [0] * len(episodes),
+        "success": [bool(e.get("success", True)) for e in episodes],
+        "seed": [int(e.get("seed", -1)) for e in episodes],
+    }
+    image_feature = {
+        "dtype": "video" if video else "image",
+        "shape": [height, width, 3],
+        "names": ["height", "width", "channels"],
+    }
+    if video:
+        path = os.path.join(root, VIDEO_PATH.format(video_key=image_key, chunk_index=0, file_index=0))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        iio.imwrite(path, rgb, fps=fps, codec="libx264", macro_block_size=1)
+        episode_rows[f"videos/{image_key}/chunk_index"] = [0] * len(episodes)
+        episode_rows[f"videos/{image_key}/file_index"] = [0] * len(episodes)
+        episode_rows[f"videos/{image_key}/from_timestamp"] = (starts / fps).tolist()
+        episode_rows[f"videos/{image_key}/to_timestamp"] = ((starts + T) / fps).tolist()
+        image_feature["info"] = {
+            "video.height": height,
+            "video.width": width,
+            "video.codec": "h264",
+            "video.pix_fmt": "yuv420p",
+            "video.is_depth_map": False,
+            "video.fps": fps,
+            "video.channels": 3,
+            "has_audio": False,
+        }
+    else:
+        data[image_key] = [{"bytes": iio.imwrite("<bytes>", frame, extension=".png"), "path": None} for frame in rgb]
+
+    _write_table(data, os.path.join(root, DATA_PATH.format(chunk_index=0, file_index=0)))
+    _write_table(episode_rows, os.path.join(root, EPISODES_PATH.format(chunk_index=0, file_index=0)))
+    _write_table(
+        {"task_index": list(range(len(tasks))), "task": tasks},
+        os.path.join(root, "meta", "tasks.parquet"),
+        pandas_index="task",
+    )
+    scalar = lambda dtype: {"dtype": dtype, "shape": [1], "names": None}
+    features = {
+        image_key: image_feature,
+        state_key: {"dtype": "float32", "shape": [state.shape[1]], "names": state_names},
+        action_key: {"dtype": "float32", "shape": [action.shape[1]], "names": action_names},
+        "timestamp": scalar("float32"),
+        "frame_index": scalar("int64"),
+        "episode_index": scalar("int64"),
+        "index": scalar("int64"),
+        "task_index": scalar("int64"),
+    }
+    info = {
+        "codebase_version": CODEBASE_VERSION,
+        "robot_type": robot_type,
+        "total_episodes": len(episodes),
+        "total_frames": int(sum(T)),
+        "total_tasks": len(tasks),
+        "chunks_size": 1000,
+        "data_files_size_in_mb": 100,
+        "video_files_size_in_mb": 200,
+        "fps": fps,
+        "splits": {"train": f"0:{len(episodes)}"},
+        "data_path": DATA_PATH,
+        "video_path": VIDEO_PATH if video else None,
+        "features": features,
+    }
+    stats = {image_key: _stats(rgb), state_key: _stats(state), action_key: _stats(action)}
+    for name, content in (("stats.json", stats), ("info.json", info)):  # info.json last: it marks the dataset done
+        with open(os.path.join(root, "meta", name), "w") as f:
+            json.dump(content, f, indent=2)
