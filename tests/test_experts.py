@@ -74,6 +74,27 @@ def test_collect_demos_writes_the_documented_format(push_demos):
     assert meta["action_norm_stats"] == json.loads(json.dumps(action_norm_stats(episodes)))
 
 
+def test_collect_demos_as_a_lerobot_dataset_reads_back_as_the_npz_demos(push_demos, tmp_path):
+    """--format lerobot: the same episodes as the npz folder, bit for bit, through load_demos and the LeRobot reader."""
+    out = str(tmp_path / "lerobot")
+    cmd = [sys.executable, "collect_demos.py", "--env-id", "PushCube-v1", "--num-episodes", "2", "--image-size", "64"]
+    subprocess.run(
+        cmd + ["--out-dir", out, "--format", "lerobot"], cwd=ROOT, check=True, capture_output=True, timeout=300
+    )
+    info = json.loads(open(os.path.join(out, "meta", "info.json")).read())
+    assert info["codebase_version"] == "v3.0" and info["fps"] == 20 and info["robot_type"] == "panda"
+    assert info["features"]["observation.state"]["names"][:3] == ["x", "y", "z"]
+    npz, lerobot = load_demos(push_demos), load_demos(out)
+    assert len(lerobot) == len(npz) == info["total_episodes"]
+    for a, b in zip(npz, lerobot):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    meta_npz, meta_lerobot = (json.load(open(os.path.join(d, "meta.json"))) for d in (push_demos, out))
+    assert meta_lerobot.pop("format") == "lerobot" and meta_npz.pop("format") == "npz"
+    assert meta_lerobot == meta_npz
+
+
 def test_demo_frames_are_what_the_vla_env_shows(push_demos):
     """Same seed, same actions: ManiSkillVLAEnv returns the recorded images and TCP poses."""
     episode = load_demos(push_demos)[0]

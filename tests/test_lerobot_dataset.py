@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from common.envs.lerobot_dataset import LeRobotEpisodes, write_lerobot_dataset
+from common.envs.lerobot_dataset import LeRobotEpisodes, LeRobotWriter
 
 
 def episodes(lengths=(5, 9, 3)):
@@ -31,10 +31,17 @@ def episodes(lengths=(5, 9, 3)):
     return out
 
 
+def write(root, demos, video=False):
+    writer = LeRobotWriter(str(root), fps=10, video=video)
+    for demo in demos:
+        writer.add_episode(demo)
+    writer.close()
+
+
 @pytest.mark.parametrize("video", [False, True])
 def test_round_trip(tmp_path, video):
     demos = episodes()
-    write_lerobot_dataset(str(tmp_path / "ds"), demos, fps=10, video=video)
+    write(tmp_path / "ds", demos, video)
     info = json.loads((tmp_path / "ds" / "meta" / "info.json").read_text())
     assert info["codebase_version"] == "v3.0" and info["total_frames"] == 17 and info["total_tasks"] == 2
     assert info["features"]["observation.images.image"]["dtype"] == ("video" if video else "image")
@@ -54,16 +61,19 @@ def test_round_trip(tmp_path, video):
     stats = json.loads((tmp_path / "ds" / "meta" / "stats.json").read_text())
     actions = np.concatenate([d["action"] for d in demos])
     np.testing.assert_allclose(stats["action"]["q99"], np.quantile(actions, 0.99, axis=0), rtol=1e-6)
+    pixels = np.concatenate([d["rgb"] for d in demos]).reshape(-1, 3) / 255.0
+    np.testing.assert_allclose(np.ravel(stats["observation.images.image"]["mean"]), pixels.mean(0), rtol=1e-9)
+    np.testing.assert_allclose(np.ravel(stats["observation.images.image"]["std"]), pixels.std(0), rtol=1e-6)
 
 
 def test_bad_keys_and_versions_are_refused_clearly(tmp_path):
-    write_lerobot_dataset(str(tmp_path / "ds"), episodes(), fps=10)
+    write(tmp_path / "ds", episodes())
     with pytest.raises(ValueError, match=r"--dataset-image-key 'observation.images.wrist'.*observation.images.image"):
         LeRobotEpisodes(str(tmp_path / "ds"), image_key="observation.images.wrist")
     with pytest.raises(ValueError, match=r"--dataset-image-key 'action' is a float32, not an image"):
         LeRobotEpisodes(str(tmp_path / "ds"), image_key="action")
     with pytest.raises(FileExistsError, match="already holds a LeRobot dataset"):
-        write_lerobot_dataset(str(tmp_path / "ds"), episodes(), fps=10)
+        LeRobotWriter(str(tmp_path / "ds"), fps=10)
     info_file = tmp_path / "ds" / "meta" / "info.json"
     info_file.write_text(json.dumps(json.loads(info_file.read_text()) | {"codebase_version": "v2.1"}))
     with pytest.raises(ValueError, match="only 'v3.0' is read"):

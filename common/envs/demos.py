@@ -22,6 +22,8 @@ import os
 
 import numpy as np
 
+from common.envs.lerobot_dataset import LeRobotEpisodes, is_lerobot_dataset
+
 EPISODE_KEYS = ("rgb", "tcp_pose", "action", "instruction", "success", "seed")
 
 
@@ -35,7 +37,15 @@ def read_meta(path: str) -> dict:
 
 
 def load_demos(path: str) -> list[dict]:
-    """All episodes under `path`, in file order: dicts of numpy arrays (0-d arrays unwrapped to Python scalars)."""
+    """All episodes under `path`, in file order: dicts of numpy arrays (0-d arrays unwrapped to Python scalars).
+    A LeRobot dataset written by collect_demos.py --format lerobot reads back as the same dicts."""
+    if is_lerobot_dataset(path):
+        dataset, episodes = LeRobotEpisodes(path), []
+        for i in range(len(dataset)):
+            episode = dataset[i]
+            episode["tcp_pose"] = episode.pop("state")
+            episodes.append(episode)
+        return episodes
     files = sorted(glob.glob(os.path.join(path, "episode_*.npz")))
     if not files:
         raise FileNotFoundError(f"no episode_*.npz under {path!r}: write some with collect_demos.py")

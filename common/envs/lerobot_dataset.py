@@ -36,6 +36,15 @@ VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.m
 EPISODES_PATH = "meta/episodes/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
 # Default feature names, as LeRobot's LIBERO and ManiSkill conversions name them.
 IMAGE_KEY, STATE_KEY, ACTION_KEY = "observation.images.image", "observation.state", "action"
+_SCALAR = lambda dtype: {"dtype": dtype, "shape": [1], "names": None}
+# The columns every LeRobot data file has besides its features.
+DEFAULT_COLUMNS = {
+    "timestamp": _SCALAR("float32"),
+    "frame_index": _SCALAR("int64"),
+    "episode_index": _SCALAR("int64"),
+    "index": _SCALAR("int64"),
+    "task_index": _SCALAR("int64"),
+}
 
 
 def is_lerobot_dataset(path: str) -> bool:
@@ -177,157 +186,189 @@ class LeRobotEpisodes:
 # Writing
 # ---------------------------------------------------------------------------------------------------------------
 def _stats(values: np.ndarray) -> dict:
-    """Per-dimension statistics over frames (images: per channel, scaled to [0, 1], as LeRobot stores them)."""
-    axes = tuple(range(values.ndim - 1)) if values.ndim == 2 else (0, 1, 2)
-    if values.ndim == 4:  # (N, H, W, 3) uint8 -> (3, 1, 1) statistics of values / 255
-        values = values.astype(np.float64) / 255.0
-    stats = {
-        "min": values.min(axes),
-        "max": values.max(axes),
-        "mean": values.mean(axes),
-        "std": values.std(axes),
-        "q01": np.quantile(values, 0.01, axis=axes),
-        "q99": np.quantile(values, 0.99, axis=axes),
-    }
-    if values.ndim == 4:
-        stats = {k: v.reshape(3, 1, 1) for k, v in stats.items()}
+    """Per-dimension statistics of (N, D) values over the N frames."""
+    values = values.astype(np.float64)
+    stats = {"min": values.min(0), "max": values.max(0), "mean": values.mean(0), "std": values.std(0)}
+    stats |= {"q01": np.quantile(values, 0.01, axis=0), "q99": np.quantile(values, 0.99, axis=0)}
     return {k: v.tolist() for k, v in stats.items()} | {"count": [len(values)]}
 
 
 def _write_table(columns: dict[str, list], path: str, pandas_index: Optional[str] = None) -> None:
-    """One parquet file; pandas_index marks a column as the pandas index (how LeRobot keeps tasks.parquet)."""
+    """One parquet file. pandas_index: store that string column as the pandas index, as LeRobot's tasks.parquet has
+    it (LeRobot looks tasks up by index)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.table(columns)
     if pandas_index is not None:
-        columns_meta = [
-            {
-                "name": name,
-                "field_name": name,
-                "pandas_type": "unicode" if name == pandas_index else "int64",
-                "numpy_type": "object" if name == pandas_index else "int64",
-                "metadata": None,
-            }
-            for name in table.column_names
+        kind = lambda name: ("unicode", "object") if name == pandas_index else ("int64", "int64")
+        fields = [
+            {"name": n, "field_name": n, "pandas_type": kind(n)[0], "numpy_type": kind(n)[1], "metadata": None}
+            for n in table.column_names
         ]
-        pandas_meta = {"index_columns": [pandas_index], "column_indexes": [], "columns": columns_meta}
+        pandas_meta = {"index_columns": [pandas_index], "column_indexes": [], "columns": fields}
         table = table.replace_schema_metadata({b"pandas": json.dumps(pandas_meta).encode()})
     os.makedirs(os.path.dirname(path), exist_ok=True)
     pq.write_table(table, path)
 
 
-def write_lerobot_dataset(
-    root: str,
-    episodes: list[dict],
-    fps: int,
-    video: bool = False,
-    robot_type: Optional[str] = None,
-    image_key: str = IMAGE_KEY,
-    state_key: str = STATE_KEY,
-    action_key: str = ACTION_KEY,
-    state_names: Optional[list[str]] = None,
-    action_names: Optional[list[str]] = None,
-) -> None:
-    """Write episodes (dicts with rgb (T, H, W, 3) uint8, state (T, S), action (T, A), instruction, and optionally
-    success and seed, kept as extra episode columns) as one LeRobot v3.0 dataset in a single chunk and file.
+class LeRobotWriter:
+    """Append episodes one at a time, then `close()`: a LeRobot v3.0 dataset in one chunk (one data parquet, one mp4
+    per video feature; LeRobot's readers take files of any size).
 
-    video False: frames as lossless PNG "image" features (the SFT data is then bit for bit the demos');
-    video True: one H.264 mp4 ("video" feature, yuv420p, lossy), as the hub datasets store cameras."""
-    import imageio.v3 as iio
+    An episode: rgb (T, H, W, 3) uint8, state (T, S), action (T, A), instruction, and optionally success and seed
+    (kept as extra columns of meta/episodes). video False: frames as lossless PNG "image" features, so the data is
+    bit for bit the recorded one; video True: one H.264 yuv420p mp4 (lossy), as the hub datasets store cameras."""
 
-    if is_lerobot_dataset(root):
-        raise FileExistsError(f"{root!r} already holds a LeRobot dataset; choose a new folder")
-    tasks = list(dict.fromkeys(e["instruction"] for e in episodes))
-    T = [len(e["action"]) for e in episodes]
-    starts = np.concatenate([[0], np.cumsum(T)[:-1]]).astype(int)
-    rgb = np.concatenate([e["rgb"] for e in episodes])
-    state = np.concatenate([e["state"] for e in episodes]).astype(np.float32)
-    action = np.concatenate([e["action"] for e in episodes]).astype(np.float32)
-    height, width = rgb.shape[1:3]
+    def __init__(
+        self,
+        root: str,
+        fps: int,
+        video: bool = False,
+        robot_type: Optional[str] = None,
+        image_key: str = IMAGE_KEY,
+        state_key: str = STATE_KEY,
+        action_key: str = ACTION_KEY,
+        state_names: Optional[list[str]] = None,
+        action_names: Optional[list[str]] = None,
+    ):
+        if is_lerobot_dataset(root):
+            raise FileExistsError(f"{root!r} already holds a LeRobot dataset; choose a new folder")
+        self.root, self.fps, self.video, self.robot_type = root, fps, video, robot_type
+        self.keys = (image_key, state_key, action_key)
+        self.names = (state_names, action_names)
+        self.data: dict[str, list] = {k: [] for k in (state_key, action_key) + tuple(DEFAULT_COLUMNS)}
+        if not video:
+            self.data[image_key] = []
+        self.episodes: dict[str, list] = {}
+        self.tasks: list[str] = []
+        self.frames = 0
+        self.image_shape = None
+        self.video_writer = None
+        self.pixel_sum = self.pixel_sq = 0.0
+        self.pixel_min, self.pixel_max = np.full(3, 255.0), np.zeros(3)
 
-    data = {
-        state_key: state.tolist(),
-        action_key: action.tolist(),
-        "timestamp": np.concatenate([np.arange(t) / fps for t in T]).astype(np.float32).tolist(),
-        "frame_index": np.concatenate([np.arange(t) for t in T]).tolist(),
-        "episode_index": np.repeat(np.arange(len(episodes)), T).tolist(),
-        "index": np.arange(sum(T)).tolist(),
-        "task_index": np.repeat([tasks.index(e["instruction"]) for e in episodes], T).tolist(),
-    }
-    episode_rows = {
-        "episode_index": list(range(len(episodes))),
-        "tasks": [[e["instruction"]] for e in episodes],
-        "length": T,
-        "dataset_from_index": starts.tolist(),
-        "dataset_to_index": (starts + T).tolist(),
-        "data/chunk_index": [0] * len(episodes),
-        "data/file_index": [0] * len(episodes),
-        "meta/episodes/chunk_index": [0] * len(episodes),
-        "meta/episodes/file_index": [0] * len(episodes),
-        "success": [bool(e.get("success", True)) for e in episodes],
-        "seed": [int(e.get("seed", -1)) for e in episodes],
-    }
-    image_feature = {
-        "dtype": "video" if video else "image",
-        "shape": [height, width, 3],
-        "names": ["height", "width", "channels"],
-    }
-    if video:
-        path = os.path.join(root, VIDEO_PATH.format(video_key=image_key, chunk_index=0, file_index=0))
+    def _open_video(self, height: int, width: int):
+        import imageio_ffmpeg
+
+        path = os.path.join(self.root, VIDEO_PATH.format(video_key=self.keys[0], chunk_index=0, file_index=0))
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        iio.imwrite(path, rgb, fps=fps, codec="libx264", macro_block_size=1)
-        episode_rows[f"videos/{image_key}/chunk_index"] = [0] * len(episodes)
-        episode_rows[f"videos/{image_key}/file_index"] = [0] * len(episodes)
-        episode_rows[f"videos/{image_key}/from_timestamp"] = (starts / fps).tolist()
-        episode_rows[f"videos/{image_key}/to_timestamp"] = ((starts + T) / fps).tolist()
-        image_feature["info"] = {
-            "video.height": height,
-            "video.width": width,
-            "video.codec": "h264",
-            "video.pix_fmt": "yuv420p",
-            "video.is_depth_map": False,
-            "video.fps": fps,
-            "video.channels": 3,
-            "has_audio": False,
-        }
-    else:
-        data[image_key] = [{"bytes": iio.imwrite("<bytes>", frame, extension=".png"), "path": None} for frame in rgb]
+        writer = imageio_ffmpeg.write_frames(
+            path, (width, height), fps=self.fps, codec="libx264", pix_fmt_out="yuv420p", macro_block_size=1
+        )
+        writer.send(None)  # start ffmpeg
+        return writer
 
-    _write_table(data, os.path.join(root, DATA_PATH.format(chunk_index=0, file_index=0)))
-    _write_table(episode_rows, os.path.join(root, EPISODES_PATH.format(chunk_index=0, file_index=0)))
-    _write_table(
-        {"task_index": list(range(len(tasks))), "task": tasks},
-        os.path.join(root, "meta", "tasks.parquet"),
-        pandas_index="task",
-    )
-    scalar = lambda dtype: {"dtype": dtype, "shape": [1], "names": None}
-    features = {
-        image_key: image_feature,
-        state_key: {"dtype": "float32", "shape": [state.shape[1]], "names": state_names},
-        action_key: {"dtype": "float32", "shape": [action.shape[1]], "names": action_names},
-        "timestamp": scalar("float32"),
-        "frame_index": scalar("int64"),
-        "episode_index": scalar("int64"),
-        "index": scalar("int64"),
-        "task_index": scalar("int64"),
-    }
-    info = {
-        "codebase_version": CODEBASE_VERSION,
-        "robot_type": robot_type,
-        "total_episodes": len(episodes),
-        "total_frames": int(sum(T)),
-        "total_tasks": len(tasks),
-        "chunks_size": 1000,
-        "data_files_size_in_mb": 100,
-        "video_files_size_in_mb": 200,
-        "fps": fps,
-        "splits": {"train": f"0:{len(episodes)}"},
-        "data_path": DATA_PATH,
-        "video_path": VIDEO_PATH if video else None,
-        "features": features,
-    }
-    stats = {image_key: _stats(rgb), state_key: _stats(state), action_key: _stats(action)}
-    for name, content in (("stats.json", stats), ("info.json", info)):  # info.json last: it marks the dataset done
-        with open(os.path.join(root, "meta", name), "w") as f:
-            json.dump(content, f, indent=2)
+    def add_episode(self, episode: dict) -> None:
+        import imageio.v3 as iio
+
+        image_key, state_key, action_key = self.keys
+        rgb = np.asarray(episode["rgb"], dtype=np.uint8)
+        T = len(rgb)
+        if self.image_shape is None:
+            self.image_shape = rgb.shape[1:]
+            if self.video:
+                self.video_writer = self._open_video(*rgb.shape[1:3])
+        if rgb.shape[1:] != self.image_shape:
+            raise ValueError(f"episode {len(self.tasks)}: images {rgb.shape[1:]}, earlier ones {self.image_shape}")
+        if episode["instruction"] not in self.tasks:
+            self.tasks.append(episode["instruction"])
+        index = len(self.episodes.get("episode_index", []))
+        row = {
+            "episode_index": index,
+            "tasks": [episode["instruction"]],
+            "length": T,
+            "dataset_from_index": self.frames,
+            "dataset_to_index": self.frames + T,
+            "data/chunk_index": 0,
+            "data/file_index": 0,
+            "meta/episodes/chunk_index": 0,
+            "meta/episodes/file_index": 0,
+            "success": bool(episode.get("success", True)),
+            "seed": int(episode.get("seed", -1)),
+        }
+        if self.video:
+            self.video_writer.send(np.ascontiguousarray(rgb))
+            row |= {
+                f"videos/{image_key}/chunk_index": 0,
+                f"videos/{image_key}/file_index": 0,
+                f"videos/{image_key}/from_timestamp": self.frames / self.fps,
+                f"videos/{image_key}/to_timestamp": (self.frames + T) / self.fps,
+            }
+        else:
+            self.data[image_key] += [{"bytes": iio.imwrite("<bytes>", f, extension=".png"), "path": None} for f in rgb]
+        for key, value in row.items():
+            self.episodes.setdefault(key, []).append(value)
+        self.data[state_key] += np.asarray(episode["state"], dtype=np.float32).tolist()
+        self.data[action_key] += np.asarray(episode["action"], dtype=np.float32).tolist()
+        self.data["timestamp"] += (np.arange(T, dtype=np.float32) / self.fps).tolist()
+        self.data["frame_index"] += list(range(T))
+        self.data["episode_index"] += [index] * T
+        self.data["index"] += list(range(self.frames, self.frames + T))
+        self.data["task_index"] += [self.tasks.index(episode["instruction"])] * T
+        pixels = rgb.reshape(-1, 3).astype(np.float64) / 255.0  # image statistics per channel, in [0, 1]
+        self.pixel_sum, self.pixel_sq = self.pixel_sum + pixels.sum(0), self.pixel_sq + (pixels**2).sum(0)
+        self.pixel_min, self.pixel_max = (
+            np.minimum(self.pixel_min, pixels.min(0)),
+            np.maximum(self.pixel_max, pixels.max(0)),
+        )
+        self.frames += T
+
+    def close(self) -> None:
+        """Write the parquet files and meta/; info.json comes last, so a folder with it is a finished dataset."""
+        if not self.frames:
+            raise ValueError(f"{self.root!r}: no episodes were added")
+        if self.video_writer is not None:
+            self.video_writer.close()
+        image_key, state_key, action_key = self.keys
+        height, width = self.image_shape[:2]
+        _write_table(self.data, os.path.join(self.root, DATA_PATH.format(chunk_index=0, file_index=0)))
+        _write_table(self.episodes, os.path.join(self.root, EPISODES_PATH.format(chunk_index=0, file_index=0)))
+        tasks = {"task_index": list(range(len(self.tasks))), "task": self.tasks}
+        _write_table(tasks, os.path.join(self.root, "meta", "tasks.parquet"), pandas_index="task")
+
+        image = {"dtype": "video" if self.video else "image", "shape": [height, width, 3]}
+        image["names"] = ["height", "width", "channels"]
+        if self.video:
+            image["info"] = {
+                "video.height": height,
+                "video.width": width,
+                "video.codec": "h264",
+                "video.pix_fmt": "yuv420p",
+                "video.is_depth_map": False,
+                "video.fps": self.fps,
+                "video.channels": 3,
+                "has_audio": False,
+            }
+        state, action = np.asarray(self.data[state_key]), np.asarray(self.data[action_key])
+        features = {
+            image_key: image,
+            state_key: {"dtype": "float32", "shape": [state.shape[1]], "names": self.names[0]},
+            action_key: {"dtype": "float32", "shape": [action.shape[1]], "names": self.names[1]},
+        } | DEFAULT_COLUMNS
+        n = len(self.episodes["episode_index"])
+        info = {
+            "codebase_version": CODEBASE_VERSION,
+            "robot_type": self.robot_type,
+            "total_episodes": n,
+            "total_frames": self.frames,
+            "total_tasks": len(self.tasks),
+            "chunks_size": 1000,
+            "data_files_size_in_mb": 100,
+            "video_files_size_in_mb": 200,
+            "fps": self.fps,
+            "splits": {"train": f"0:{n}"},
+            "data_path": DATA_PATH,
+            "video_path": VIDEO_PATH if self.video else None,
+            "features": features,
+        }
+        count = self.frames * height * width
+        mean = self.pixel_sum / count
+        std = np.sqrt(np.maximum(self.pixel_sq / count - mean**2, 0.0))
+        per_channel = lambda v: np.asarray(v).reshape(3, 1, 1).tolist()  # LeRobot's (C, 1, 1) image statistics
+        image_stats = {"min": per_channel(self.pixel_min), "max": per_channel(self.pixel_max)}
+        image_stats |= {"mean": per_channel(mean), "std": per_channel(std), "count": [self.frames]}
+        stats = {image_key: image_stats, state_key: _stats(state), action_key: _stats(action)}
+        for name, content in (("stats.json", stats), ("info.json", info)):
+            with open(os.path.join(self.root, "meta", name), "w") as f:
+                json.dump(content, f, indent=2)
