@@ -2,7 +2,8 @@
 
 On-disk format, one folder per task:
 
-    meta.json                 env_id, control_mode, instruction, image_size, max_episode_steps, first_seed,
+    meta.json                 format ("npz"; "lerobot": a LeRobot v3.0 dataset beside it instead of the npz files),
+                              env_id, control_mode, instruction, image_size, max_episode_steps, first_seed,
                               episodes_tried (seeds first_seed .. first_seed + episodes_tried - 1), num_episodes
                               (written), keep_failed, expert_success_rate, action_norm_stats (`action_norm_stats`)
     episode_000000.npz        one per episode (np.savez_compressed), T = number of actions taken:
