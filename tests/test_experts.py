@@ -93,6 +93,14 @@ def test_collect_demos_as_a_lerobot_dataset_reads_back_as_the_npz_demos(push_dem
     meta_npz, meta_lerobot = (json.load(open(os.path.join(d, "meta.json"))) for d in (push_demos, out))
     assert meta_lerobot.pop("format") == "lerobot" and meta_npz.pop("format") == "npz"
     assert meta_lerobot == meta_npz
+    # So SFT trains on the same samples (and, with the same seed, in the same order: sft_openvla.batch_indices).
+    import sft_openvla
+    from common.models.openvla import ActionTokenizer
+
+    tokenizer = ActionTokenizer(1024)
+    (a, stats_a), (b, stats_b) = (sft_openvla.load_samples((d,), tokenizer) for d in (push_demos, out))
+    assert torch.equal(a["rgb"], b["rgb"]) and torch.equal(a["tokens"], b["tokens"]) and stats_a == stats_b
+    assert a["instructions"] == b["instructions"]
 
 
 def test_demo_frames_are_what_the_vla_env_shows(push_demos):
