@@ -5,18 +5,21 @@ act from the privileged simulator state in the `pd_ee_delta_pose` controller, an
 and TCP pose that ManiSkillVLAEnv gives the RL scripts (same env construction and observation wrapper, same image
 size), the instruction and the expert's action. Episodes that succeed are written until `--num-episodes` are on disk
 (`--keep-failed` writes every episode). The format is documented in common/envs/demos.py; `load_demos` reads it back and
-`action_norm_stats` gives the statistics OpenVLA normalises actions with (also stored in meta.json).
+`action_norm_stats` gives the statistics OpenVLA normalises actions with (also stored in meta.json). `--format lerobot`
+writes the same episodes as a LeRobot v3.0 dataset (common/envs/lerobot_dataset.py: images as lossless PNG, or an
+H.264 video with `--video`; state = the TCP pose; fps = the controller's frequency), with meta.json beside it.
 
 Run:
     python collect_demos.py --env-id PickCube-v1 --num-episodes 100
     python collect_demos.py --env-id StackCube-v1 --num-episodes 50 --image-size 256 --out-dir demos/stack
+    python collect_demos.py --env-id PushCube-v1 --format lerobot --out-dir demos/PushCube-v1-lerobot
 """
 
 import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -24,9 +27,12 @@ import tyro
 
 from common.envs.demos import action_norm_stats, save_episode
 from common.envs.experts import EXPERTS
+from common.envs.lerobot_dataset import LeRobotWriter
 from common.envs.maniskill import INSTRUCTIONS, check_env_id, check_render_device, make_cpu_env
 
 CONTROL_MODE = "pd_ee_delta_pose"  # the experts' action space
+TCP_POSE_NAMES = ["x", "y", "z", "qw", "qx", "qy", "qz"]
+ACTION_NAMES = ["dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper"]  # pd_ee_delta_pose; gripper -1 close, +1 open
 
 
 @dataclass
@@ -47,6 +53,10 @@ class Args:
     """also write episodes in which the expert failed"""
     max_attempts: Optional[int] = None
     """give up after this many episodes (default 2 * num_episodes + 10)"""
+    format: Literal["npz", "lerobot"] = "npz"
+    """npz: one episode_*.npz per episode (common/envs/demos.py); lerobot: a LeRobot v3.0 dataset"""
+    video: bool = False
+    """with --format lerobot: store the camera as an H.264 mp4 (lossy) instead of PNG frames"""
 
 
 def make_env(env_id: str, image_size: int, max_episode_steps: Optional[int]):
@@ -91,6 +101,8 @@ def main(args: Args) -> None:
     if args.env_id not in EXPERTS:
         raise ValueError(f"--env-id {args.env_id}: scripted experts exist for {', '.join(EXPERTS)}")
     check_render_device()
+    if args.video and args.format != "lerobot":
+        raise ValueError("--video stores a LeRobot dataset's camera as mp4: it needs --format lerobot")
     out_dir = args.out_dir or os.path.join("demos", args.env_id)
     os.makedirs(out_dir, exist_ok=True)
     max_attempts = args.max_attempts or 2 * args.num_episodes + 10
@@ -98,20 +110,30 @@ def main(args: Args) -> None:
     env = make_env(args.env_id, args.image_size, args.max_episode_steps)
     instruction = env.instruction() or INSTRUCTIONS[args.env_id]
     expert = EXPERTS[args.env_id]()
+    lerobot = None
+    if args.format == "lerobot":
+        names = dict(state_names=TCP_POSE_NAMES, action_names=ACTION_NAMES)
+        lerobot = LeRobotWriter(out_dir, env.unwrapped.control_freq, args.video, "panda", **names)
     kept, successes, tried, start = [], 0, 0, time.time()
     while len(kept) < args.num_episodes and tried < max_attempts:
         episode = record_episode(env, expert, args.seed + tried, instruction)
         tried += 1
         successes += episode["success"]
         if episode["success"] or args.keep_failed:
-            save_episode(os.path.join(out_dir, f"episode_{len(kept):06d}.npz"), episode)
+            if lerobot is None:
+                save_episode(os.path.join(out_dir, f"episode_{len(kept):06d}.npz"), episode)
+            else:
+                lerobot.add_episode(episode | {"state": episode["tcp_pose"]})
             kept.append({"action": episode["action"]})
         print(f"seed {episode['seed']}: success={episode['success']} steps={len(episode['action'])} kept={len(kept)}")
     env.close()
     if len(kept) < args.num_episodes:
         raise RuntimeError(f"only {len(kept)} of --num-episodes {args.num_episodes} in {tried} tries (--max-attempts)")
+    if lerobot is not None:
+        lerobot.close()
 
     meta = dict(
+        format=args.format,
         env_id=args.env_id,
         control_mode=CONTROL_MODE,
         instruction=instruction,

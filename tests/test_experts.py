@@ -74,6 +74,62 @@ def test_collect_demos_writes_the_documented_format(push_demos):
     assert meta["action_norm_stats"] == json.loads(json.dumps(action_norm_stats(episodes)))
 
 
+def test_collect_demos_as_a_lerobot_dataset_reads_back_as_the_npz_demos(push_demos, tmp_path):
+    """--format lerobot: the same episodes as the npz folder, bit for bit, through load_demos and the LeRobot reader."""
+    out = str(tmp_path / "lerobot")
+    cmd = [sys.executable, "collect_demos.py", "--env-id", "PushCube-v1", "--num-episodes", "2", "--image-size", "64"]
+    subprocess.run(
+        cmd + ["--out-dir", out, "--format", "lerobot"], cwd=ROOT, check=True, capture_output=True, timeout=300
+    )
+    info = json.loads(open(os.path.join(out, "meta", "info.json")).read())
+    assert info["codebase_version"] == "v3.0" and info["fps"] == 20 and info["robot_type"] == "panda"
+    assert info["features"]["observation.state"]["names"][:3] == ["x", "y", "z"]
+    npz, lerobot = load_demos(push_demos), load_demos(out)
+    assert len(lerobot) == len(npz) == info["total_episodes"]
+    for a, b in zip(npz, lerobot):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    meta_npz, meta_lerobot = (json.load(open(os.path.join(d, "meta.json"))) for d in (push_demos, out))
+    assert meta_lerobot.pop("format") == "lerobot" and meta_npz.pop("format") == "npz"
+    assert meta_lerobot == meta_npz
+    # So SFT trains on the same samples (and, with the same seed, in the same order: sft_openvla.batch_indices).
+    import sft_openvla
+    from common.models.openvla import ActionTokenizer
+
+    tokenizer = ActionTokenizer(1024)
+    (a, stats_a), (b, stats_b) = (sft_openvla.load_samples((d,), tokenizer) for d in (push_demos, out))
+    assert torch.equal(a["rgb"], b["rgb"]) and torch.equal(a["tokens"], b["tokens"]) and stats_a == stats_b
+    assert a["instructions"] == b["instructions"]
+
+
+def test_maniskill_trajectory_files_read_as_the_same_demos(push_demos, tmp_path):
+    """ManiSkill's RecordEpisode h5 + json of the same expert episodes read back as collect_demos.py's episodes."""
+    from mani_skill.utils.wrappers.record import RecordEpisode
+
+    from common.envs.maniskill_h5 import load_trajectories
+
+    make = dict(obs_mode="rgb", control_mode="pd_ee_delta_pose", reward_mode="sparse", render_mode="rgb_array")
+    env = gym.make("PushCube-v1", sensor_configs=dict(width=64, height=64), **make)
+    env = RecordEpisode(env, str(tmp_path), save_video=False, trajectory_name="trajectory", source_type="expert")
+    expert = EXPERTS["PushCube-v1"]()
+    for seed in (0, 1):
+        env.reset(seed=seed)
+        expert.reset()
+        while True:
+            *_, terminated, truncated, _ = env.step(expert.act(env.unwrapped))
+            if terminated or truncated:
+                break
+    env.close()
+    h5 = str(tmp_path / "trajectory.h5")
+    for a, b in zip(load_demos(push_demos), load_trajectories(h5, INSTRUCTIONS["PushCube-v1"]), strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    with pytest.raises(ValueError, match="replay it with .* -c pd_ee_delta_pose"):
+        load_trajectories(h5, "push", control_mode="pd_joint_delta_pos")
+
+
 def test_demo_frames_are_what_the_vla_env_shows(push_demos):
     """Same seed, same actions: ManiSkillVLAEnv returns the recorded images and TCP poses."""
     episode = load_demos(push_demos)[0]

@@ -2,7 +2,8 @@
 
 On-disk format, one folder per task:
 
-    meta.json                 env_id, control_mode, instruction, image_size, max_episode_steps, first_seed,
+    meta.json                 format ("npz"; "lerobot": a LeRobot v3.0 dataset beside it instead of the npz files),
+                              env_id, control_mode, instruction, image_size, max_episode_steps, first_seed,
                               episodes_tried (seeds first_seed .. first_seed + episodes_tried - 1), num_episodes
                               (written), keep_failed, expert_success_rate, action_norm_stats (`action_norm_stats`)
     episode_000000.npz        one per episode (np.savez_compressed), T = number of actions taken:
@@ -22,6 +23,8 @@ import os
 
 import numpy as np
 
+from common.envs.lerobot_dataset import LeRobotEpisodes, is_lerobot_dataset
+
 EPISODE_KEYS = ("rgb", "tcp_pose", "action", "instruction", "success", "seed")
 
 
@@ -35,7 +38,15 @@ def read_meta(path: str) -> dict:
 
 
 def load_demos(path: str) -> list[dict]:
-    """All episodes under `path`, in file order: dicts of numpy arrays (0-d arrays unwrapped to Python scalars)."""
+    """All episodes under `path`, in file order: dicts of numpy arrays (0-d arrays unwrapped to Python scalars).
+    A LeRobot dataset written by collect_demos.py --format lerobot reads back as the same dicts."""
+    if is_lerobot_dataset(path):
+        dataset, episodes = LeRobotEpisodes(path), []
+        for i in range(len(dataset)):
+            episode = dataset[i]
+            episode["tcp_pose"] = episode.pop("state")
+            episodes.append(episode)
+        return episodes
     files = sorted(glob.glob(os.path.join(path, "episode_*.npz")))
     if not files:
         raise FileNotFoundError(f"no episode_*.npz under {path!r}: write some with collect_demos.py")
