@@ -126,7 +126,7 @@ class Args:
     """FSDP2: shard weights, gradients and AdamW state over ranks (auto: on for full fine-tuning, --lora-rank 0, with
     more than one rank)"""
     # --- data ---
-    dataset: tuple[str, ...] = ("lerobot/libero_spatial_image",)
+    dataset: tuple[str, ...] = tyro.MISSING
     """LeRobot v3.0 datasets: local folders or hub ids (every sample is held in memory)"""
     dataset_image_key: str = IMAGE_KEY
     """LeRobot feature of the camera the policy sees"""
