@@ -9,10 +9,21 @@ size), the instruction and the expert's action. Episodes that succeed are writte
 writes the same episodes as a LeRobot v3.0 dataset (common/envs/lerobot_dataset.py: images as lossless PNG, or an
 H.264 video with `--video`; state = the TCP pose; fps = the controller's frequency), with meta.json beside it.
 
+`--from-trajectory` imports ManiSkill's own demonstrations instead (a `trajectory.h5` + `.json` pair, as ManiSkill's
+`RecordEpisode` and its demo downloads store them, replayed into the camera observations and the `pd_ee_delta_pose`
+controller first: common/envs/maniskill_h5.py), into the same folder layout and meta.json, so the SFT scripts take
+them with --demos as they take the experts' demos.
+
 Run:
     python collect_demos.py --env-id PickCube-v1 --num-episodes 100
     python collect_demos.py --env-id StackCube-v1 --num-episodes 50 --image-size 256 --out-dir demos/stack
     python collect_demos.py --env-id PushCube-v1 --format lerobot --out-dir demos/PushCube-v1-lerobot
+    python -m mani_skill.utils.download_demo PickCube-v1
+    python -m mani_skill.trajectory.replay_trajectory \
+        --traj-path ~/.maniskill/demos/PickCube-v1/motionplanning/trajectory.h5 \
+        --use-first-env-state -o rgb -c pd_ee_delta_pose --save-traj
+    python collect_demos.py --from-trajectory \
+        ~/.maniskill/demos/PickCube-v1/motionplanning/trajectory.rgb.pd_ee_delta_pose.physx_cpu.h5
 """
 
 import json
@@ -29,6 +40,7 @@ from common.envs.demos import action_norm_stats, save_episode
 from common.envs.experts import EXPERTS
 from common.envs.lerobot_dataset import LeRobotWriter
 from common.envs.maniskill import INSTRUCTIONS, check_env_id, check_render_device, make_cpu_env
+from common.envs.maniskill_h5 import load_trajectories, read_trajectory_meta
 
 CONTROL_MODE = "pd_ee_delta_pose"  # the experts' action space
 TCP_POSE_NAMES = ["x", "y", "z", "qw", "qx", "qy", "qz"]
@@ -57,6 +69,11 @@ class Args:
     """npz: one episode_*.npz per episode (common/envs/demos.py); lerobot: a LeRobot v3.0 dataset"""
     video: bool = False
     """with --format lerobot: store the camera as an H.264 mp4 (lossy) instead of PNG frames"""
+    from_trajectory: Optional[str] = None
+    """import the episodes of this ManiSkill trajectory.h5 (replayed with -o rgb -c pd_ee_delta_pose) instead of
+    running the experts; --env-id, --image-size and --max-episode-steps then come from the file"""
+    instruction: Optional[str] = None
+    """with --from-trajectory: the language instruction (default: the task's built-in one)"""
 
 
 def make_env(env_id: str, image_size: int, max_episode_steps: Optional[int]):
@@ -96,13 +113,74 @@ def record_episode(env, expert, seed: int, instruction: str) -> dict:
     )
 
 
+def open_lerobot(out_dir: str, args: Args, fps: int) -> Optional[LeRobotWriter]:
+    if args.format != "lerobot":
+        return None
+    names = dict(state_names=TCP_POSE_NAMES, action_names=ACTION_NAMES)
+    return LeRobotWriter(out_dir, fps, args.video, "panda", **names)
+
+
+def write_episode(out_dir: str, lerobot: Optional[LeRobotWriter], index: int, episode: dict) -> None:
+    if lerobot is None:
+        save_episode(os.path.join(out_dir, f"episode_{index:06d}.npz"), episode)
+    else:
+        lerobot.add_episode(episode | {"state": episode["tcp_pose"]})
+
+
+def write_meta(out_dir: str, meta: dict) -> None:
+    with open(os.path.join(out_dir, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def import_trajectory(args: Args) -> None:
+    """--from-trajectory: the file's episodes (successes only, unless --keep-failed) into --out-dir."""
+    info = read_trajectory_meta(args.from_trajectory)["env_info"]
+    env_id = info["env_id"]
+    check_env_id(env_id)
+    instruction = args.instruction or INSTRUCTIONS.get(env_id)
+    if instruction is None:
+        raise ValueError(f"{env_id} has no built-in instruction: pass --instruction 'what to do'")
+    episodes = load_trajectories(args.from_trajectory, instruction, control_mode=CONTROL_MODE)
+    height, width = episodes[0]["rgb"].shape[1:3]
+    if height != width:
+        raise ValueError(f"{args.from_trajectory!r}: {height} x {width} camera; the VLA envs render square images")
+    out_dir = args.out_dir or os.path.join("demos", env_id)
+    os.makedirs(out_dir, exist_ok=True)
+    sim_config = info.get("env_kwargs", {}).get("sim_config") or {}
+    lerobot = open_lerobot(out_dir, args, sim_config.get("control_freq", 20))  # 20: ManiSkill's SimConfig default
+    kept = [e for e in episodes if e["success"] or args.keep_failed]
+    for index, episode in enumerate(kept):
+        write_episode(out_dir, lerobot, index, episode)
+    if lerobot is not None:
+        lerobot.close()
+    meta = dict(
+        format=args.format,
+        env_id=env_id,
+        control_mode=CONTROL_MODE,
+        instruction=instruction,
+        image_size=int(height),
+        max_episode_steps=info.get("max_episode_steps") or gym.spec(env_id).max_episode_steps,
+        first_seed=min(e["seed"] for e in episodes),
+        episodes_tried=len(episodes),
+        num_episodes=len(kept),
+        keep_failed=args.keep_failed,
+        expert_success_rate=sum(e["success"] for e in episodes) / len(episodes),
+        action_norm_stats=action_norm_stats(kept),
+        source=os.path.abspath(args.from_trajectory),
+    )
+    write_meta(out_dir, meta)
+    print(f"wrote {len(kept)} of the {len(episodes)} episodes of {args.from_trajectory} to {out_dir}")
+
+
 def main(args: Args) -> None:
+    if args.video and args.format != "lerobot":
+        raise ValueError("--video stores a LeRobot dataset's camera as mp4: it needs --format lerobot")
+    if args.from_trajectory:
+        return import_trajectory(args)
     check_env_id(args.env_id)
     if args.env_id not in EXPERTS:
         raise ValueError(f"--env-id {args.env_id}: scripted experts exist for {', '.join(EXPERTS)}")
     check_render_device()
-    if args.video and args.format != "lerobot":
-        raise ValueError("--video stores a LeRobot dataset's camera as mp4: it needs --format lerobot")
     out_dir = args.out_dir or os.path.join("demos", args.env_id)
     os.makedirs(out_dir, exist_ok=True)
     max_attempts = args.max_attempts or 2 * args.num_episodes + 10
@@ -110,20 +188,14 @@ def main(args: Args) -> None:
     env = make_env(args.env_id, args.image_size, args.max_episode_steps)
     instruction = env.instruction() or INSTRUCTIONS[args.env_id]
     expert = EXPERTS[args.env_id]()
-    lerobot = None
-    if args.format == "lerobot":
-        names = dict(state_names=TCP_POSE_NAMES, action_names=ACTION_NAMES)
-        lerobot = LeRobotWriter(out_dir, env.unwrapped.control_freq, args.video, "panda", **names)
+    lerobot = open_lerobot(out_dir, args, env.unwrapped.control_freq)
     kept, successes, tried, start = [], 0, 0, time.time()
     while len(kept) < args.num_episodes and tried < max_attempts:
         episode = record_episode(env, expert, args.seed + tried, instruction)
         tried += 1
         successes += episode["success"]
         if episode["success"] or args.keep_failed:
-            if lerobot is None:
-                save_episode(os.path.join(out_dir, f"episode_{len(kept):06d}.npz"), episode)
-            else:
-                lerobot.add_episode(episode | {"state": episode["tcp_pose"]})
+            write_episode(out_dir, lerobot, len(kept), episode)
             kept.append({"action": episode["action"]})
         print(f"seed {episode['seed']}: success={episode['success']} steps={len(episode['action'])} kept={len(kept)}")
     env.close()
@@ -146,8 +218,7 @@ def main(args: Args) -> None:
         expert_success_rate=successes / tried,
         action_norm_stats=action_norm_stats(kept),
     )
-    with open(os.path.join(out_dir, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=2)
+    write_meta(out_dir, meta)
     seconds = time.time() - start
     print(f"wrote {len(kept)} episodes to {out_dir} ({successes}/{tried} expert successes, {seconds:.0f} s)")
 

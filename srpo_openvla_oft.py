@@ -602,6 +602,7 @@ def update_policy(policy, optimizer, processor, batch: Rollout, samples: Samples
     query_idx = torch.cat([samples.query_idx, samples.query_idx.new_zeros(1)])
     episode_idx = torch.cat([samples.episode_idx, samples.episode_idx.new_zeros(1)])
     num_samples = len(samples.query_idx)
+    policy.train()  # no dropout anywhere, so the same numbers; but --gradient-checkpointing acts only in train mode
     sums = {k: 0.0 for k in ("pg_loss", "approx_kl", "clipfrac", "entropy", "grad_norm")}
     num_updates = 0
     for _ in range(args.update_epochs):

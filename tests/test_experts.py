@@ -128,6 +128,15 @@ def test_maniskill_trajectory_files_read_as_the_same_demos(push_demos, tmp_path)
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     with pytest.raises(ValueError, match="replay it with .* -c pd_ee_delta_pose"):
         load_trajectories(h5, "push", control_mode="pd_joint_delta_pos")
+    # collect_demos.py --from-trajectory writes them as the experts' demo folder: same episodes, same meta.json
+    out = str(tmp_path / "imported")
+    cmd = [sys.executable, "collect_demos.py", "--from-trajectory", h5, "--out-dir", out]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    for a, b in zip(load_demos(push_demos), load_demos(out), strict=True):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    meta, imported = (json.load(open(os.path.join(d, "meta.json"))) for d in (push_demos, out))
+    assert imported.pop("source") == h5 and imported == meta
 
 
 def test_demo_frames_are_what_the_vla_env_shows(push_demos):

@@ -140,3 +140,38 @@ def test_every_lora_parameter_gets_a_gradient(tiny_oft):
     assert trainable and all("lora_" in n for n in trainable)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in trainable.items() if "lora_B" in n)
     assert all(p.grad is not None for p in trainable.values())
+
+
+def test_gradient_checkpointing_acts_in_the_update(tiny_oft):
+    """--gradient-checkpointing recomputes every decoder layer in update_policy's backward: transformers checkpoints
+    only in train mode, and the policy rolls out (and is built) in eval mode."""
+    import srpo_openvla_oft as srpo
+    from common.guards import NonFiniteGuard
+    from common.models.openvla import make_trainable
+
+    path = tiny_oft[0]
+    vla, processor = load_openvla(path, attn_implementation="sdpa")
+    make_trainable(vla, 4, 16)
+    vla.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    calls = []
+    for layer in vla.language_model.model.layers:
+        checkpoint = layer._gradient_checkpointing_func
+        layer._gradient_checkpointing_func = lambda *a, _f=checkpoint, **k: calls.append(1) or _f(*a, **k)
+    policy = OFTPolicy(vla, processor.tokenizer.eos_token_id).eval()
+    Q, N = 1, 2
+    batch = srpo.Rollout(
+        images=torch.randint(0, 256, (Q, N, 224, 224, 3), dtype=torch.uint8),
+        bins=torch.randint(0, 256, (Q, N, NUM_ACTION_TOKENS)),
+        logprobs=torch.full((Q, N, NUM_ACTION_TOKENS), -5.5),
+        token_mask=torch.ones((Q, N, NUM_ACTION_TOKENS), dtype=torch.bool),
+        instructions=INSTRUCTIONS[:N],
+        task=torch.zeros(N, dtype=torch.long),
+        success=torch.zeros(N, dtype=torch.bool),
+        length=torch.full((N,), 8),
+    )
+    samples = srpo.Samples(torch.zeros(N, dtype=torch.long), torch.arange(N), torch.tensor([1.0, -1.0]))
+    args = Args(model_path=path, suite="libero_spatial", num_envs=N, micro_batch_size=N)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-4)
+    metrics = srpo.update_policy(policy, optimizer, processor, batch, samples, args, nullcontext(), NonFiniteGuard())
+    assert metrics["actor/grad_norm"] > 0
+    assert len(calls) == len(vla.language_model.model.layers)
