@@ -11,8 +11,9 @@ H.264 video with `--video`; state = the TCP pose; fps = the controller's frequen
 
 `--from-trajectory` imports ManiSkill's own demonstrations instead (a `trajectory.h5` + `.json` pair, as ManiSkill's
 `RecordEpisode` and its demo downloads store them, replayed into the camera observations and the `pd_ee_delta_pose`
-controller first: common/envs/maniskill_h5.py), into the same folder layout and meta.json, so the SFT scripts take
-them with --demos as they take the experts' demos.
+controller first: common/envs/maniskill_h5.py), and `--from-lerobot` a LeRobot v3.0 dataset of a ManiSkill task (a
+folder or a hub id), into the same folder layout and meta.json, so the SFT scripts take them with --demos as they
+take the experts' demos.
 
 Run:
     python collect_demos.py --env-id PickCube-v1 --num-episodes 100
@@ -38,7 +39,14 @@ import tyro
 
 from common.envs.demos import action_norm_stats, save_episode
 from common.envs.experts import EXPERTS
-from common.envs.lerobot_dataset import LeRobotWriter
+from common.envs.lerobot_dataset import (
+    ACTION_KEY,
+    IMAGE_KEY,
+    STATE_KEY,
+    LeRobotEpisodes,
+    LeRobotWriter,
+    resolve_dataset,
+)
 from common.envs.maniskill import INSTRUCTIONS, check_env_id, check_render_device, make_cpu_env
 from common.envs.maniskill_h5 import load_trajectories, read_trajectory_meta
 
@@ -49,8 +57,9 @@ ACTION_NAMES = ["dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper"]  # pd_ee
 
 @dataclass
 class Args:
-    env_id: str = "PickCube-v1"
-    """ManiSkill3 task with a scripted expert (PushCube-v1, PullCube-v1, PickCube-v1, StackCube-v1)"""
+    env_id: Optional[str] = None
+    """ManiSkill3 task with a scripted expert (PushCube-v1, PullCube-v1, PickCube-v1, StackCube-v1; default
+    PickCube-v1), or with --from-lerobot the task the data is of"""
     num_episodes: int = 100
     """episodes to write"""
     seed: int = 0
@@ -72,8 +81,18 @@ class Args:
     from_trajectory: Optional[str] = None
     """import the episodes of this ManiSkill trajectory.h5 (replayed with -o rgb -c pd_ee_delta_pose) instead of
     running the experts; --env-id, --image-size and --max-episode-steps then come from the file"""
+    from_lerobot: Optional[str] = None
+    """import the episodes of this LeRobot v3.0 dataset of --env-id (a folder or a hub id; pd_ee_delta_pose actions,
+    TCP-pose state) instead of running the experts"""
+    dataset_image_key: str = IMAGE_KEY
+    """with --from-lerobot: the camera feature"""
+    dataset_state_key: str = STATE_KEY
+    """with --from-lerobot: the TCP pose feature (xyz + quaternion wxyz)"""
+    dataset_action_key: str = ACTION_KEY
+    """with --from-lerobot: the action feature"""
     instruction: Optional[str] = None
-    """with --from-trajectory: the language instruction (default: the task's built-in one)"""
+    """with --from-trajectory / --from-lerobot: the language instruction (default: the task's built-in one / the
+    dataset's task)"""
 
 
 def make_env(env_id: str, image_size: int, max_episode_steps: Optional[int]):
@@ -133,7 +152,7 @@ def write_meta(out_dir: str, meta: dict) -> None:
 
 
 def import_trajectory(args: Args) -> None:
-    """--from-trajectory: the file's episodes (successes only, unless --keep-failed) into --out-dir."""
+    """--from-trajectory: a ManiSkill trajectory file's episodes into --out-dir."""
     info = read_trajectory_meta(args.from_trajectory)["env_info"]
     env_id = info["env_id"]
     check_env_id(env_id)
@@ -141,13 +160,43 @@ def import_trajectory(args: Args) -> None:
     if instruction is None:
         raise ValueError(f"{env_id} has no built-in instruction: pass --instruction 'what to do'")
     episodes = load_trajectories(args.from_trajectory, instruction, control_mode=CONTROL_MODE)
+    sim_config = info.get("env_kwargs", {}).get("sim_config") or {}
+    fps = sim_config.get("control_freq", 20)  # 20: ManiSkill's SimConfig default
+    write_imported(args, env_id, episodes, fps, info.get("max_episode_steps"), args.from_trajectory)
+
+
+def import_lerobot(args: Args) -> None:
+    """--from-lerobot: a LeRobot dataset of a ManiSkill task (--env-id; pd_ee_delta_pose actions, TCP-pose state)
+    into --out-dir."""
+    if args.env_id is None:
+        raise ValueError("--from-lerobot needs --env-id: the ManiSkill task the data is of (evaluation runs there)")
+    check_env_id(args.env_id)
+    root = resolve_dataset(args.from_lerobot, "--from-lerobot")
+    keys = (args.dataset_image_key, args.dataset_state_key, args.dataset_action_key)
+    dataset = LeRobotEpisodes(root, *keys)
+    for name, key in (("state", args.dataset_state_key), ("action", args.dataset_action_key)):
+        if dataset.info["features"][key]["shape"] != [7]:
+            raise ValueError(
+                f"--dataset-{name}-key {key!r} has shape {dataset.info['features'][key]['shape']}; the demos need 7 "
+                f"dims ({'TCP xyz + quaternion wxyz' if name == 'state' else 'pd_ee_delta_pose'})"
+            )
+    episodes = []
+    for i in range(len(dataset)):
+        episode = dataset[i]
+        episode["tcp_pose"] = episode.pop("state")
+        episode["instruction"] = args.instruction or episode["instruction"]
+        episodes.append(episode)
+    write_imported(args, args.env_id, episodes, round(dataset.fps), None, args.from_lerobot)
+
+
+def write_imported(args: Args, env_id: str, episodes: list[dict], fps: int, max_steps: Optional[int], source: str):
+    """Imported episodes (successes only, unless --keep-failed) as a demo folder with its meta.json."""
     height, width = episodes[0]["rgb"].shape[1:3]
     if height != width:
-        raise ValueError(f"{args.from_trajectory!r}: {height} x {width} camera; the VLA envs render square images")
+        raise ValueError(f"{source!r}: {height} x {width} camera; the VLA envs render square images")
     out_dir = args.out_dir or os.path.join("demos", env_id)
     os.makedirs(out_dir, exist_ok=True)
-    sim_config = info.get("env_kwargs", {}).get("sim_config") or {}
-    lerobot = open_lerobot(out_dir, args, sim_config.get("control_freq", 20))  # 20: ManiSkill's SimConfig default
+    lerobot = open_lerobot(out_dir, args, fps)
     kept = [e for e in episodes if e["success"] or args.keep_failed]
     for index, episode in enumerate(kept):
         write_episode(out_dir, lerobot, index, episode)
@@ -157,26 +206,31 @@ def import_trajectory(args: Args) -> None:
         format=args.format,
         env_id=env_id,
         control_mode=CONTROL_MODE,
-        instruction=instruction,
+        instruction=kept[0]["instruction"],
         image_size=int(height),
-        max_episode_steps=info.get("max_episode_steps") or gym.spec(env_id).max_episode_steps,
+        max_episode_steps=max_steps or gym.spec(env_id).max_episode_steps,
         first_seed=min(e["seed"] for e in episodes),
         episodes_tried=len(episodes),
         num_episodes=len(kept),
         keep_failed=args.keep_failed,
         expert_success_rate=sum(e["success"] for e in episodes) / len(episodes),
         action_norm_stats=action_norm_stats(kept),
-        source=os.path.abspath(args.from_trajectory),
+        source=os.path.abspath(source) if os.path.exists(source) else source,  # a file or folder, or a hub id
     )
     write_meta(out_dir, meta)
-    print(f"wrote {len(kept)} of the {len(episodes)} episodes of {args.from_trajectory} to {out_dir}")
+    print(f"wrote {len(kept)} of the {len(episodes)} episodes of {source} to {out_dir}")
 
 
 def main(args: Args) -> None:
     if args.video and args.format != "lerobot":
         raise ValueError("--video stores a LeRobot dataset's camera as mp4: it needs --format lerobot")
+    if args.from_trajectory and args.from_lerobot:
+        raise ValueError("--from-trajectory and --from-lerobot: import one source at a time")
     if args.from_trajectory:
         return import_trajectory(args)
+    if args.from_lerobot:
+        return import_lerobot(args)
+    args.env_id = args.env_id or "PickCube-v1"
     check_env_id(args.env_id)
     if args.env_id not in EXPERTS:
         raise ValueError(f"--env-id {args.env_id}: scripted experts exist for {', '.join(EXPERTS)}")

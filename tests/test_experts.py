@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -101,6 +102,17 @@ def test_collect_demos_as_a_lerobot_dataset_reads_back_as_the_npz_demos(push_dem
     (a, stats_a), (b, stats_b) = (sft_openvla.load_samples((d,), tokenizer) for d in (push_demos, out))
     assert torch.equal(a["rgb"], b["rgb"]) and torch.equal(a["tokens"], b["tokens"]) and stats_a == stats_b
     assert a["instructions"] == b["instructions"]
+    # A LeRobot dataset without collect_demos' meta.json (as from the hub): --from-lerobot imports it back
+    bare = str(tmp_path / "bare")
+    shutil.copytree(out, bare, ignore=shutil.ignore_patterns("meta.json"))
+    imported = str(tmp_path / "imported")
+    cmd = [sys.executable, "collect_demos.py", "--from-lerobot", bare, "--env-id", "PushCube-v1", "--out-dir", imported]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    for a, b in zip(load_demos(push_demos), load_demos(imported), strict=True):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    meta_imported = json.load(open(os.path.join(imported, "meta.json")))
+    assert meta_imported.pop("source") == bare and meta_imported.pop("format") == "npz" and meta_imported == meta_npz
 
 
 def test_maniskill_trajectory_files_read_as_the_same_demos(push_demos, tmp_path):
