@@ -51,7 +51,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import tyro
-from peft.tuners.lora import LoraLayer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common.checkpoint import check_run_flags
@@ -65,6 +64,7 @@ from common.models.openvla import (
     load_lora_adapter,
     load_openvla,
     make_trainable,
+    merge_lora,
     read_openvla_config,
     resolve_model_path,
     save_lora_adapter,
@@ -220,13 +220,6 @@ def env_to_model_actions(actions: torch.Tensor) -> torch.Tensor:
     return torch.cat([actions[:, :6], (actions[:, 6:] + 1) / 2], dim=1)
 
 
-def normalize_actions(actions: torch.Tensor, stats: dict) -> torch.Tensor:
-    """Model-convention actions (N, 7) -> [-1, 1] with q01/q99 where `mask`, unchanged elsewhere (the gripper)."""
-    q01, q99 = torch.tensor(stats["q01"]), torch.tensor(stats["q99"])
-    normalized = (2 * (actions - q01) / (q99 - q01 + 1e-8) - 1).clamp(-1, 1)
-    return torch.where(torch.tensor(stats["mask"]), normalized, actions)
-
-
 def action_loss(vla, pixel_values, prompt_ids, prompt_mask, target_tokens, action_tokenizer: ActionTokenizer):
     """Teacher-forced cross-entropy (mean over the 7 tokens and the batch) over the full vocabulary; the last 7
     positions of prompt + target[:-1] predict the 7 targets. Returns loss and stats summed over the batch:
@@ -259,9 +252,10 @@ def load_samples(paths: tuple[str, ...], action_tokenizer: ActionTokenizer) -> t
     episodes = [e for path in paths for e in load_demos(path)]
     actions = env_to_model_actions(torch.from_numpy(np.concatenate([e["action"] for e in episodes])).float())  # (N, 7)
     norm_stats = action_norm_stats([{"action": a.numpy()} for a in actions.split([len(e["action"]) for e in episodes])])
+    stats = norm_stats["action"]
     samples = dict(
         rgb=torch.from_numpy(np.concatenate([e["rgb"] for e in episodes])),  # (N, H, W, 3)
-        tokens=action_tokenizer.normalized_to_tokens(normalize_actions(actions, norm_stats["action"])),  # (N, 7)
+        tokens=action_tokenizer.normalized_to_tokens(ActionTokenizer.normalize(actions, stats)),  # (N, 7)
         instructions=[e["instruction"] for e in episodes for _ in range(len(e["action"]))],
     )
     return samples, norm_stats
@@ -278,19 +272,6 @@ def batch_indices(iteration: int, args: Args, rank: int) -> torch.Tensor:
     start = (iteration - 1) * args.global_batch_size + rank * args.batch_size
     positions = [divmod(p, args.num_samples) for p in range(start, start + args.batch_size)]
     return torch.tensor([epoch_order(args.seed, epoch, args.num_samples)[i] for epoch, i in positions])
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Model: LoRA merged into the base weights for the final checkpoint
-# ---------------------------------------------------------------------------------------------------------------
-def merge_lora(vla) -> None:
-    """W <- W + (alpha / r) B A in every adapted layer, then put the plain base layer back (the module tree and
-    state-dict keys of the original checkpoint); peft's layer `merge` does the arithmetic."""
-    for name, module in list(vla.named_modules()):
-        if isinstance(module, LoraLayer):
-            module.merge()
-            parent_name, _, child = name.rpartition(".")
-            setattr(vla.get_submodule(parent_name), child, module.get_base_layer())
 
 
 # ---------------------------------------------------------------------------------------------------------------

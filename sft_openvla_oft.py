@@ -79,13 +79,13 @@ from common.models.openvla import (
     load_lora_adapter,
     load_openvla,
     make_trainable,
+    merge_lora,
     read_openvla_config,
     resolve_model_path,
     save_lora_adapter,
     save_openvla,
 )
 from common.run import RunShell, resume_training
-from sft_openvla import merge_lora, normalize_actions
 from srpo_openvla_oft import (  # the RL script's policy, decoding and evaluation
     ACTION_DIM,
     CHUNK_STEPS,
@@ -290,12 +290,13 @@ def load_samples(args: Args, action_tokenizer: ActionTokenizer) -> tuple[dict, d
         )
     actions = [to_model_actions(torch.from_numpy(e["action"]).float(), args.gripper) for e in episodes]
     norm_stats = action_norm_stats([{"action": a.numpy()} for a in actions])
+    stats = norm_stats["action"]
     rgb, bins, instructions = [], [], []
     for episode, action in zip(episodes, actions):
         starts = chunk_starts(len(action))
         if len(starts) == 0:
             continue
-        tokens = action_tokenizer.normalized_to_tokens(normalize_actions(action, norm_stats["action"]))  # (T, 7)
+        tokens = action_tokenizer.normalized_to_tokens(ActionTokenizer.normalize(action, stats))  # (T, 7)
         chunks = torch.stack([tokens[t : t + CHUNK_STEPS].flatten() for t in starts])  # (n, 56)
         bins.append(chunks - action_tokenizer.first_token)
         rgb.append(policy_images(episode["rgb"][starts], args.center_crop))

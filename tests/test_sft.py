@@ -109,7 +109,7 @@ def test_internvl_targets_decode_to_the_demo_action(digits):
 
 def test_openvla_targets_decode_to_the_demo_action():
     from ppo_openvla import to_env_action
-    from sft_openvla import env_to_model_actions, normalize_actions
+    from sft_openvla import env_to_model_actions
 
     actions = torch.from_numpy(fake_actions(np.random.default_rng(2), 256))
     actions[0, :6], actions[1, :6] = 1.0, -1.0  # beyond q99 / q01: clipped
@@ -117,7 +117,7 @@ def test_openvla_targets_decode_to_the_demo_action():
     assert set(model_actions[:, 6].tolist()) == {0.0, 1.0}  # OpenVLA's gripper: 0 close, 1 open
     stats = action_norm_stats([{"action": model_actions.numpy()}])["action"]
     action_tokenizer = ActionTokenizer(vocab_size=1000)
-    tokens = action_tokenizer.normalized_to_tokens(normalize_actions(model_actions, stats))
+    tokens = action_tokenizer.normalized_to_tokens(ActionTokenizer.normalize(model_actions, stats))
     assert ((tokens >= action_tokenizer.first_token) & (tokens < 1000)).all()
     decoded = to_env_action(tokens, action_tokenizer, stats)  # what PPO sends to the env
     q01, q99 = torch.tensor(stats["q01"][:6]), torch.tensor(stats["q99"][:6])

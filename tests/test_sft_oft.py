@@ -56,7 +56,6 @@ def test_chunk_targets_decode_to_the_demo_commands():
     from common.envs.demos import action_norm_stats
     from common.envs.libero import to_libero_actions
     from common.models.openvla import ActionTokenizer
-    from sft_openvla import normalize_actions
     from sft_openvla_oft import chunk_starts, to_model_actions
     from srpo_openvla_oft import N_BINS, bins_to_actions
 
@@ -65,7 +64,7 @@ def test_chunk_targets_decode_to_the_demo_commands():
     assert model[:, 6].tolist() == [1.0] * 4 + [0.0] * 4 + [1.0] * 4 + [0.0] * 4  # open (-1) -> 1, closed -> 0
     stats = action_norm_stats([{"action": model.numpy()}])["action"]
     tokenizer = ActionTokenizer(32064, N_BINS)
-    bins = tokenizer.normalized_to_tokens(normalize_actions(model, stats)) - tokenizer.first_token  # (16, 7)
+    bins = tokenizer.normalized_to_tokens(ActionTokenizer.normalize(model, stats)) - tokenizer.first_token  # (16, 7)
     policy = SimpleNamespace(first_action_token=tokenizer.first_token)
     back = to_libero_actions(bins_to_actions(bins[:8].flatten()[None], policy, tokenizer, stats))[0]  # (8, 7)
     q01, q99 = np.array(stats["q01"][:6]), np.array(stats["q99"][:6])

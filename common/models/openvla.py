@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torchvision.transforms.functional as TF
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
@@ -198,6 +199,16 @@ def save_lora_adapter(vla: OpenVLA, config: LoraConfig, directory: str) -> None:
     config.save_pretrained(directory)
 
 
+def merge_lora(vla: OpenVLA) -> None:
+    """W <- W + (alpha / r) B A in every adapted layer, then put the plain base layer back (the module tree and
+    state-dict keys of the original checkpoint); peft's layer `merge` does the arithmetic."""
+    for name, module in list(vla.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(vla.get_submodule(parent_name), child, module.get_base_layer())
+
+
 def load_lora_adapter(vla: OpenVLA, directory: str) -> None:
     set_peft_model_state_dict(vla, load_file(os.path.join(directory, "adapter_model.safetensors")))
 
@@ -225,6 +236,15 @@ class ActionTokenizer:
             1, self.n_bins
         )
         return self.vocab_size - buckets
+
+    @staticmethod
+    def normalize(actions: torch.Tensor, stats: dict) -> torch.Tensor:
+        """n = clip(2 (a - q01) / (q99 - q01 + 1e-8) - 1, -1, 1) where mask, else a (the gripper): OpenVLA's
+        BOUNDS_Q99 normalisation of model-convention actions (..., D)."""
+        q01 = torch.as_tensor(stats["q01"], dtype=actions.dtype, device=actions.device)
+        q99 = torch.as_tensor(stats["q99"], dtype=actions.dtype, device=actions.device)
+        normalized = (2 * (actions - q01) / (q99 - q01 + 1e-8) - 1).clamp(-1, 1)
+        return torch.where(torch.as_tensor(stats["mask"], device=actions.device), normalized, actions)
 
     @staticmethod
     def unnormalize(normalized: torch.Tensor, stats: dict, eps: float = 0.0) -> torch.Tensor:
