@@ -21,10 +21,11 @@ checkpoint), and the final model, LoRA merged into the base weights, is written 
 
 Data (--dataset, one or more): LeRobot v3.0 datasets (local folders or hub ids; the camera and action features
 named by --dataset-image-key / --dataset-action-key, the instruction from each episode's task). Images are the
-policy's 224 x 224 input: frames of another size go through the LIBERO pipeline's JPEG round trip and Lanczos-3 resize
-(common/envs/libero_image.py), then, with --center-crop, the 0.9-area center crop the evaluation applies. Their
-orientation is the dataset's: LIBERO datasets made for OpenVLA and openpi store the agentview camera already turned
-upright (flipped 180 degrees), as the policy sees it.
+policy's 224 x 224 input: frames of another size are resized with antialiased Lanczos-3, as openvla-oft's RLDS loader
+resizes its JPEG-decoded frames (the JPEG round trip the LIBERO evaluation applies to fresh renders is already in the
+frames of datasets converted from RLDS), then, with --center-crop, the 0.9-area center crop the evaluation applies.
+Their orientation is the dataset's: LIBERO datasets made for OpenVLA and openpi store the agentview camera already
+turned upright (flipped 180 degrees), as the policy sees it.
 
 Anchor: openvla-oft's `vla-scripts/finetune.py` with discrete action tokens and parallel decoding (lr 5e-4, LoRA rank
 32, dropout 0, every linear layer; chunking as its RLDS `chunk_act_obs`). Departures:
@@ -71,7 +72,7 @@ from common.envs.libero import (
     load_suite,
     to_libero_actions,
 )
-from common.envs.libero_image import crop_center, jpeg_round_trip, resize_lanczos3
+from common.envs.libero_image import crop_center, resize_lanczos3
 from common.guards import check_flags
 from common.logger import Logger, check_tracking
 from common.models.openvla import (
@@ -255,12 +256,12 @@ def read_episodes(path: str, args: Args) -> list[dict]:
 
 
 def policy_images(frames: np.ndarray, center_crop: bool) -> np.ndarray:
-    """(T, H, W, 3) uint8 dataset frames -> the policy's (T, 224, 224, 3): JPEG round trip and Lanczos-3 resize when
-    not 224 already (LIBERO's pipeline), then the optional 0.9-area center crop."""
+    """(T, H, W, 3) uint8 dataset frames -> the policy's (T, 224, 224, 3): Lanczos-3 resize when not 224 already,
+    then the optional 0.9-area center crop."""
     out = []
     for frame in frames:
         if frame.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE):
-            frame = resize_lanczos3(jpeg_round_trip(np.ascontiguousarray(frame)), IMAGE_SIZE)
+            frame = resize_lanczos3(np.ascontiguousarray(frame), IMAGE_SIZE)
         out.append(crop_center(frame) if center_crop else frame)
     return np.stack(out)
 
