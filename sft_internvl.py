@@ -41,7 +41,6 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from typing import Literal, Optional
 
 import numpy as np
@@ -67,7 +66,7 @@ from common.envs.maniskill import ManiSkillVLAEnv, check_env_id, check_render_de
 from common.evaluation import advance, gather_episodes, progress, success_metrics
 from common.logger import Logger, check_tracking, video_file
 from common.models.action_text import ActionTemplate, build_inputs, load_processor_and_template
-from common.run import RunShell, resume_training
+from common.run import RunShell, batch_indices, resume_training
 from grpo_internvl import generate_actions, load_policy  # the RL script's decoding and model loading
 
 
@@ -202,7 +201,7 @@ def validate(args: Args, world_size: int):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Data: every demo step in memory; batches walk one seeded permutation per epoch
+# Data: every demo step in memory; batches walk one seeded permutation per epoch (common/run.py)
 # ---------------------------------------------------------------------------------------------------------------
 def load_samples(paths: tuple[str, ...], template: ActionTemplate) -> dict:
     """All steps of all episodes: rgb (N, H, W, 3) uint8, tcp_pose (N, 7), choices (N, F) answer targets,
@@ -215,19 +214,6 @@ def load_samples(paths: tuple[str, ...], template: ActionTemplate) -> dict:
         choices=template.choices_from_action(actions),  # (N, F)
         instructions=[e["instruction"] for e in episodes for _ in range(len(e["action"]))],
     )
-
-
-@lru_cache(maxsize=2)
-def epoch_order(seed: int, epoch: int, num_samples: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(num_samples)
-
-
-def batch_indices(iteration: int, args: Args, rank: int) -> torch.Tensor:
-    """This rank's sample indices (batch_size,) for `iteration` (from 1): global positions (iteration - 1) x global
-    batch onwards in the concatenation of per-epoch permutations; rank r takes the r-th slice."""
-    start = (iteration - 1) * args.global_batch_size + rank * args.batch_size
-    positions = [divmod(p, args.num_samples) for p in range(start, start + args.batch_size)]
-    return torch.tensor([epoch_order(args.seed, epoch, args.num_samples)[i] for epoch, i in positions])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -44,7 +44,6 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Literal, Optional
 
 import numpy as np
@@ -70,7 +69,7 @@ from common.models.openvla import (
     save_lora_adapter,
     save_openvla,
 )
-from common.run import RunShell, resume_training
+from common.run import RunShell, batch_indices, resume_training
 from ppo_openvla import ActorCritic, to_env_action  # the RL script's greedy decoding and action conversion
 
 ACTION_DIM = 7
@@ -244,7 +243,7 @@ def action_loss(vla, pixel_values, prompt_ids, prompt_mask, target_tokens, actio
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Data: every demo step in memory; batches walk one seeded permutation per epoch
+# Data: every demo step in memory; batches walk one seeded permutation per epoch (common/run.py)
 # ---------------------------------------------------------------------------------------------------------------
 def load_samples(paths: tuple[str, ...], action_tokenizer: ActionTokenizer) -> tuple[dict, dict]:
     """All steps of all episodes -> (samples, norm_stats entry). samples: rgb (N, H, W, 3) uint8, tokens (N, 7)
@@ -259,19 +258,6 @@ def load_samples(paths: tuple[str, ...], action_tokenizer: ActionTokenizer) -> t
         instructions=[e["instruction"] for e in episodes for _ in range(len(e["action"]))],
     )
     return samples, norm_stats
-
-
-@lru_cache(maxsize=2)
-def epoch_order(seed: int, epoch: int, num_samples: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(num_samples)
-
-
-def batch_indices(iteration: int, args: Args, rank: int) -> torch.Tensor:
-    """This rank's sample indices (batch_size,) for `iteration` (from 1): global positions (iteration - 1) x global
-    batch onwards in the concatenation of per-epoch permutations; rank r takes the r-th slice."""
-    start = (iteration - 1) * args.global_batch_size + rank * args.batch_size
-    positions = [divmod(p, args.num_samples) for p in range(start, start + args.batch_size)]
-    return torch.tensor([epoch_order(args.seed, epoch, args.num_samples)[i] for epoch, i in positions])
 
 
 # ---------------------------------------------------------------------------------------------------------------

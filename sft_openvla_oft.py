@@ -50,7 +50,6 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Literal, Optional
 
 import numpy as np
@@ -86,7 +85,7 @@ from common.models.openvla import (
     save_lora_adapter,
     save_openvla,
 )
-from common.run import RunShell, resume_training
+from common.run import RunShell, batch_indices, resume_training
 from srpo_openvla_oft import (  # the RL script's policy, decoding and evaluation
     ACTION_DIM,
     CHUNK_STEPS,
@@ -247,7 +246,7 @@ def validate(args: Args, world_size: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Data: demo chunks -> 56 target bins; every sample in memory, batches walk one seeded permutation per epoch
+# Data: demo chunks -> 56 target bins, every sample in memory; batches: common/run.py batch_indices
 # ---------------------------------------------------------------------------------------------------------------
 def read_episodes(path: str, args: Args) -> list[dict]:
     """The episodes of one dataset: rgb (T, H, W, 3) uint8, action (T, 7), instruction."""
@@ -306,19 +305,6 @@ def load_samples(args: Args, action_tokenizer: ActionTokenizer) -> tuple[dict, d
         raise ValueError(f"--dataset {list(args.dataset)}: no episode has {CHUNK_STEPS} or more steps")
     samples = dict(rgb=torch.from_numpy(np.concatenate(rgb)), bins=torch.cat(bins), instructions=instructions)
     return samples, norm_stats
-
-
-@lru_cache(maxsize=2)
-def epoch_order(seed: int, epoch: int, num_samples: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(num_samples)
-
-
-def batch_indices(iteration: int, args: Args, rank: int) -> torch.Tensor:
-    """This rank's sample indices (batch_size,) for `iteration` (from 1): global positions (iteration - 1) x global
-    batch onwards in the concatenation of per-epoch permutations; rank r takes the r-th slice."""
-    start = (iteration - 1) * args.global_batch_size + rank * args.batch_size
-    positions = [divmod(p, args.num_samples) for p in range(start, start + args.batch_size)]
-    return torch.tensor([epoch_order(args.seed, epoch, args.num_samples)[i] for epoch, i in positions])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -21,8 +21,10 @@ episodes, every rank's episode records (common/evaluation.py), go to {run}/eval/
 import json
 import os
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Optional
 
+import numpy as np
 import torch
 
 from common import fsdp
@@ -144,3 +146,21 @@ class RunShell:
             self.envs.close()
         unlock_run_dir(self.run_path)
         cleanup()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The SFT scripts' batch order: one seeded permutation per epoch, so a resumed run sees the batches an uninterrupted
+# one would
+# ---------------------------------------------------------------------------------------------------------------
+@lru_cache(maxsize=2)
+def epoch_order(seed: int, epoch: int, num_samples: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(num_samples)
+
+
+def batch_indices(iteration: int, args, rank: int) -> torch.Tensor:
+    """This rank's sample indices (args.batch_size,) for `iteration` (from 1): global positions (iteration - 1) x
+    args.global_batch_size onwards in the concatenation of per-epoch permutations of args.num_samples (seeded by
+    args.seed); rank r takes the r-th slice."""
+    start = (iteration - 1) * args.global_batch_size + rank * args.batch_size
+    positions = [divmod(p, args.num_samples) for p in range(start, start + args.batch_size)]
+    return torch.tensor([epoch_order(args.seed, epoch, args.num_samples)[i] for epoch, i in positions])
