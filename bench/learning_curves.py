@@ -35,8 +35,11 @@ import argparse
 import ast
 import functools
 import glob
+import hashlib
 import json
 import os
+import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -193,6 +196,43 @@ def provenance(mode: str) -> dict:
         "argv": sys.argv[1:],
         "versions": {"python": sys.version.split()[0], **{p: version(p.replace("_", "-")) for p in PACKAGES}},
         "cpus": os.cpu_count(),
+        "machine": machine(),
+    }
+
+
+def machine() -> dict:
+    """What the simulator's physics and the CPU kernels' float results depend on beyond the packages: the CPU model,
+    the instruction set PyTorch's kernels dispatch to, and the software Vulkan driver that renders the camera."""
+    import torch
+
+    cpu = platform.processor()
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    mesa = (
+        subprocess.run(
+            ["dpkg-query", "-W", "-f=${Version}", "mesa-vulkan-drivers"], capture_output=True, text=True
+        ).stdout.strip()
+        if shutil.which("dpkg-query")
+        else ""
+    )
+    return {"cpu": cpu, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "mesa_vulkan": mesa or None}
+
+
+def fingerprint(demos: str) -> dict:
+    """The demos a run trained on: sha256 over the episode files in order, and their size. Two machines that give
+    different demos from the same command simulate differently, and everything after differs too."""
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(demos)):
+        if name.startswith("episode_"):
+            with open(os.path.join(demos, name), "rb") as f:
+                digest.update(f.read())
+    with open(os.path.join(demos, "meta.json")) as f:
+        meta = json.load(f)
+    return {
+        "sha256": digest.hexdigest(),
+        "num_transitions": meta["action_norm_stats"]["num_transitions"],
+        "expert_success_rate": meta.get("expert_success_rate"),
     }
 
 
@@ -219,7 +259,8 @@ def check(parser: argparse.ArgumentParser, paths: list[str]) -> int:
                 )
         stale += bool(problems)
         where = (
-            f"made at {made['commit'][:7]} ({made['commit_date']})"
+            f"made at {made['commit'][:7]} ({made['commit_date']}"
+            + (f", {made['machine']['cpu']}, {made['machine']['torch_cpu_capability']})" if "machine" in made else ")")
             if made
             else "committed in " + git("log", "-1", "--format=%h (%cs)", "--", path)
         )
@@ -434,6 +475,7 @@ def demos_then_sft(a: argparse.Namespace, script: str, base: str, results: dict)
         ],
         os.path.join(run_dir, "collect_demos.log"),
     )
+    results["demos"] = fingerprint(demos)
     results["wall_s"]["sft"] = run(
         [
             sys.executable,
