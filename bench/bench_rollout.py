@@ -1,0 +1,262 @@
+"""Where an RL iteration's time goes, and the host work of one decode step, for PPO, GRPO and SRPO.
+
+    python bench/bench_rollout.py --size tiny                     # CPU: tiny models, real simulators
+    python bench/bench_rollout.py --size small --parts decode     # bigger models: compute, not Python, dominates
+    python bench/bench_rollout.py --before e08c2ac                # also the code of that commit, ratios in one run
+
+decode (in this process): PPO's `ActorCritic.act` (prefill, then one one-token forward for each of the other 6
+action tokens) and GRPO's `generate_actions` (prefill, then one forward per free slot), LoRA adapters unmerged as in
+the rollout. A step runs from one language-model call to the next, the sampling between them included; per step:
+the ATen operators dispatched (counted by a TorchDispatchMode) and the wall time (median over --repeats, measured
+without the counter). On the CPU all of it is host time; bench/gpu_check.py splits prefill and decode on a GPU.
+
+iteration (subprocesses): each script's own command for 2 iterations on its real simulator: PPO and GRPO on
+ManiSkill PushCube-v1 (CPU workers), SRPO on LIBERO libero_spatial task 0 with the V-JEPA 2 progress reward (4 envs,
+256-step episodes, the quickstart's models). Reported: the second iteration's time/rollout_s, time/reward_s and
+time/update_s from the script's TensorBoard logs. On 2 cores PPO and GRPO take 2-3 minutes each, SRPO longer (its
+first iteration's rollout alone: 198 s with another job beside it).
+
+--before REV runs every measurement again on a git worktree of REV and prints after/before ratios (fewer
+operators, less time). Writes the JSON to --out.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# decode: operators and time per step, in this process, on the code under --code-root
+# ---------------------------------------------------------------------------------------------------------------
+class Steps:
+    """Split a decode call at the forwards of `module` (the language model): step 0, the prefill, runs from the
+    call's start to the second forward; step i from forward i to forward i + 1; the last one to the call's end."""
+
+    def __init__(self, module):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Count(TorchDispatchMode):
+            n = 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                Count.n += 1
+                return func(*args, **(kwargs or {}))
+
+        self.Count, self.module = Count, module
+
+    def measure(self, call, repeats: int) -> dict:
+        marks: list[float] = []
+        handle = self.module.register_forward_pre_hook(lambda *_: marks.append(self.clock()))
+        try:
+            self.clock = lambda: self.Count.n
+            marks[:] = [self.Count.n]
+            with self.Count():
+                call()
+            del marks[1]  # the prefill step: from the call's start (vision and embedding) to the second forward
+            counts = [b - a for a, b in zip(marks, marks[1:] + [self.Count.n])]
+            self.clock = time.perf_counter
+            seconds = []
+            for _ in range(repeats):
+                marks[:] = [time.perf_counter()]
+                call()
+                end = time.perf_counter()
+                del marks[1]
+                seconds.append([b - a for a, b in zip(marks, marks[1:] + [end])])
+        finally:
+            handle.remove()
+        per_step = [statistics.median(s[i] for s in seconds) for i in range(len(counts))]
+        return {
+            "steps": len(counts),
+            "prefill_ops": counts[0],
+            "decode_ops_per_step": statistics.mean(counts[1:]),
+            "prefill_ms": per_step[0] * 1e3,
+            "decode_ms_per_step": statistics.mean(per_step[1:]) * 1e3,
+        }
+
+
+def small_internvl(path: str) -> str:
+    """The tiny InternVL's tokenizer and processor with wider, deeper random weights (a 112 px vision tower)."""
+    import torch
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    config = InternVLConfig.from_pretrained(path)
+    config.vision_config.update(
+        dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
+    )
+    config.text_config.update(dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024))
+    torch.manual_seed(0)
+    InternVLForConditionalGeneration(config).save_pretrained(path)
+    return path
+
+
+def decode_part(size: str, batch: int, repeats: int, tmp: str) -> dict:
+    import torch
+
+    import grpo_internvl as grpo
+    from common.models.action_text import build_inputs
+    from common.models.openvla import ActionTokenizer, load_openvla, make_trainable
+    from common.models.tiny import make_tiny_internvl, make_tiny_openvla
+    from ppo_openvla import ActorCritic
+
+    torch.manual_seed(0)
+    out = {}
+    dims = (
+        dict(hidden_size=64, num_layers=2, vision_dim=32)
+        if size == "tiny"
+        else dict(hidden_size=256, num_layers=4, vision_dim=128)
+    )
+    vla, processor = load_openvla(make_tiny_openvla(os.path.join(tmp, f"openvla_{size}"), **dims), device="cpu")
+    make_trainable(vla, 8, 16)
+    policy = ActorCritic(vla, ActionTokenizer(vla.vocab_size, 256)).eval()
+    prompt = processor.prompt_ids(["push the cube to the goal"] * batch)
+    pixels = processor.preprocess_images(torch.randint(0, 256, (batch, 64, 64, 3), dtype=torch.uint8))
+    out["ppo"] = Steps(vla.language_model.model).measure(lambda: policy.act(pixels, *prompt, 1.0), repeats)
+
+    path = make_tiny_internvl(os.path.join(tmp, f"internvl_{size}"), image_size=56 if size == "tiny" else 112)
+    if size == "small":
+        small_internvl(path)
+    processor, template = grpo.load_processor_and_template(path)
+    args = grpo.Args(model_path=path, lora_rank=8)
+    model = grpo.load_policy(args, torch.device("cpu"), None).eval()
+    rgb = torch.randint(0, 256, (batch, 64, 64, 3), dtype=torch.uint8)
+    inputs = build_inputs(processor, ["push the cube to the goal"] * batch, rgb, torch.rand(batch, 7), "cpu")
+    out["grpo"] = Steps(model.get_base_model().model.language_model).measure(
+        lambda: grpo.generate_actions(model, inputs, template, 1.0, 0, 1.0), repeats
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# iteration: each script's CLI for 2 iterations, times read from its TensorBoard logs
+# ---------------------------------------------------------------------------------------------------------------
+def commands(models: dict) -> dict[str, list[str]]:
+    common = ["--total-iterations", "2", "--eval-interval", "0", "--save-interval", "0", "--lora-rank", "8"]
+    return {
+        "ppo": ["ppo_openvla.py", "--model-path", models["openvla"], "--env-id", "PushCube-v1", "--num-envs", "4",
+                "--num-steps", "16", "--max-episode-steps", "16", "--num-minibatches", "2", *common],
+        "grpo": ["grpo_internvl.py", "--model-path", models["internvl"], "--env-id", "PushCube-v1", "--num-envs", "4",
+                 "--group-size", "2", "--max-episode-steps", "16", "--num-minibatches", "2", "--no-dynamic-sampling",
+                 *common],
+        "srpo": ["srpo_openvla_oft.py", "--model-path", models["openvla"], "--world-model-path", models["vjepa2"],
+                 "--suite", "libero_spatial", "--task-ids", "0", "--num-envs", "4", "--group-size", "4",
+                 "--tasks-per-iteration", "1", "--max-episode-steps", "256", "--no-dynamic-sampling", *common],
+    }  # fmt: skip
+
+
+def iteration_part(code_root: str, scripts: list[str], tmp: str) -> dict:
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from learning_curves import read_scalars
+
+    models = {}
+    for kind in ("openvla", "internvl", "vjepa2"):
+        models[kind] = os.path.join(tmp, f"models_{kind}")
+        subprocess.run([sys.executable, "-m", "common.models.tiny", kind, models[kind]], cwd=code_root, check=True,
+                       capture_output=True)  # fmt: skip
+    out = {}
+    for name in scripts:
+        run_dir = os.path.join(tmp, f"runs_{name}")
+        command = [sys.executable, *commands(models)[name], "--run-dir", run_dir, "--exp-name", name]
+        start = time.perf_counter()
+        done = subprocess.run(command, cwd=code_root, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"{' '.join(command)} failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+        scalars = read_scalars(os.path.join(run_dir, f"{name}__s1"))
+        out[name] = {"wall_s": time.perf_counter() - start}
+        for tag in ("time/rollout_s", "time/reward_s", "time/update_s"):
+            if tag in scalars:
+                out[name][tag.split("/")[1]] = scalars[tag][max(scalars[tag])]
+        print(f"  {name}: {out[name]}", flush=True)
+    return out
+
+
+def measure(args) -> dict:
+    """Every part on the code under args.code_root (this process imports from there)."""
+    sys.path.insert(0, args.code_root)
+    os.chdir(args.code_root)
+    import torch
+
+    torch.set_num_threads(os.cpu_count())
+    result = {"code_root": args.code_root}
+    with tempfile.TemporaryDirectory() as tmp:
+        if "decode" in args.parts:
+            result["decode"] = decode_part(args.size, args.batch_size, args.repeats, tmp)
+            print(f"  decode: {result['decode']}", flush=True)
+        if "iteration" in args.parts:
+            result["iteration"] = iteration_part(args.code_root, args.scripts, tmp)
+    return result
+
+
+def ratios(before: dict, after: dict) -> dict:
+    """before / after of every operator count and time both measured (> 1: the code after is faster / leaner)."""
+    out = {}
+    for part in ("decode", "iteration"):
+        for script, numbers in after.get(part, {}).items():
+            for key, value in numbers.items():
+                old = before.get(part, {}).get(script, {}).get(key)
+                if isinstance(value, (int, float)) and old and value and key != "steps":
+                    out[f"{part}/{script}/{key}"] = old / value
+    return out
+
+
+def git(*argv: str) -> str:
+    return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=["tiny", "small"], default="tiny", help="decode part's model size")
+    parser.add_argument("--parts", nargs="+", choices=["decode", "iteration"], default=["decode", "iteration"])
+    parser.add_argument("--scripts", nargs="+", choices=["ppo", "grpo", "srpo"], default=["ppo", "grpo", "srpo"])
+    parser.add_argument("--batch-size", type=int, default=8, help="decode part's batch")
+    parser.add_argument("--repeats", type=int, default=5, help="decode part's timed repeats (the median is kept)")
+    parser.add_argument("--before", default=None, help="a git revision to measure too, in a worktree")
+    parser.add_argument("--code-root", default=ROOT, help=argparse.SUPPRESS)  # the checkout measured (internal)
+    parser.add_argument("--json", default=None, help=argparse.SUPPRESS)  # where a --code-root run writes (internal)
+    parser.add_argument("--out", default="bench_rollout.json")
+    args = parser.parse_args()
+    if args.json:  # one checkout's measurements, for the parent process
+        with open(args.json, "w") as f:
+            json.dump(measure(args), f)
+        return
+
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        trees = {"after": (git("rev-parse", "--short", "HEAD"), ROOT)}
+        if args.before:
+            tree = os.path.join(tmp, "before")
+            git("worktree", "add", "--detach", tree, args.before)
+            trees = {"before": (git("rev-parse", "--short", args.before), tree), **trees}
+        try:
+            for name, (commit, tree) in trees.items():
+                print(f"{name}: {commit} ({tree})", flush=True)
+                path = os.path.join(tmp, f"{name}.json")
+                subprocess.run(
+                    [sys.executable, __file__, *sys.argv[1:], "--code-root", tree, "--json", path], check=True
+                )
+                with open(path) as f:
+                    runs[name] = {"commit": commit, **json.load(f)}
+        finally:
+            if args.before:
+                git("worktree", "remove", "--force", os.path.join(tmp, "before"))
+    import torch
+
+    result = {"size": args.size, "batch_size": args.batch_size, "cpus": os.cpu_count(), "torch": torch.__version__,
+              **runs}  # fmt: skip
+    if "before" in runs:
+        result["ratios"] = ratios(runs["before"], runs["after"])
+        for key, value in result["ratios"].items():
+            print(f"{key}: {value:.2f}x")
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
