@@ -51,26 +51,22 @@ class Steps:
 
         self.Count, self.module = Count, module
 
-    def measure(self, call, repeats: int) -> dict:
-        marks: list[float] = []
-        handle = self.module.register_forward_pre_hook(lambda *_: marks.append(self.clock()))
+    def split(self, call, clock) -> list[float]:
+        """clock() differences over the steps of one call()."""
+        marks = [clock()]
+        handle = self.module.register_forward_pre_hook(lambda *_: marks.append(clock()))
         try:
-            self.clock = lambda: self.Count.n
-            marks[:] = [self.Count.n]
-            with self.Count():
-                call()
-            del marks[1]  # the prefill step: from the call's start (vision and embedding) to the second forward
-            counts = [b - a for a, b in zip(marks, marks[1:] + [self.Count.n])]
-            self.clock = time.perf_counter
-            seconds = []
-            for _ in range(repeats):
-                marks[:] = [time.perf_counter()]
-                call()
-                end = time.perf_counter()
-                del marks[1]
-                seconds.append([b - a for a, b in zip(marks, marks[1:] + [end])])
+            call()
         finally:
             handle.remove()
+        marks.append(clock())
+        del marks[1]  # the prefill step: from the call's start (vision and embedding) to the second forward
+        return [b - a for a, b in zip(marks, marks[1:])]
+
+    def measure(self, call, repeats: int) -> dict:
+        with self.Count():
+            counts = self.split(call, lambda: self.Count.n)
+        seconds = [self.split(call, time.perf_counter) for _ in range(repeats)]
         per_step = [statistics.median(s[i] for s in seconds) for i in range(len(counts))]
         return {
             "steps": len(counts),
@@ -87,10 +83,10 @@ def small_internvl(path: str) -> str:
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
     config = InternVLConfig.from_pretrained(path)
-    config.vision_config.update(
-        dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
-    )
-    config.text_config.update(dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024))
+    wider = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
+    config.vision_config.update(wider)
+    config.text_config.update(wider)
+    config.text_config.layer_types = ["full_attention"] * wider["num_hidden_layers"]  # one per layer
     torch.manual_seed(0)
     InternVLForConditionalGeneration(config).save_pretrained(path)
     return path
