@@ -217,6 +217,9 @@ def main():
     parser.add_argument("--json", default=None, help=argparse.SUPPRESS)  # where a --code-root run writes (internal)
     parser.add_argument("--out", default="bench_rollout.json")
     args = parser.parse_args()
+    if args.before and subprocess.run(["git", "rev-parse", "--verify", "-q", f"{args.before}^{{commit}}"], cwd=ROOT,
+                                      capture_output=True).returncode:  # fmt: skip
+        parser.error(f"--before {args.before!r} is not a commit of this repository (e.g. a hash or HEAD~3)")
     if args.json:  # one checkout's measurements, for the parent process
         with open(args.json, "w") as f:
             json.dump(measure(args), f)
