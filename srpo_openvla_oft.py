@@ -49,6 +49,7 @@ import math
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Optional
 
@@ -103,7 +104,7 @@ from common.models.openvla import (
     save_lora_adapter,
     save_openvla,
 )
-from common.models.vjepa2 import VideoEmbedder, check_world_model
+from common.models.vjepa2 import VideoEmbedder, check_world_model, subsample_frame_indices
 from common.run import RunShell, resume_training
 
 CHUNK_STEPS, ACTION_DIM = 8, 7  # OpenVLA-OFT LIBERO: 8 actions of 7 dims per query
@@ -745,6 +746,7 @@ def main(args: Args) -> None:
             args.world_model_frames,
             args.world_model_offload,
         )
+    embed_thread = ThreadPoolExecutor(max_workers=1)  # V-JEPA 2 embeds a finished wave while the next one rolls out
 
     start_iteration = resume_training(args, policy, optimizer, sharded)
     logger = Logger(run_path, args, enabled=dist.is_main)
@@ -825,8 +827,9 @@ def main(args: Args) -> None:
             batch.task[wave], batch.success[wave], batch.length[wave] = out.task, out.success, out.length
             batch.instructions[wave] = out.instructions
             policy_s += wave_policy_s
-            if embedder is not None:
-                embeddings.append(embedder(envs.videos()))  # (num_envs, hidden)
+            if embedder is not None:  # only the frames V-JEPA 2 samples are rendered and processed, in the workers
+                picks = [subsample_frame_indices(n + 1, args.world_model_frames) for n in out.length.tolist()]
+                embeddings.append(embed_thread.submit(embedder, envs.videos(picks)))  # embeds while the next wave runs
             advance(bar, len(out.success), f"success {int(batch.success[: wave.stop].sum())} (this rank)")
         bar.close()
         rollout_time = time.time() - rollout_start
@@ -843,7 +846,8 @@ def main(args: Args) -> None:
         rewards = batch.success.double()  # (R,) failures 0 unless shaped
         num_clusters, progress_mean = 0, 0.0
         if embedder is not None:
-            all_embeddings = all_gather_cat(torch.cat(embeddings)).numpy()  # (world x R, hidden)
+            rank_embeddings = torch.cat([wave.result() for wave in embeddings])  # (R, hidden)
+            all_embeddings = all_gather_cat(rank_embeddings).numpy()  # (world x R, hidden)
             all_success, all_task, all_kept = (
                 all_gather_cat(x.long()).numpy() for x in (batch.success, batch.task, kept)
             )
@@ -906,6 +910,7 @@ def main(args: Args) -> None:
         }
         if shell.end_of_iteration(iteration, all_reduce_mean(metrics) | update_metrics, run_evaluation, summary):
             break
+    embed_thread.shutdown()
     shell.close()
 
 

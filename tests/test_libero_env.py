@@ -89,10 +89,12 @@ def test_workers_match_in_process_and_episode_limits():
             assert images.shape == (1, 32, 32, 3) and images.dtype == np.uint8
             assert instructions[0].startswith("pick up the black bowl")
             steps, dones = [], []
-            for chunk in chunks:
+            for q, chunk in enumerate(chunks):
                 images, success, done, executed = envs.step(chunk)
                 steps.append(int(executed[0]))
                 dones.append(bool(done[0]))
+                if q == 0 and not use_workers:  # rendering deferred frames mid-episode leaves the physics as it was
+                    early = envs.videos([[5, 2, 8, 5]])[0]
             assert steps == [8, 4, 0] and dones == [False, True, True]  # the chunk is cut at max_steps
             assert not success[0]
             video = envs.videos()[0]
@@ -102,6 +104,17 @@ def test_workers_match_in_process_and_episode_limits():
         finally:
             envs.close()
     np.testing.assert_array_equal(results[True], results[False])
+    np.testing.assert_array_equal(early, results[True][[5, 2, 8, 5]])
+
+    # Deferred frames are the frames a camera rendering at every step gives: one action per chunk renders them all
+    envs = LiberoVectorEnv("libero_spatial", 1, camera_size=64, image_size=32, max_steps=12, use_workers=False)
+    try:
+        envs.reset([2], [7])
+        for action in np.concatenate(chunks, 1)[0]:
+            envs.step(action[None, None])
+        np.testing.assert_array_equal(envs.videos()[0], results[True])
+    finally:
+        envs.close()
 
     # record_frames=False renders only the frames the policy sees: they equal the full video's chunk ends
     envs = LiberoVectorEnv("libero_spatial", 1, camera_size=64, image_size=32, max_steps=12, use_workers=False)

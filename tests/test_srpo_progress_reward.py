@@ -105,6 +105,9 @@ def test_vjepa2_embedder_on_tiny_checkpoint(tiny_vjepa2):
     assert emb.shape == (3, 48) and emb.dtype == torch.float32 and torch.isfinite(emb).all()
     again = embedder(videos[1:2])
     torch.testing.assert_close(again[0], emb[1], atol=1e-5, rtol=1e-5)
+    # the LIBERO workers send only the frames the embedder samples: those give the whole video's embeddings
+    picked = [video[subsample_frame_indices(len(video), 16)] for video in videos]
+    torch.testing.assert_close(embedder(picked, batch_size=2), emb, atol=0, rtol=0)
 
 
 def test_embedder_rejects_non_vjepa2(tmp_path):

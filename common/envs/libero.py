@@ -23,7 +23,10 @@ an episode, frames included, is then a pure function of (seed, task, init state,
 that dies (or hangs past `timeout_s`) is restarted and its episode replayed from the reset with the same actions,
 which reproduces the physics exactly. `use_workers=False` steps the envs one after another in this process (simpler
 to debug, and the baseline of bench/bench_libero_env.py). Both keep every frame of the current episode so the caller
-can embed the video (SRPO's progress reward) or save it.
+can embed the video (SRPO's progress reward) or save it. Only the frames the policy sees (one per chunk) are
+rendered while the episode runs; for every other step the env keeps the simulator pose that frame shows, and
+`videos(indices)` renders and processes just the frames asked for (V-JEPA 2 uses 64 of up to 513) and sends only
+those through the pipe. A deferred frame is bit-identical to one rendered during the step (tests/test_libero_env.py).
 
 Call `configure_rendering()` before anything imports mujoco: it picks MUJOCO_GL (EGL when
 an NVIDIA GPU is visible, OSMesa otherwise; an explicit value or the MUJOCO_GL variable
@@ -40,6 +43,7 @@ import time
 import traceback
 from dataclasses import dataclass
 
+import mujoco
 import numpy as np
 
 from common.envs.libero_image import model_image
@@ -188,7 +192,7 @@ class LiberoEnv:
         self.camera_size, self.image_size, self.gpu_id, self.seed = camera_size, image_size, gpu_id, seed
         self.center_crop = center_crop
         self.sim, self.sim_task_id, self.camera_on = None, None, True
-        self.frames: list[np.ndarray] = []
+        self.frames: list = []  # per frame: its model image, or the simulator pose it shows until it is rendered
         self.raw_frame: np.ndarray | None = None
         self.num_steps, self.success, self.done = 0, False, True
 
@@ -197,22 +201,60 @@ class LiberoEnv:
         return model_image(self.raw_frame, self.image_size, self.center_crop)  # (image_size, image_size, 3) uint8
 
     def _install_camera_switch(self) -> None:
-        """Make the agentview sensor render only while `self.camera_on`: robosuite keeps sampling it at the same
-        physics substeps (so the frames equal an always-on camera's), but an off camera costs nothing."""
-        camera = self.sim.env._observables["agentview_image"]  # re-created by every (hard) reset
-        render = camera._sensor
+        """Make the agentview sensor render only while `self.camera_on`; when off it costs nothing and notes, in
+        `self.shown_pose`, the pose the frame would have shown. robosuite keeps sampling the sensor at the same
+        physics substeps (so the frames equal an always-on camera's), right after a MuJoCo step, and a MuJoCo step
+        leaves the body poses of the state it started from: the frame shows the qpos (and mocap poses) that step
+        started with, which `physics_step` keeps. OpenGL rendering (OSMesa: ~12x a physics step) is most of a step."""
+        env, mjsim = self.sim.env, self.sim.env.sim  # both re-created by every (hard) reset
+        camera = env._observables["agentview_image"]
+        render, physics_step = camera._sensor, mjsim.step
         blank = np.zeros((self.camera_size, self.camera_size, 3), dtype=np.uint8)
+        self.step_start_pose = self.shown_pose = None
+
+        def step_keeping_start_pose(*args, **kwargs):
+            data = mjsim.data
+            self.step_start_pose = (data.qpos.copy(), data.mocap_pos.copy(), data.mocap_quat.copy())
+            return physics_step(*args, **kwargs)
 
         def switched_sensor(obs_cache):
-            return render(obs_cache) if self.camera_on else blank
+            if self.camera_on:
+                return render(obs_cache)
+            self.shown_pose = self.step_start_pose
+            return blank
 
         switched_sensor.__modality__ = render.__modality__
-        camera._sensor = switched_sensor
+        camera._sensor, mjsim.step = switched_sensor, step_keeping_start_pose
+        self.render_agentview = render
+
+    def _render_poses(self, indices: list[int]) -> None:
+        """Render the deferred frames at `indices` from their poses, then put the simulator back exactly as it was."""
+        mjsim = self.sim.env.sim
+        model, data = mjsim.model._model, mjsim.data._data
+        spec = mujoco.mjtState.mjSTATE_INTEGRATION  # everything the next step depends on
+        saved = np.empty(mujoco.mj_stateSize(model, spec))
+        mujoco.mj_getState(model, data, saved, spec)
+        for i in indices:
+            data.qpos[:], data.mocap_pos[:], data.mocap_quat[:] = self.frames[i]
+            mujoco.mj_forward(model, data)  # the body poses of that qpos, as the step computed them
+            self.frames[i] = model_image(self.render_agentview({}), self.image_size, self.center_crop)
+        mujoco.mj_setState(model, data, saved, spec)
+        mujoco.mj_forward(model, data)
+
+    def video(self, indices=None) -> np.ndarray:
+        """The current episode's frames at `indices` (default: all), (len(indices), H, W, 3) uint8; deferred ones
+        are rendered now (each once)."""
+        indices = range(len(self.frames)) if indices is None else [int(i) for i in indices]
+        deferred = sorted({i for i in indices if not isinstance(self.frames[i], np.ndarray)})
+        if deferred:
+            self._render_poses(deferred)
+        return np.stack([self.frames[i] for i in indices])
 
     def reset(self, task_id: int, init_state_id: int, record_frames: bool = True) -> tuple[np.ndarray, str]:
         """Rebuild the sim if the task changed, load the init state, settle for 10 no-op steps.
 
-        record_frames=False renders only the frames the policy sees (the last step of each chunk)."""
+        record_frames=False keeps only the frames the policy sees (the last step of each chunk); True keeps every
+        step's frame (the others deferred: see `video`)."""
         task = self.tasks[task_id]
         if self.sim_task_id != task_id:
             from libero.libero.envs import OffScreenRenderEnv
@@ -235,27 +277,32 @@ class LiberoEnv:
         for k in range(NUM_WAIT_STEPS):
             self.camera_on = k == NUM_WAIT_STEPS - 1
             obs, _, _, _ = self.sim.step(WAIT_ACTION)
-        image = self._image(obs)
+        self.image = image = self._image(obs)  # the last frame the policy could see
         self.frames = [image]
         self.record_frames = record_frames
         self.num_steps, self.success, self.done = 0, False, False
         return image, task.instruction
 
     def step_chunk(self, env_actions: np.ndarray) -> tuple[np.ndarray, bool, bool, int]:
-        """Execute a (K, 7) chunk of LIBERO commands; returns (image, success, done, steps executed)."""
+        """Execute a (K, 7) chunk of LIBERO commands; returns (image, success, done, steps executed). The image is
+        the chunk's last frame; for an episode that succeeded inside the chunk, the previous chunk's (the policy
+        acts no more)."""
         executed = 0
         for k, action in enumerate(env_actions):
             if self.done:
                 break
-            self.camera_on = self.record_frames or k == len(env_actions) - 1 or self.num_steps + 1 == self.max_steps
+            self.camera_on = k == len(env_actions) - 1 or self.num_steps + 1 == self.max_steps  # the policy's frame
             obs, _, env_done, _ = self.sim.step(action)
             executed += 1
             self.num_steps += 1
             if self.camera_on:
-                self.frames.append(self._image(obs))
+                self.image = self._image(obs)
+                self.frames.append(self.image)
+            elif self.record_frames:
+                self.frames.append(self.shown_pose)  # rendered only if video() asks for it
             self.success = bool(env_done)
             self.done = self.success or self.num_steps >= self.max_steps
-        return self.frames[-1], self.success, self.done, executed
+        return self.image, self.success, self.done, executed
 
     def close(self) -> None:
         if self.sim is not None:
@@ -280,7 +327,7 @@ def _worker(pipe, env_kwargs: dict, trainer_pid: int) -> None:
             elif command == "step":
                 pipe.send(("ok", env.step_chunk(payload)))
             elif command == "video":
-                pipe.send(("ok", np.stack(env.frames)))
+                pipe.send(("ok", env.video(payload)))
             elif command == "close":
                 break
     except KeyboardInterrupt:
@@ -303,8 +350,8 @@ class LiberoVectorEnv:
     reset(task_ids, init_state_ids, record_frames) -> images (N, H, W, 3) uint8, instructions [N]
     step(env_actions (N, K, 7)) -> images (N, H, W, 3), success (N,), done (N,), steps (N,)
     Envs that are done ignore their actions and return their last image.
-    videos() -> the frames of each env's current episode, [(T_i, H, W, 3) uint8]: every step with
-    record_frames=True, else only the frames the policy saw (one per chunk).
+    videos(indices) -> the frames of each env's current episode, [(T_i, H, W, 3) uint8]: every step with
+    record_frames=True, else only the frames the policy saw (one per chunk); indices[i] picks env i's frames.
 
     With workers, a worker that dies or does not answer within `timeout_s` is started anew and its episode redone
     (reset, then every chunk so far), up to `max_restarts` times per call; `worker_restarts` counts them all.
@@ -429,7 +476,7 @@ class LiberoVectorEnv:
             method = {
                 "reset": lambda e, p: e.reset(*p),
                 "step": lambda e, p: e.step_chunk(p),
-                "video": lambda e, p: np.stack(e.frames),
+                "video": lambda e, p: e.video(p),
             }[command]
             return [method(env, p) for env, p in zip(self.envs, payloads)]
         failures = {}
@@ -462,8 +509,9 @@ class LiberoVectorEnv:
         images, success, done, steps = zip(*results)
         return np.stack(images), np.array(success), np.array(done), np.array(steps)
 
-    def videos(self) -> list[np.ndarray]:
-        return self._call("video", [None] * self.num_envs)
+    def videos(self, indices: list | None = None) -> list[np.ndarray]:
+        """Each env's frames at indices[i] (default: all of them); only those are rendered and sent."""
+        return self._call("video", indices if indices is not None else [None] * self.num_envs)
 
     def close(self) -> None:
         if self.use_workers:
