@@ -156,6 +156,9 @@ class Args:
     """agentview render resolution before the resize to 224"""
     env_workers: bool = True
     """run each env in a subprocess (False: step them one after another in this process)"""
+    pipeline_stages: int = 2
+    """split each rank's envs into this many groups: the policy acts for one while the others simulate (1: act for
+    all, then step all; with --no-env-workers nothing overlaps)"""
     mujoco_gl: Optional[str] = None
     """MuJoCo rendering backend: egl or osmesa (default: MUJOCO_GL, else egl with a GPU, osmesa without)"""
     # --- algorithm: SRPO (GRPO with a world-model progress reward) ---
@@ -263,6 +266,10 @@ def validate(args: Args, world_size: int):
         raise ValueError(
             f"--temperature must be > 0 for training rollouts, got {args.temperature} "
             "(--eval-temperature 0 is greedy evaluation)"
+        )
+    if not 1 <= args.pipeline_stages <= args.num_envs:
+        raise ValueError(
+            f"--pipeline-stages must be between 1 and --num-envs {args.num_envs}, got {args.pipeline_stages}"
         )
     if args.group_size < 2:
         raise ValueError(f"--group-size must be >= 2 (GRPO normalises within a group), got {args.group_size}")
@@ -493,7 +500,11 @@ def rollout(
     record_frames: bool = False,
 ) -> tuple[Rollout, float]:
     """One episode per env from `episodes` [(task id, init state id)] * N, sampled at --temperature, or for evaluation
-    at --eval-temperature (0 = greedy). Returns the episodes and the policy's wall time."""
+    at --eval-temperature (0 = greedy). Returns the episodes and the policy's wall time.
+
+    The envs are split into --pipeline-stages groups: while the policy acts for one group, the workers of the others
+    simulate their chunks (1 stage: act for all, then step all). Greedy episodes are the same for any number of stages;
+    sampled ones draw their random numbers per group."""
     temperature = args.eval_temperature if evaluation else args.temperature
     device = next(policy.parameters()).device
     N, Q = envs.num_envs, math.ceil(envs.max_steps / CHUNK_STEPS)
@@ -504,28 +515,47 @@ def rollout(
     logprobs = torch.zeros((Q, N, NUM_ACTION_TOKENS))  # (Q, N, 56)
     token_mask = torch.zeros((Q, N, NUM_ACTION_TOKENS), dtype=torch.bool)  # (Q, N, 56) executed actions only
     success, done, length = np.zeros(N, bool), np.zeros(N, bool), np.zeros(N, int)
+    stages = np.array_split(np.arange(N), min(args.pipeline_stages, N))  # groups of envs
+    stepping = {}  # stage -> the query whose chunk its envs are executing
     policy_s = 0.0
+
+    def finish_chunk(k: int) -> None:
+        envs_k, q = stages[k], stepping.pop(k)
+        images_now[envs_k], success[envs_k], done[envs_k], executed = envs.step_receive(envs_k)
+        token_mask[q, envs_k] = (
+            torch.arange(NUM_ACTION_TOKENS)[None] // ACTION_DIM < torch.from_numpy(executed)[:, None]
+        )
+        length[envs_k] += executed
+
     for q in range(Q):
-        live = torch.from_numpy(np.flatnonzero(~done))  # only envs still running are queried
-        if len(live) == 0:
+        for k, envs_k in enumerate(stages):
+            if k in stepping:
+                finish_chunk(k)  # this group's previous chunk: simulated while the policy acted for the others
+            live = torch.from_numpy(envs_k[~done[envs_k]])  # only envs still running are queried
+            if len(live) == 0:
+                continue
+            t_policy = time.time()
+            pixel_values = processor.preprocess_images(torch.from_numpy(images_now[live.numpy()]).to(device))
+            with autocast:
+                logits = policy(prompt_ids[live], prompt_mask[live], pixel_values).float()  # (n, 56, 256)
+            check_finite_logits(logits)
+            # sample each of the 56 tokens from softmax(bin logits / T); its log-prob under the same law
+            logp_all = bin_logprobs(logits, temperature if temperature > 0 else 1.0)
+            sampled = (
+                torch.distributions.Categorical(logits=logp_all).sample() if temperature > 0 else logits.argmax(-1)
+            )
+            actions = np.zeros((N, CHUNK_STEPS, ACTION_DIM))
+            actions[live.numpy()] = env_action(sampled)
+            policy_s += time.time() - t_policy
+            images[q, envs_k] = torch.from_numpy(images_now[envs_k])
+            bins[q, live] = sampled.cpu()
+            logprobs[q, live] = logp_all.gather(-1, sampled[..., None]).squeeze(-1).cpu()
+            envs.step_send(envs_k, actions[envs_k])  # all 8 actions of the chunk, unless the episode ends
+            stepping[k] = q
+        if not stepping:
             break
-        t_policy = time.time()
-        pixel_values = processor.preprocess_images(torch.from_numpy(images_now[live.numpy()]).to(device))
-        with autocast:
-            logits = policy(prompt_ids[live], prompt_mask[live], pixel_values).float()  # (n, 56, 256)
-        check_finite_logits(logits)
-        # sample each of the 56 tokens from softmax(bin logits / T); its log-prob under the same law
-        logp_all = bin_logprobs(logits, temperature if temperature > 0 else 1.0)
-        sampled = torch.distributions.Categorical(logits=logp_all).sample() if temperature > 0 else logits.argmax(-1)
-        actions = np.zeros((N, CHUNK_STEPS, ACTION_DIM))
-        actions[live.numpy()] = env_action(sampled)
-        policy_s += time.time() - t_policy
-        images[q] = torch.from_numpy(images_now)
-        bins[q, live] = sampled.cpu()
-        logprobs[q, live] = logp_all.gather(-1, sampled[..., None]).squeeze(-1).cpu()
-        images_now, success, done, executed = envs.step(actions)  # all 8 actions of the chunk, unless it ends
-        token_mask[q] = torch.arange(NUM_ACTION_TOKENS)[None] // ACTION_DIM < torch.from_numpy(executed)[:, None]
-        length += executed
+    for k in list(stepping):
+        finish_chunk(k)
     task = torch.tensor([t for t, _ in episodes])
     success, length = torch.from_numpy(success.copy()), torch.from_numpy(length)
     return Rollout(images, bins, logprobs, token_mask, instructions, task, success, length), policy_s

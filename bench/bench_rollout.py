@@ -13,8 +13,10 @@ without the counter). On the CPU all of it is host time; bench/gpu_check.py spli
 iteration (subprocesses): each script's own command for 2 iterations on its real simulator: PPO and GRPO on
 ManiSkill PushCube-v1 (CPU workers), SRPO on LIBERO libero_spatial task 0 with the V-JEPA 2 progress reward (4 envs,
 256-step episodes, the quickstart's models). Reported: the second iteration's time/rollout_s, time/reward_s and
-time/update_s from the script's TensorBoard logs. On 2 cores PPO and GRPO take 2-3 minutes each, SRPO longer (its
-first iteration's rollout alone: 198 s with another job beside it).
+time/update_s from the script's TensorBoard logs (SRPO embeds the last wave's videos inside reward_s, the others
+while the next wave rolls out, so compare rollout_and_reward_s), and every other scalar both iterations logged:
+with --before, a speed change that keeps the numbers shows none of them changed. On 2 cores PPO and GRPO take
+2-3 minutes each, SRPO longer.
 
 --before REV runs every measurement again on a git worktree of REV and prints after/before ratios (fewer
 operators, less time). Writes the JSON to --out.
@@ -168,7 +170,10 @@ def iteration_part(code_root: str, scripts: list[str], tmp: str) -> dict:
         for tag in ("time/rollout_s", "time/reward_s", "time/update_s"):
             if tag in scalars:
                 out[name][tag.split("/")[1]] = scalars[tag][max(scalars[tag])]
+        out[name]["rollout_and_reward_s"] = out[name]["rollout_s"] + out[name].get("reward_s", 0.0)
         print(f"  {name}: {out[name]}", flush=True)
+        # what the run computed (every scalar but the timings, both iterations): a speed change must keep these
+        out[name]["numbers"] = {t: [v[k] for k in sorted(v)] for t, v in scalars.items() if not t.startswith("time/")}
     return out
 
 
@@ -198,6 +203,20 @@ def ratios(before: dict, after: dict) -> dict:
                 old = before.get(part, {}).get(script, {}).get(key)
                 if isinstance(value, (int, float)) and old and value and key != "steps":
                     out[f"{part}/{script}/{key}"] = old / value
+    return out
+
+
+def changed_numbers(before: dict, after: dict) -> dict:
+    """Per script run in both: the logged scalars (timings aside) whose values differ, with the largest difference."""
+    out = {}
+    for script, numbers in after.get("iteration", {}).items():
+        old = before.get("iteration", {}).get(script, {}).get("numbers", {})
+        differ = {
+            tag: max(abs(a - b) for a, b in zip(values, old[tag]))
+            for tag, values in numbers["numbers"].items()
+            if tag in old and values != old[tag]
+        }
+        out[script] = {"compared": len(set(numbers["numbers"]) & set(old)), "differ": differ}
     return out
 
 
@@ -252,6 +271,10 @@ def main():
         result["ratios"] = ratios(runs["before"], runs["after"])
         for key, value in result["ratios"].items():
             print(f"{key}: {value:.2f}x")
+        result["changed_numbers"] = changed_numbers(runs["before"], runs["after"])
+        for script, c in result["changed_numbers"].items():
+            same = "the same as before" if not c["differ"] else f"DIFFERENT: {c['differ']}"
+            print(f"iteration/{script}: {c['compared']} logged scalars (timings aside), {same}")
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {args.out}")

@@ -1,4 +1,4 @@
-"""OpenVLA-OFT parallel decoding: rollout log-probs == training log-probs; bidirectional attention; OFT loading."""
+"""OpenVLA-OFT parallel decoding: rollout log-probs == training log-probs, pipelined rollouts, bidirectional mask."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.envs.libero import to_libero_actions
+from common.envs.libero import LiberoVectorEnv, configure_rendering, to_libero_actions
 from common.models.openvla import ActionTokenizer, load_openvla
 from common.models.tiny import make_tiny_openvla
 from srpo_openvla_oft import (
@@ -51,17 +51,21 @@ class FakeEnvs:
         self.rng = np.random.default_rng(0)
 
     def reset(self, task_ids, init_ids, record_frames=True):
-        self.t = np.zeros(self.num_envs, int)
+        self.t, self.sent = np.zeros(self.num_envs, int), {}
         return self._images(), [INSTRUCTIONS[t] for t in task_ids]
 
-    def _images(self):
-        return self.rng.integers(0, 255, size=(self.num_envs, 224, 224, 3), dtype=np.uint8)
+    def _images(self, n=None):
+        return self.rng.integers(0, 255, size=(n or self.num_envs, 224, 224, 3), dtype=np.uint8)
 
-    def step(self, env_actions):
-        executed = np.clip(self.lengths - self.t, 0, env_actions.shape[1])
-        self.t += executed
-        done = self.t >= self.lengths
-        return self._images(), np.zeros(self.num_envs, bool), done, executed
+    def step_send(self, env_ids, env_actions):
+        env_ids = np.asarray(env_ids)
+        executed = np.clip(self.lengths[env_ids] - self.t[env_ids], 0, env_actions.shape[1])
+        self.t[env_ids] += executed
+        done = self.t[env_ids] >= self.lengths[env_ids]
+        self.sent[tuple(env_ids)] = self._images(len(env_ids)), np.zeros(len(env_ids), bool), done, executed
+
+    def step_receive(self, env_ids):
+        return self.sent.pop(tuple(env_ids))
 
 
 def test_rollout_and_training_logprobs_agree(tiny_oft):
@@ -95,6 +99,36 @@ def test_rollout_and_training_logprobs_agree(tiny_oft):
         old = torch.stack([out.logprobs[q, n] for q, n in batch])
         m = torch.stack([mask[q, n] for q, n in batch])
         torch.testing.assert_close(new[m], old[m], atol=1e-5, rtol=0)
+
+
+def test_pipeline_stages_give_the_same_greedy_episodes(tiny_oft):
+    """Real LIBERO workers: the policy acting for one group of envs while the others simulate changes no episode."""
+    path, policy, processor = tiny_oft
+    stats = load_action_stats(path, policy.vla.config, "libero_spatial", None)
+    tokenizer = ActionTokenizer(policy.vla.vocab_size)
+    configure_rendering()
+    envs = LiberoVectorEnv("libero_spatial", 3, camera_size=64, max_steps=24)
+    try:
+        outs = [
+            rollout(
+                policy,
+                processor,
+                lambda bins: to_libero_actions(bins_to_actions(bins, policy, tokenizer, stats)),
+                envs,
+                [(0, 0), (1, 3), (0, 5)],
+                Args(pipeline_stages=stages, eval_temperature=0.0),
+                nullcontext(),
+                evaluation=True,
+            )[0]
+            for stages in (1, 2, 3)
+        ]
+    finally:
+        envs.close()
+    assert outs[0].token_mask.any()
+    for out in outs[1:]:
+        for name in ("images", "bins", "token_mask", "success", "length"):
+            assert torch.equal(getattr(out, name), getattr(outs[0], name)), name
+        torch.testing.assert_close(out.logprobs, outs[0].logprobs, atol=1e-5, rtol=0)
 
 
 def test_attention_is_bidirectional_and_placeholders_are_empty(tiny_oft):

@@ -349,6 +349,8 @@ class LiberoVectorEnv:
 
     reset(task_ids, init_state_ids, record_frames) -> images (N, H, W, 3) uint8, instructions [N]
     step(env_actions (N, K, 7)) -> images (N, H, W, 3), success (N,), done (N,), steps (N,)
+    step_send(env_ids, env_actions) then step_receive(env_ids): the same for some of the envs, in two parts, so the
+    caller can compute while those envs simulate (SRPO's --pipeline-stages).
     Envs that are done ignore their actions and return their last image.
     videos(indices) -> the frames of each env's current episode, [(T_i, H, W, 3) uint8]: every step with
     record_frames=True, else only the frames the policy saw (one per chunk); indices[i] picks env i's frames.
@@ -388,6 +390,7 @@ class LiberoVectorEnv:
             for i in range(num_envs)
         ]
         self.episodes: list[dict] = [{"reset": None, "chunks": []} for _ in range(num_envs)]  # what to replay
+        self.posted: dict[int, tuple] = {}  # env -> (command, payload, its failure to send / in-process result)
         if use_workers:
             self.pipes, self.procs = [None] * num_envs, [None] * num_envs
             for i in range(num_envs):
@@ -466,34 +469,48 @@ class LiberoVectorEnv:
             f"{self.max_restarts} restarts; last: {cause}"
         )
 
-    def _call(self, command: str, payloads: list) -> list:
-        for episode, payload in zip(self.episodes, payloads):
+    def _post(self, command: str, payloads: list, env_ids) -> None:
+        """Send `command` to the envs `env_ids`, one payload each, without waiting for their answers (in-process envs
+        run it now)."""
+        for i, payload in zip(env_ids, payloads):
+            episode = self.episodes[i]
             if command == "reset":
                 episode["reset"], episode["chunks"] = payload, []
             elif command == "step":
                 episode["chunks"].append(payload)
-        if not self.use_workers:
-            method = {
-                "reset": lambda e, p: e.reset(*p),
-                "step": lambda e, p: e.step_chunk(p),
-                "video": lambda e, p: e.video(p),
-            }[command]
-            return [method(env, p) for env, p in zip(self.envs, payloads)]
-        failures = {}
-        for i, payload in enumerate(payloads):
-            try:
-                self._send(i, (command, payload))
-            except WorkerDied as e:
-                failures[i] = e
+            if not self.use_workers:
+                env = self.envs[i]
+                if command == "reset":
+                    outcome = env.reset(*payload)
+                else:
+                    outcome = env.step_chunk(payload) if command == "step" else env.video(payload)
+            else:
+                try:
+                    self._send(i, (command, payload))
+                    outcome = None
+                except WorkerDied as e:
+                    outcome = e
+            self.posted[i] = (command, payload, outcome)
+
+    def _collect(self, env_ids) -> list:
+        """The answers of the envs `env_ids` to what `_post` sent them; a worker that died meanwhile is restarted."""
         results = []
-        for i, payload in enumerate(payloads):
+        for i in env_ids:
+            command, payload, outcome = self.posted.pop(i)
+            if not self.use_workers:
+                results.append(outcome)
+                continue
             try:
-                if i in failures:
-                    raise failures[i]
+                if outcome is not None:
+                    raise outcome
                 results.append(self._receive(i))
             except WorkerDied as e:
                 results.append(self._restart_and_redo(i, command, payload, e))
         return results
+
+    def _call(self, command: str, payloads: list) -> list:
+        self._post(command, payloads, range(self.num_envs))
+        return self._collect(range(self.num_envs))
 
     def reset(
         self, task_ids: list[int], init_state_ids: list[int], record_frames: bool = True
@@ -504,9 +521,17 @@ class LiberoVectorEnv:
         return np.stack([r[0] for r in results]), [r[1] for r in results]
 
     def step(self, env_actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        assert env_actions.shape[0] == self.num_envs and env_actions.shape[-1] == 7, env_actions.shape
-        results = self._call("step", [np.asarray(a) for a in env_actions])
-        images, success, done, steps = zip(*results)
+        self.step_send(range(self.num_envs), env_actions)
+        return self.step_receive(range(self.num_envs))
+
+    def step_send(self, env_ids, env_actions: np.ndarray) -> None:
+        """Start a chunk in the envs `env_ids` ((len(env_ids), K, 7) commands): their workers simulate it while the
+        caller computes; `step_receive(env_ids)` waits for the results."""
+        assert len(env_actions) == len(env_ids) and env_actions.shape[-1] == 7, env_actions.shape
+        self._post("step", [np.asarray(a) for a in env_actions], env_ids)
+
+    def step_receive(self, env_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        images, success, done, steps = zip(*self._collect(env_ids))
         return np.stack(images), np.array(success), np.array(done), np.array(steps)
 
     def videos(self, indices: list | None = None) -> list[np.ndarray]:
