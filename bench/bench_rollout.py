@@ -18,7 +18,10 @@ while the next wave rolls out, so compare rollout_and_reward_s), and every other
 with --before, a speed change that keeps the numbers shows none of them changed. On 2 cores PPO and GRPO take
 2-3 minutes each, SRPO longer.
 
---before REV runs every measurement again on a git worktree of REV and prints after/before ratios (fewer
+A script that has --pipeline-stages also runs with --pipeline-stages 1 (name_stages1): the ratio shows what the
+overlap of policy and env workers gives.
+
+--before REV runs every measurement again on a git worktree of REV and prints before/after ratios (fewer
 operators, less time). Writes the JSON to --out.
 """
 
@@ -157,10 +160,16 @@ def iteration_part(code_root: str, scripts: list[str], tmp: str) -> dict:
         models[kind] = os.path.join(tmp, f"models_{kind}")
         subprocess.run([sys.executable, "-m", "common.models.tiny", kind, models[kind]], cwd=code_root, check=True,
                        capture_output=True)  # fmt: skip
-    out = {}
+    runs = {}
     for name in scripts:
+        runs[name] = commands(models)[name]
+        with open(os.path.join(code_root, runs[name][0])) as f:
+            if "pipeline_stages" in f.read():  # the code has --pipeline-stages: also run without the overlap
+                runs[f"{name}_stages1"] = [*runs[name], "--pipeline-stages", "1"]
+    out = {}
+    for name, script_command in runs.items():
         run_dir = os.path.join(tmp, f"runs_{name}")
-        command = [sys.executable, *commands(models)[name], "--run-dir", run_dir, "--exp-name", name]
+        command = [sys.executable, *script_command, "--run-dir", run_dir, "--exp-name", name]
         start = time.perf_counter()
         done = subprocess.run(command, cwd=code_root, capture_output=True, text=True)
         if done.returncode:
@@ -206,17 +215,34 @@ def ratios(before: dict, after: dict) -> dict:
     return out
 
 
+def pipeline_ratios(after: dict) -> dict:
+    """--pipeline-stages 1 time / default time, for each script run both ways (> 1: the overlap helps)."""
+    runs = after.get("iteration", {})
+    return {
+        f"iteration/{name}/{key}_stages1_vs_default": runs[f"{name}_stages1"][key] / runs[name][key]
+        for name in runs
+        if f"{name}_stages1" in runs
+        for key in ("rollout_s", "rollout_and_reward_s")
+    }
+
+
 def changed_numbers(before: dict, after: dict) -> dict:
-    """Per script run in both: the logged scalars (timings aside) whose values differ, with the largest difference."""
+    """Per script run before and after: the logged scalars (timings aside) whose values differ, with the largest
+    difference. The after run without the pipeline overlap is compared where there is one (a sampled episode draws its
+    random numbers per group of envs, so the default pipelined run samples other actions)."""
     out = {}
-    for script, numbers in after.get("iteration", {}).items():
-        old = before.get("iteration", {}).get(script, {}).get("numbers", {})
+    runs = after.get("iteration", {})
+    for script, numbers in before.get("iteration", {}).items():
+        now = runs.get(f"{script}_stages1", runs.get(script))
+        if now is None:
+            continue
+        now, old = now["numbers"], numbers["numbers"]
         differ = {
             tag: max(abs(a - b) for a, b in zip(values, old[tag]))
-            for tag, values in numbers["numbers"].items()
+            for tag, values in now.items()
             if tag in old and values != old[tag]
         }
-        out[script] = {"compared": len(set(numbers["numbers"]) & set(old)), "differ": differ}
+        out[script] = {"compared": len(set(now) & set(old)), "differ": differ}
     return out
 
 
@@ -246,7 +272,8 @@ def main():
 
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
-        trees = {"after": (git("rev-parse", "--short", "HEAD"), ROOT)}
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        trees = {"after": (git("rev-parse", "--short", "HEAD") + ("+uncommitted" if dirty else ""), ROOT)}
         if args.before:
             tree = os.path.join(tmp, "before")
             git("worktree", "add", "--detach", tree, args.before)
@@ -267,14 +294,15 @@ def main():
 
     result = {"size": args.size, "batch_size": args.batch_size, "cpus": os.cpu_count(), "torch": torch.__version__,
               **runs}  # fmt: skip
+    result["ratios"] = pipeline_ratios(runs["after"])
     if "before" in runs:
-        result["ratios"] = ratios(runs["before"], runs["after"])
-        for key, value in result["ratios"].items():
-            print(f"{key}: {value:.2f}x")
+        result["ratios"] |= ratios(runs["before"], runs["after"])
         result["changed_numbers"] = changed_numbers(runs["before"], runs["after"])
         for script, c in result["changed_numbers"].items():
             same = "the same as before" if not c["differ"] else f"DIFFERENT: {c['differ']}"
             print(f"iteration/{script}: {c['compared']} logged scalars (timings aside), {same}")
+    for key, value in result["ratios"].items():
+        print(f"{key}: {value:.2f}x")
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {args.out}")
