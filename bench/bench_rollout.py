@@ -147,7 +147,8 @@ def commands(models: dict) -> dict[str, list[str]]:
                  *common],
         "srpo": ["srpo_openvla_oft.py", "--model-path", models["openvla"], "--world-model-path", models["vjepa2"],
                  "--suite", "libero_spatial", "--task-ids", "0", "--num-envs", "4", "--group-size", "4",
-                 "--tasks-per-iteration", "1", "--max-episode-steps", "256", "--no-dynamic-sampling", *common],
+                 "--tasks-per-iteration", "1", "--max-episode-steps", "256", "--no-dynamic-sampling",
+                 "--eval-init-states", "1", "--no-capture-video", *common],  # the final evaluation: one wave
     }  # fmt: skip
 
 
