@@ -155,6 +155,9 @@ class Args:
     """agentview render resolution before the resize to 224 (evaluation)"""
     env_workers: bool = True
     """run each env in a subprocess (False: step them one after another in this process)"""
+    pipeline_stages: int = 2
+    """evaluation: split the envs into this many groups, the policy acting for one while the others simulate (as in
+    srpo_openvla_oft.py; 1: act for all, then step all)"""
     mujoco_gl: Optional[str] = None
     """MuJoCo rendering backend: egl or osmesa (default: MUJOCO_GL, else egl with a GPU, osmesa without)"""
     # --- algorithm: SFT ---
@@ -217,7 +220,7 @@ def validate(args: Args, world_size: int) -> str:
     check_tracking(args)  # --track without wandb installed
     check_flags(
         args,
-        positive=("batch_size", "micro_batch_size", "max_episode_steps", "eval_init_states"),
+        positive=("batch_size", "micro_batch_size", "max_episode_steps", "eval_init_states", "pipeline_stages"),
         non_negative=("num_envs", "eval_interval", "save_interval", "keep_checkpoints", "eval_temperature"),
     )
     if args.batch_size % args.micro_batch_size:
@@ -228,6 +231,7 @@ def validate(args: Args, world_size: int) -> str:
         raise ValueError(f"--lora-rank must be >= 0 (0 = full fine-tuning), got {args.lora_rank}")
     if args.eval_only and args.num_envs == 0:
         raise ValueError("--eval-only evaluates in the simulator: --num-envs must be >= 1")
+
     fsdp.use_fsdp(args.fsdp, args.lora_rank, world_size)  # --fsdp on with LoRA -> error now
     tasks = load_suite(args.suite)  # unknown suite / missing assets
     args.task_ids = list(range(len(tasks))) if args.task_ids is None else args.task_ids

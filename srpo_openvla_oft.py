@@ -157,8 +157,8 @@ class Args:
     env_workers: bool = True
     """run each env in a subprocess (False: step them one after another in this process)"""
     pipeline_stages: int = 2
-    """split each rank's envs into this many groups: the policy acts for one while the others simulate (1: act for
-    all, then step all; with --no-env-workers nothing overlaps)"""
+    """split each rank's envs into this many groups (or one group per env, if fewer): the policy acts for one while
+    the others simulate (1: act for all, then step all; with --no-env-workers nothing overlaps)"""
     mujoco_gl: Optional[str] = None
     """MuJoCo rendering backend: egl or osmesa (default: MUJOCO_GL, else egl with a GPU, osmesa without)"""
     # --- algorithm: SRPO (GRPO with a world-model progress reward) ---
@@ -251,6 +251,7 @@ def validate(args: Args, world_size: int):
         args,
         positive=(
             "num_envs",
+            "pipeline_stages",
             "tasks_per_iteration",
             "num_minibatches",
             "micro_batch_size",
@@ -266,10 +267,6 @@ def validate(args: Args, world_size: int):
         raise ValueError(
             f"--temperature must be > 0 for training rollouts, got {args.temperature} "
             "(--eval-temperature 0 is greedy evaluation)"
-        )
-    if not 1 <= args.pipeline_stages <= args.num_envs:
-        raise ValueError(
-            f"--pipeline-stages must be between 1 and --num-envs {args.num_envs}, got {args.pipeline_stages}"
         )
     if args.group_size < 2:
         raise ValueError(f"--group-size must be >= 2 (GRPO normalises within a group), got {args.group_size}")

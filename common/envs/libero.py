@@ -43,7 +43,6 @@ import time
 import traceback
 from dataclasses import dataclass
 
-import mujoco
 import numpy as np
 
 from common.envs.libero_image import model_image
@@ -229,6 +228,8 @@ class LiberoEnv:
 
     def _render_poses(self, indices: list[int]) -> None:
         """Render the deferred frames at `indices` from their poses, then put the simulator back exactly as it was."""
+        import mujoco  # imported here, after configure_rendering() has picked MUJOCO_GL (see the module docstring)
+
         mjsim = self.sim.env.sim
         model, data = mjsim.model._model, mjsim.data._data
         spec = mujoco.mjtState.mjSTATE_INTEGRATION  # everything the next step depends on
