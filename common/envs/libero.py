@@ -311,6 +311,13 @@ class LiberoEnv:
             self.sim = None
 
 
+def run_command(env: LiberoEnv, command: str, payload):
+    """What a LiberoVectorEnv command does to one env, in a worker or in this process."""
+    if command == "reset":
+        return env.reset(*payload)
+    return env.step_chunk(payload) if command == "step" else env.video(payload)
+
+
 def _worker(pipe, env_kwargs: dict, trainer_pid: int) -> None:
     exit_with_parent(trainer_pid)  # a trainer killed with SIGKILL takes its workers with it
     # A stop signal (Ctrl-C, Slurm's SIGTERM) reaches the whole process group: the training process saves a
@@ -323,14 +330,9 @@ def _worker(pipe, env_kwargs: dict, trainer_pid: int) -> None:
         pipe.send(("ok", None))
         while True:
             command, payload = pipe.recv()
-            if command == "reset":
-                pipe.send(("ok", env.reset(*payload)))
-            elif command == "step":
-                pipe.send(("ok", env.step_chunk(payload)))
-            elif command == "video":
-                pipe.send(("ok", env.video(payload)))
-            elif command == "close":
+            if command == "close":
                 break
+            pipe.send(("ok", run_command(env, command, payload)))
     except KeyboardInterrupt:
         pass
     except Exception:
@@ -480,11 +482,7 @@ class LiberoVectorEnv:
             elif command == "step":
                 episode["chunks"].append(payload)
             if not self.use_workers:
-                env = self.envs[i]
-                if command == "reset":
-                    outcome = env.reset(*payload)
-                else:
-                    outcome = env.step_chunk(payload) if command == "step" else env.video(payload)
+                outcome = run_command(self.envs[i], command, payload)
             else:
                 try:
                     self._send(i, (command, payload))
